@@ -1,0 +1,166 @@
+"""The ``stepcache`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import presets as preset_registry
+from . import zoo as zoo_registry
+from .errors import PolicyError
+
+app = typer.Typer(help="stepcache: training-free acceleration of diffusion sampling.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The benchmark models we train and ship.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+
+
+def _command() -> str:
+    return "stepcache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _zoo_key(key: str) -> str:
+    if key not in zoo_registry.names():
+        raise typer.BadParameter(f"unknown model {key!r}; available: {', '.join(zoo_registry.names())}")
+    return key
+
+
+@app.command()
+def demo(
+    preset: Annotated[str, typer.Option(help="Preset to compare with full compute.")] = "fbcache",
+    policy: Annotated[Path | None, typer.Option(help="A policy JSON file (instead of --preset).")] = None,
+    model: Annotated[str, typer.Option(help="Zoo model key.")] = "digits-dit",
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (model default if unset).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, help="CFG scale (model default if unset).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, max=256, help="Images per run.")] = 16,
+    repeats: Annotated[int, typer.Option(min=1, max=50, help="Timed repeats (median reported).")] = 5,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder for grid.png and result.json.")] = Path(
+        "stepcache-demo"
+    ),
+) -> None:
+    """Full compute vs a preset on a shipped model: steps computed, measured speedup, PSNR."""
+    from .api import resolve_policy
+    from .demo import run_demo
+
+    _zoo_key(model)
+    try:
+        pol = resolve_policy(policy if policy is not None else preset)
+    except PolicyError as e:
+        raise typer.BadParameter(
+            str(e), param_hint="--policy" if policy is not None else "--preset"
+        ) from None
+    with console.status("generating") as status:
+        result = run_demo(
+            model=model,
+            policy=pol,
+            steps=steps,
+            guidance=guidance,
+            samples=samples,
+            seed=seed,
+            repeats=repeats,
+            out_dir=out,
+            command=_command(),
+            progress=lambda m: status.update(m),
+        )
+    table = Table(title=f"{model}: full compute vs {pol.name or 'policy'}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("denoiser calls", str(result["denoiser_calls"]))
+    table.add_row("computed in full", str(result["computed"]))
+    table.add_row("partial (first block only)", str(result["partial"]))
+    table.add_row("estimated (no network)", str(result["estimated"]))
+    table.add_row("reference latency (median)", f"{result['latency_s']['reference_median'] * 1000:.1f} ms")
+    table.add_row(
+        "accelerated latency (median)", f"{result['latency_s']['accelerated_median'] * 1000:.1f} ms"
+    )
+    table.add_row("measured speedup", f"{result['speedup']:.2f}x")
+    psnr = result["psnr_db_mean"]
+    table.add_row("PSNR vs full compute", "identical" if psnr is None else f"{psnr:.2f} dB")
+    console.print(table)
+    print(result["grid_png"])
+    print(result["result_json"])
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the presets with a one-line description each."""
+    table = Table(title="stepcache presets")
+    table.add_column("name")
+    table.add_column("description")
+    for name in preset_registry.names():
+        table.add_row(name, preset_registry.describe(name))
+    console.print(table)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the shipped models."""
+    table = Table(title="stepcache zoo")
+    table.add_column("key")
+    table.add_column("model")
+    table.add_column("weights")
+    for key in zoo_registry.names():
+        present = (zoo_registry.model_dir(key) / "model.safetensors").exists()
+        table.add_row(key, zoo_registry.ENTRIES[key].summary, "shipped" if present else "missing")
+    console.print(table)
+
+
+@zoo_app.command("info")
+def zoo_info(key: Annotated[str, typer.Argument(help="Zoo model key.")]) -> None:
+    """Show a model's card."""
+    info = zoo_registry.info(_zoo_key(key))
+    console.print(info["card"] or info["summary"])
+
+
+@zoo_app.command("train")
+def zoo_train(
+    key: Annotated[str, typer.Argument(help="Zoo model key.")],
+    out: Annotated[Path, typer.Option(help="Folder for model.safetensors, config.json, train.json.")],
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimizer steps (recipe default if unset).")
+    ] = None,
+    limit_images: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoint.safetensors if present.")] = True,
+) -> None:
+    """Train a zoo model from its offline data; resumable from its checkpoint."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .zoo import digits
+
+    _zoo_key(key)
+    cfg = digits.TrainConfig()
+    if steps is not None:
+        cfg.steps = steps
+    cfg.limit_images = limit_images
+    with Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
+        info = digits.train(
+            out, cfg, resume=resume, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss)
+        )
+    console.print(f"trained {key} in {info['train_seconds']:.1f} s, final loss {info['final_loss']:.4f}")
+    print(out / "model.safetensors")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

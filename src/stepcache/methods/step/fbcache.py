@@ -1,0 +1,82 @@
+"""First-Block Cache (FBCache; ParaAttention / diffusers FirstBlockCache, as in TeaCache's line of work).
+
+Always run the first block; if its residual changed little (relative L1) since the last computed
+step, skip the remaining blocks and add their cached residual instead. Decided per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...policy import Param, RuleSchema
+from ...runtime import BlockRule, CallContext, put, take
+from ...runtime.interfaces import Streams
+from .. import register_method
+
+SCHEMA = RuleSchema(
+    method="fbcache",
+    level="block",
+    summary="run the first block; reuse the rest's residual while the first block's residual barely moves",
+    params={
+        "threshold": Param(
+            "float",
+            0.08,
+            "relative-L1 change of the first block's residual under which the rest is reused",
+            min=0.0,
+            max=10.0,
+        ),
+        "max_consecutive": Param("int", 3, "cap on consecutive reused steps per sample", min=0, max=100_000),
+        "warmup": Param("int", 1, "steps always computed at the start", min=0, max=100_000),
+    },
+)
+
+
+def relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Per-row mean |now - before| / mean |before|, in float32."""
+    now, before = now.float().flatten(1), before.float().flatten(1)
+    return (now - before).abs().mean(1) / before.abs().mean(1).clamp_min(1e-12)
+
+
+class FBCache(BlockRule):
+    def __init__(self, threshold: float, max_consecutive: int, warmup: int):
+        self.threshold = threshold
+        self.max_consecutive = max_consecutive
+        self.warmup = warmup
+
+    def span(self, num_blocks: int) -> tuple[int, int]:
+        return 1, num_blocks
+
+    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> bool | torch.Tensor:
+        head = head_residual[0]
+        state["head_now"] = put(state.get("head_now"), ctx.rows, head, ctx.batch)
+        if "head" not in state or ctx.step < self.warmup or self.max_consecutive == 0:
+            return True
+        change = relative_l1(head, take(state["head"], ctx.rows))
+        reused = take(state["reused"], ctx.rows)
+        run = (change >= self.threshold) | (reused >= self.max_consecutive)
+        state["reused"] = put(state["reused"], ctx.rows, torch.where(run, 0, reused + 1), ctx.batch)
+        return run
+
+    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
+        return tuple(take(r, rows) for r in state["residual"])
+
+    def observe(
+        self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
+    ) -> None:
+        old = state.get("residual") or (None,) * len(residual)
+        state["residual"] = tuple(
+            None if r is None else put(o, rows, r, ctx.batch) for o, r in zip(old, residual, strict=True)
+        )
+        state["head"] = put(state.get("head"), rows, take(state["head_now"], rows), ctx.batch)
+        if "reused" not in state:
+            state["reused"] = torch.zeros(ctx.batch, dtype=torch.long, device=residual[0].device)
+
+
+def _factory(p: Mapping[str, Any]) -> FBCache:
+    return FBCache(p["threshold"], p["max_consecutive"], p["warmup"])
+
+
+register_method(SCHEMA, _factory)

@@ -1,0 +1,72 @@
+"""Named default policies, one per technique. ``get(name, **overrides)`` returns a Policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import methods  # noqa: F401  (registers the methods' schemas)
+from .errors import PolicyError
+from .policy import SCHEMA, Policy, rule_schema
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    method: str
+    description: str
+    params: dict[str, Any]
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def _add(name: str, method: str, description: str, **params: Any) -> None:
+    _PRESETS[name] = Preset(name, method, description, params)
+
+
+_add(
+    "static-interval",
+    "static-interval",
+    "Baseline: compute the first step, then every 2nd; reuse the last output in between.",
+    interval=2,
+    warmup=1,
+)
+_add(
+    "fbcache",
+    "fbcache",
+    "First-Block Cache: run block 1; reuse the rest's residual while block 1's residual barely changes.",
+    threshold=0.08,
+    max_consecutive=3,
+    warmup=1,
+)
+
+
+def names() -> list[str]:
+    return list(_PRESETS)
+
+
+def describe(name: str) -> str:
+    return _lookup(name).description
+
+
+def _lookup(name: str) -> Preset:
+    if not isinstance(name, str) or name not in _PRESETS:
+        raise PolicyError(f"preset: unknown name {name!r}; known presets: {', '.join(_PRESETS)}")
+    return _PRESETS[name]
+
+
+def get(name: str, **overrides: Any) -> Policy:
+    """The preset's policy, with any parameter overridden (validated like a policy file)."""
+    preset = _lookup(name)
+    level = rule_schema(preset.method).level
+    unknown = sorted(set(overrides) - set(rule_schema(preset.method).params))
+    if unknown:
+        known = ", ".join(sorted(rule_schema(preset.method).params))
+        raise PolicyError(f"{name}.{unknown[0]}: unknown parameter for preset {name!r}; known: {known}")
+    rule = {"method": preset.method, **preset.params, **overrides}
+    try:
+        return Policy.from_dict({"schema": SCHEMA, "name": name, "rules": {level: rule}})
+    except PolicyError as e:
+        # Name the preset parameter rather than the internal rule path.
+        raise PolicyError(str(e).replace(f"rules.{level}.", f"{name}.", 1)) from None

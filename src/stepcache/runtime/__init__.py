@@ -1,0 +1,17 @@
+"""The policy runtime: hooks on module instances, per-generation state, the rule interfaces."""
+
+from .engine import Handle, attach, detach, handle_of
+from .interfaces import BlockRule, CallContext, RuleSet, StepRule, put, take
+
+__all__ = [
+    "BlockRule",
+    "CallContext",
+    "Handle",
+    "RuleSet",
+    "StepRule",
+    "attach",
+    "detach",
+    "handle_of",
+    "put",
+    "take",
+]

@@ -1,0 +1,469 @@
+"""The runtime: one wrapper on the denoiser's forward, one per block, one on the pipeline's
+progress bar. All are instance attributes (never class patches) and ``disable`` deletes them.
+
+Per call the denoiser wrapper asks the step rule which rows to compute, runs those rows (all,
+none, or a gathered subset), and the block wrappers ask the block rule whether the middle of
+the stack runs. Every cache lives in a :class:`Generation` made at the start of a generation
+and dropped at its end, including when it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter
+from ..errors import UnsupportedModelError
+from .interfaces import CallContext, RuleSet, Streams, take
+from .state import CallScratch, Generation
+
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+_CFG_LAYOUTS = (None, "uncond_first", "uncond_last")
+
+
+def _resolve(plan: Any, active: int) -> tuple[bool, bool, torch.Tensor | None]:
+    """(compute_all, compute_none, local mask). One host sync when the plan is a tensor."""
+    if isinstance(plan, bool):
+        return plan, not plan, None
+    mask = plan.to(torch.bool).reshape(-1)
+    if mask.numel() != active:
+        raise RuntimeError(f"rule returned a plan for {mask.numel()} rows, the call has {active}")
+    n = int(mask.sum().item())
+    return n == active, n == 0, mask
+
+
+def _global_rows(rows: torch.Tensor | None, local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    idx = torch.nonzero(local, as_tuple=False).reshape(-1).to(device)
+    return idx if rows is None else rows.index_select(0, idx)
+
+
+def _first(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0]
+
+
+def _replace_first(template: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(template, torch.Tensor):
+        return tensor
+    if isinstance(template, tuple):
+        return (tensor, *template[1:])
+    keys = list(template.keys())
+    return type(template)(**{k: (tensor if k == keys[0] else template[k]) for k in keys})
+
+
+def _finite(streams: tuple) -> bool:
+    return all(s is None or bool(torch.isfinite(s).all()) for s in streams)
+
+
+def _add(a: Streams, b: Streams) -> Streams:
+    return tuple(None if (x is None or y is None) else x + y for x, y in zip(a, b, strict=True))
+
+
+def _sub(a: Streams, b: Streams) -> Streams:
+    return tuple(None if (x is None or y is None) else x - y for x, y in zip(a, b, strict=True))
+
+
+def _scatter(full: Streams, rows: torch.Tensor, part: Streams) -> Streams:
+    out = []
+    for f, p in zip(full, part, strict=True):
+        if f is None or p is None:
+            out.append(f)
+        else:
+            f = f.clone()
+            f.index_copy_(0, rows, p)
+            out.append(f)
+    return tuple(out)
+
+
+def _take_streams(streams: Streams, rows: torch.Tensor) -> Streams:
+    return tuple(take(s, rows) for s in streams)
+
+
+class Handle:
+    """What ``enable`` returns: statistics, a generation scope for bare loops, and ``disable``."""
+
+    def __init__(self, target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any):
+        self.target = target
+        self.model = model
+        self.adapter = adapter
+        self.rules = rules
+        self.policy = policy
+        self._local = threading.local()
+        self._last_stats: dict[str, Any] | None = None
+        self._warned_outside = False
+        self._installed: list[tuple[Any, str, bool, Any]] = []  # (object, attr, had_own, own_value)
+        self._sig = inspect.signature(model.forward)
+        self._orig_forward = model.forward
+        self._blocks: list[nn.Module] = []
+        self._block_orig: list[Any] = []
+        self._block_sig: list[inspect.Signature] = []
+
+    # ---- public -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Statistics of the current generation, or of the last one that ended."""
+        gen = self._current()
+        if gen is not None:
+            return gen.stats.as_dict()
+        if self._last_stats is None:
+            return Generation(None, 1, None).stats.as_dict()
+        return dict(self._last_stats)
+
+    @contextlib.contextmanager
+    def generation(
+        self, num_steps: int | None = None, calls_per_step: int = 1, cfg: str | None = None
+    ) -> Iterator[Handle]:
+        """Scope one sampling run of a bare denoiser in a hand-written loop.
+
+        ``calls_per_step``: denoiser calls per step (2 when conditional and unconditional run as
+        separate calls; each keeps its own cache). ``cfg``: where a batched CFG call keeps the
+        unconditional half ("uncond_first" or "uncond_last"), or None.
+        """
+        if num_steps is not None and (
+            isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
+        ):
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+            raise ValueError(f"calls_per_step must be a positive integer, got {calls_per_step!r}")
+        if cfg not in _CFG_LAYOUTS:
+            raise ValueError(f"cfg must be one of {_CFG_LAYOUTS}, got {cfg!r}")
+        gen = self._begin(Generation(num_steps, calls_per_step, cfg))
+        try:
+            yield self
+        finally:
+            self._end(gen)
+
+    def disable(self) -> None:
+        detach(self.model)
+
+    @property
+    def active(self) -> bool:
+        return _HANDLES.get(self.model) is self
+
+    # ---- generation lifecycle -------------------------------------------------------------
+    def _stack(self) -> list[Generation]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _current(self) -> Generation | None:
+        stack = self._stack()
+        return stack[-1] if stack else None
+
+    def _begin(self, gen: Generation) -> Generation:
+        self._stack().append(gen)
+        return gen
+
+    def _end(self, gen: Generation) -> None:
+        stack = self._stack()
+        if gen in stack:
+            self._last_stats = gen.stats.as_dict()
+            stack.remove(gen)
+        gen.rule_states.clear()
+        gen.templates.clear()
+        gen.call = None
+
+    def _pipeline_cfg(self) -> str | None:
+        do_cfg = getattr(self.target, "do_classifier_free_guidance", False)
+        return self.adapter.pipeline_cfg_layout if do_cfg is True else None
+
+    # ---- the denoiser call ----------------------------------------------------------------
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        gen = self._current()
+        if gen is None:
+            if self.rules.step is not None or self.rules.block is not None:
+                if not self._warned_outside:
+                    self._warned_outside = True
+                    warnings.warn(
+                        "stepcache: denoiser called outside a generation, so it computes in full. "
+                        "Enable the pipeline, or wrap a hand-written loop in `with handle.generation(...)`.",
+                        stacklevel=2,
+                    )
+            return self._orig_forward(*args, **kwargs)
+        try:
+            return self._call(gen, args, kwargs)
+        except BaseException:
+            self._end(gen)  # a call that raised leaves no cache behind
+            raise
+
+    def _call(self, gen: Generation, args: tuple, kwargs: dict) -> Any:
+        bound = self._sig.bind(*args, **kwargs)
+        adapter = self.adapter
+        batch = adapter.batch_size(bound)
+        step, branch = gen.next_call()
+        hidden = bound.arguments[adapter.hidden_arg]
+        signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
+        if gen.signature.get(branch, signature) != signature:
+            gen.reset_branch(branch)  # new shape mid-generation: old caches do not apply
+        gen.signature[branch] = signature
+        ctx = CallContext(
+            step=step,
+            branch=branch,
+            num_steps=gen.num_steps,
+            batch=batch,
+            timestep=adapter.timestep(bound),
+            _uncond=lambda: adapter.uncond_rows(bound, gen.cfg_layout),
+        )
+        row_actions = ["C"] * batch
+        rule = self.rules.step
+        have_output = branch in gen.templates
+        if rule is None:
+            out = self._run(gen, ctx, bound, None, row_actions)
+            gen.stats.record(row_actions)
+            return out
+
+        state = gen.state_for(branch, "step", rule)
+        plan = rule.plan(ctx, state)
+        if not have_output:
+            plan = True  # nothing computed yet in this branch: no output to stand in for
+        compute_all, compute_none, mask = _resolve(plan, batch)
+
+        if compute_none:
+            est = rule.estimate(ctx, state, None)
+            if not self.rules.guard or _finite((est,)):
+                gen.stats.record(["E"] * batch)
+                return _replace_first(gen.templates[branch], est)
+            gen.stats.fallbacks += 1
+            compute_all = True
+
+        if compute_all:
+            out = self._run(gen, ctx, bound, None, row_actions)
+            rule.observe(ctx, state, _first(out), None)
+            gen.stats.record(row_actions)
+            return out
+
+        # Some rows compute, the rest are estimated: gather -> run -> scatter.
+        est_rows = _global_rows(None, ~mask, hidden.device)
+        run_rows = _global_rows(None, mask, hidden.device)
+        est = rule.estimate(ctx, state, est_rows)
+        if self.rules.guard and not _finite((est,)):
+            gen.stats.fallbacks += 1
+            out = self._run(gen, ctx, bound, None, row_actions)
+            rule.observe(ctx, state, _first(out), None)
+            gen.stats.record(row_actions)
+            return out
+        sub = adapter.slice_rows(bound, run_rows, batch)
+        out_sub = self._run(gen, ctx, sub, run_rows, row_actions)
+        part = _first(out_sub)
+        rule.observe(ctx, state, part, run_rows)
+        full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        full.index_copy_(0, run_rows, part)
+        full.index_copy_(0, est_rows, est.to(part.dtype))
+        for r in est_rows.tolist():
+            row_actions[r] = "E"
+        gen.stats.record(row_actions)
+        return _replace_first(out_sub, full)
+
+    def _run(
+        self,
+        gen: Generation,
+        ctx: CallContext,
+        bound: inspect.BoundArguments,
+        rows: torch.Tensor | None,
+        row_actions: list[str],
+    ) -> Any:
+        """Run the real denoiser on ``bound`` (the block hooks see this call's scratch)."""
+        block = self.rules.block
+        scratch = None
+        if block is not None and self._blocks:
+            scratch = CallScratch(
+                ctx=ctx,
+                state=gen.state_for(ctx.branch, "block", block),
+                span=block.span(len(self._blocks)),
+                rows=rows,
+                row_actions=row_actions,
+            )
+        gen.call = scratch
+        try:
+            out = self._orig_forward(*bound.args, **bound.kwargs)
+        finally:
+            gen.call = None
+        if rows is None or ctx.branch not in gen.templates:
+            gen.templates[ctx.branch] = out
+        return out
+
+    # ---- block calls ----------------------------------------------------------------------
+    def _block_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
+        gen = self._current()
+        scratch = gen.call if gen is not None else None
+        if scratch is None:
+            return self._block_orig[index](*args, **kwargs)
+        head_end, tail_start = scratch.span
+        if index < head_end:
+            if index == 0:
+                scratch.head_in = self.adapter.block_io.read_in(self._block_sig[0].bind(*args, **kwargs))
+            return self._block_orig[index](*args, **kwargs)
+        if index >= tail_start:
+            return self._block_orig[index](*args, **kwargs)
+        if index == head_end:
+            return self._middle_start(gen, scratch, args, kwargs)
+        io = self.adapter.block_io
+        if scratch.skipping:
+            return io.format_out(io.read_in(self._block_sig[index].bind(*args, **kwargs)))
+        out = self._block_orig[index](*args, **kwargs)
+        if index == tail_start - 1:
+            residual = _sub(io.read_out(out), scratch.mid_in)
+            self.rules.block.observe(scratch.ctx, scratch.state, residual, scratch.rows)
+        return out
+
+    def _middle_start(self, gen: Generation, scratch: CallScratch, args: tuple, kwargs: dict) -> Any:
+        rule = self.rules.block
+        io = self.adapter.block_io
+        head_end, tail_start = scratch.span
+        bound = self._block_sig[head_end].bind(*args, **kwargs)
+        s_in = io.read_in(bound)
+        ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
+        state = scratch.state
+        plan = rule.plan(ctx, state, _sub(s_in, scratch.head_in)) if scratch.head_in is not None else True
+        active = int(s_in[0].shape[0])
+        compute_all, compute_none, mask = _resolve(plan, active)
+
+        if not compute_all:
+            skip_rows = None if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
+            est = rule.estimate(ctx, state, skip_rows if not compute_none else scratch.rows)
+            if self.rules.guard and not _finite(est):
+                gen.stats.fallbacks += 1
+                compute_all = True
+        if compute_all:
+            scratch.mid_in = s_in
+            out = self._block_orig[head_end](*args, **kwargs)
+            if head_end == tail_start - 1:
+                rule.observe(ctx, state, _sub(io.read_out(out), s_in), scratch.rows)
+            return out
+
+        scratch.skipping = True
+        skipped_local = range(active) if compute_none else torch.nonzero(~mask).reshape(-1).tolist()
+        to_global = list(range(active)) if scratch.rows is None else scratch.rows.tolist()
+        for r in skipped_local:
+            scratch.row_actions[to_global[r]] = "P"
+        if compute_none:
+            return io.format_out(_add(s_in, est))
+
+        # Some rows run the middle: gather them, run the span here, scatter back.
+        run_local = torch.nonzero(mask).reshape(-1).to(s_in[0].device)
+        skip_local = torch.nonzero(~mask).reshape(-1).to(s_in[0].device)
+        sub = self.adapter.slice_rows(bound, run_local, active)
+        sub_in = io.read_in(sub)
+        streams = sub_in
+        for j in range(head_end, tail_start):
+            sig = self._block_sig[j]
+            call = inspect.BoundArguments(sig, sub.arguments.copy())
+            for name, value in zip(io.streams, streams, strict=True):
+                if name in call.arguments or value is not None:
+                    call.arguments[name] = value
+            streams = io.read_out(self._block_orig[j](*call.args, **call.kwargs))
+        residual = _sub(streams, sub_in)
+        run_global = _global_rows(scratch.rows, mask, s_in[0].device)
+        rule.observe(ctx, state, residual, run_global)
+        skipped = _add(_take_streams(s_in, skip_local), est)
+        full = _scatter(s_in, run_local, streams)
+        full = _scatter(full, skip_local, skipped)
+        return io.format_out(full)
+
+
+# ---- attach / detach ------------------------------------------------------------------------
+def _set(handle: Handle, obj: Any, attr: str, value: Any) -> None:
+    had_own = attr in obj.__dict__
+    handle._installed.append((obj, attr, had_own, obj.__dict__.get(attr)))
+    # Straight into the instance dict: bypasses nn.Module / pipeline __setattr__ bookkeeping.
+    obj.__dict__[attr] = value
+
+
+class _GenerationBar:
+    """Wraps a pipeline's progress bar: its scope is one generation, each ``update`` one step."""
+
+    def __init__(self, handle: Handle, bar: Any, total: int | None):
+        self._handle = handle
+        self._bar = bar
+        self._gen = Generation(total, None, handle._pipeline_cfg())
+
+    def __enter__(self) -> _GenerationBar:
+        self._handle._begin(self._gen)
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._handle._end(self._gen)
+        return self._bar.__exit__(*exc)
+
+    def update(self, n: int = 1) -> Any:
+        self._gen.advance_step()
+        return self._bar.update(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+
+def _iterate_generation(handle: Handle, bar: Any, total: int | None) -> Iterator[Any]:
+    gen = handle._begin(Generation(total, None, handle._pipeline_cfg()))
+    try:
+        for i, item in enumerate(bar):
+            gen.advance_step(i)
+            yield item
+    finally:
+        handle._end(gen)
+
+
+def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any) -> Handle:
+    """Install the runtime on ``model`` (and on ``target``'s progress bar if it is a pipeline)."""
+    if model in _HANDLES:
+        _HANDLES[model].disable()
+    handle = Handle(target, model, adapter, rules, policy)
+    blocks = adapter.blocks() if rules.block is not None else None
+    if rules.block is not None and not blocks:
+        raise UnsupportedModelError(
+            f"block-level rule {type(rules.block).__name__} needs a linear block stack, and "
+            f"{type(model).__name__} ({adapter.family}) has none"
+        )
+    _set(handle, model, "forward", handle._forward)
+    for i, blk in enumerate(blocks or []):
+        handle._blocks.append(blk)
+        handle._block_orig.append(blk.forward)
+        handle._block_sig.append(inspect.signature(blk.forward))
+        _set(handle, blk, "forward", _bind_block(handle, i))
+    if target is not model and callable(getattr(target, "progress_bar", None)):
+        orig_bar = target.progress_bar
+
+        def progress_bar(iterable: Any = None, total: int | None = None) -> Any:
+            bar = orig_bar(iterable=iterable, total=total)
+            if iterable is None:
+                return _GenerationBar(handle, bar, total)
+            n = len(iterable) if hasattr(iterable, "__len__") else None
+            return _iterate_generation(handle, bar, n)
+
+        _set(handle, target, "progress_bar", progress_bar)
+    _HANDLES[model] = handle
+    return handle
+
+
+def _bind_block(handle: Handle, index: int) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return handle._block_forward(index, *args, **kwargs)
+
+    return forward
+
+
+def detach(model: nn.Module) -> bool:
+    handle = _HANDLES.pop(model, None)
+    if handle is None:
+        return False
+    for obj, attr, had_own, own in reversed(handle._installed):
+        if had_own:
+            obj.__dict__[attr] = own
+        else:
+            obj.__dict__.pop(attr, None)
+    handle._installed.clear()
+    return True
+
+
+def handle_of(model: nn.Module) -> Handle | None:
+    return _HANDLES.get(model)

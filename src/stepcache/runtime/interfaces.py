@@ -1,0 +1,124 @@
+"""The small interfaces a method implements, and the per-call context the runtime hands it.
+
+Rows: every per-sample cache a rule keeps is indexed by the *full* batch of the call. The
+runtime passes ``rows`` as a LongTensor of full-batch row indices, or ``None`` for all rows.
+``plan`` returns ``True`` (compute every row), ``False`` (estimate every row) or a bool tensor
+over the call's active rows (``ctx.rows``), so decisions can stay per sample.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Plan = bool | torch.Tensor
+Streams = tuple[torch.Tensor | None, ...]
+
+
+@dataclass
+class CallContext:
+    """What a rule may know about one denoiser call."""
+
+    step: int  # step index in the generation
+    branch: int  # call index within the step (pipelines that run cond and uncond as two calls)
+    num_steps: int | None
+    batch: int  # full batch of the call
+    timestep: Any  # the call's timestep argument as given (tensor or number)
+    rows: torch.Tensor | None = None  # full-batch indices of the rows running now; None = all
+    _uncond: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False)
+
+    def uncond_rows(self) -> torch.Tensor | None:
+        """Bool mask over the full batch: rows that are the unconditional half of batched CFG."""
+        return self._uncond() if self._uncond is not None else None
+
+    def timestep_value(self) -> float:
+        """The timestep as a Python float (a host sync if it lives on an accelerator)."""
+        t = self.timestep
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0].item())
+        return float(t)
+
+
+def take(store: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The active rows of a full-batch cache tensor."""
+    if store is None or rows is None:
+        return store
+    return store.index_select(0, rows)
+
+
+def put(
+    store: torch.Tensor | None, rows: torch.Tensor | None, value: torch.Tensor, batch: int
+) -> torch.Tensor:
+    """Write ``value`` into the given rows of a full-batch cache, allocating it on first use."""
+    value = value.detach()
+    if rows is None:
+        return value.clone()
+    if store is None or store.shape[1:] != value.shape[1:] or store.dtype != value.dtype:
+        store = torch.zeros((batch, *value.shape[1:]), dtype=value.dtype, device=value.device)
+    store.index_copy_(0, rows, value)
+    return store
+
+
+class StepRule(ABC):
+    """Decides, per call and per row, whether the whole denoiser runs or its output is estimated."""
+
+    level = "step"
+
+    def new_state(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def plan(self, ctx: CallContext, state: dict[str, Any]) -> Plan: ...
+
+    @abstractmethod
+    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser output for ``rows`` without running it."""
+
+    @abstractmethod
+    def observe(
+        self, ctx: CallContext, state: dict[str, Any], output: torch.Tensor, rows: torch.Tensor | None
+    ) -> None:
+        """Record a real output for ``rows``."""
+
+
+class BlockRule(ABC):
+    """Splits the block stack into head / middle / tail and decides when the middle runs.
+
+    Head and tail always run. When the middle is skipped, its input plus an estimated residual
+    stands in for its output.
+    """
+
+    level = "block"
+
+    def new_state(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def span(self, num_blocks: int) -> tuple[int, int]:
+        """(head_end, tail_start): the middle is blocks[head_end:tail_start]."""
+
+    @abstractmethod
+    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> Plan: ...
+
+    @abstractmethod
+    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
+        """The middle's residual (output minus input, per stream) for ``rows``."""
+
+    @abstractmethod
+    def observe(
+        self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
+    ) -> None:
+        """Record the middle's real residual for ``rows``."""
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The built rules of one policy, as the runtime receives them."""
+
+    step: StepRule | None = None
+    block: BlockRule | None = None
+    guard: bool = True

@@ -1,0 +1,100 @@
+"""Per-generation state: step counting, rule caches and statistics. Made fresh per generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Stats:
+    steps: int = 0  # denoiser calls
+    computed: int = 0  # calls where every row ran every block
+    estimated: int = 0  # calls answered entirely without the network
+    partial: int = 0  # calls where only part of the network (or of the batch) ran
+    cfg_skipped: int = 0  # unconditional halves not computed
+    fallbacks: int = 0  # estimates rejected by the guard and computed instead
+    actions: list[str] = field(default_factory=list)  # per call: C / E / P
+    row_actions: list[str] = field(default_factory=list)  # per call, one letter per batch row
+
+    def record(self, rows: list[str]) -> None:
+        letters = set(rows)
+        action = letters.pop() if len(letters) == 1 else "P"
+        self.steps += 1
+        self.actions.append(action)
+        self.row_actions.append("".join(rows))
+        if action == "C":
+            self.computed += 1
+        elif action == "E":
+            self.estimated += 1
+        else:
+            self.partial += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "computed": self.computed,
+            "estimated": self.estimated,
+            "partial": self.partial,
+            "cfg_skipped": self.cfg_skipped,
+            "fallbacks": self.fallbacks,
+            "actions": list(self.actions),
+            "row_actions": list(self.row_actions),
+        }
+
+
+@dataclass
+class CallScratch:
+    """What the block hooks of one denoiser call share."""
+
+    ctx: Any
+    state: dict[str, Any] | None  # the block rule's state for this branch
+    span: tuple[int, int] | None
+    rows: torch.Tensor | None  # full-batch rows running in this call
+    row_actions: list[str]
+    head_in: tuple | None = None
+    mid_in: tuple | None = None
+    skipping: bool = False
+
+
+class Generation:
+    """One sampling run. Counts steps; keeps one cache per (branch, level)."""
+
+    def __init__(self, num_steps: int | None, calls_per_step: int | None, cfg_layout: str | None):
+        self.num_steps = num_steps
+        # None: a pipeline's progress bar advances the step; an int: every that many calls do.
+        self.calls_per_step = calls_per_step
+        self.cfg_layout = cfg_layout
+        self.step = 0
+        self.branch = -1
+        self.calls = 0
+        self.rule_states: dict[tuple[int, str], dict[str, Any]] = {}
+        self.templates: dict[int, Any] = {}  # last real output object per branch
+        self.signature: dict[int, tuple] = {}  # batch shape per branch, to catch a changed input
+        self.stats = Stats()
+        self.call: CallScratch | None = None
+
+    def next_call(self) -> tuple[int, int]:
+        if self.calls_per_step is not None:
+            self.step, self.branch = divmod(self.calls, self.calls_per_step)
+        else:
+            self.branch += 1
+        self.calls += 1
+        return self.step, self.branch
+
+    def advance_step(self, step: int | None = None) -> None:
+        self.step = self.step + 1 if step is None else step
+        self.branch = -1
+
+    def state_for(self, branch: int, level: str, rule: Any) -> dict[str, Any]:
+        key = (branch, level)
+        if key not in self.rule_states:
+            self.rule_states[key] = rule.new_state()
+        return self.rule_states[key]
+
+    def reset_branch(self, branch: int) -> None:
+        for key in [k for k in self.rule_states if k[0] == branch]:
+            del self.rule_states[key]
+        self.templates.pop(branch, None)

@@ -1,0 +1,207 @@
+"""Tiny random-weight models of every supported family, their inputs, and a bare sampling loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+    WanTransformer3DModel,
+)
+
+
+def _dit() -> torch.nn.Module:
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=4,
+    )
+
+
+def _pixart() -> torch.nn.Module:
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=12,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+        norm_num_groups=4,
+    )
+
+
+def _sd3() -> torch.nn.Module:
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+
+
+def _flux() -> torch.nn.Module:
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=12,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _unet() -> torch.nn.Module:
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+
+
+def _unet_cond() -> torch.nn.Module:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+
+
+def _wan() -> torch.nn.Module:
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=3,
+        rope_max_seq_len=32,
+    )
+
+
+FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "dit": _dit,
+    "pixart": _pixart,
+    "sd3": _sd3,
+    "flux": _flux,
+    "unet": _unet,
+    "unet-cond": _unet_cond,
+    "wan": _wan,
+}
+TRANSFORMERS = ["dit", "pixart", "sd3", "flux", "wan"]
+
+
+def make(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = FACTORIES[name]().eval()
+    # Random init leaves some output layers at zero; nudge every parameter so outputs and
+    # residuals are non-trivial.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def inputs(name: str, batch: int, seed: int = 0) -> tuple[str, torch.Tensor, dict[str, Any]]:
+    """(hidden argument name, initial latent, other keyword arguments) for a call."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if name == "dit":
+        return "hidden_states", r(batch, 4, 8, 8), {"class_labels": torch.arange(batch) % 10}
+    if name == "pixart":
+        return (
+            "hidden_states",
+            r(batch, 4, 8, 8),
+            {
+                "encoder_hidden_states": r(batch, 5, 12),
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+            },
+        )
+    if name == "sd3":
+        return (
+            "hidden_states",
+            r(batch, 4, 8, 8),
+            {"encoder_hidden_states": r(batch, 5, 16), "pooled_projections": r(batch, 12)},
+        )
+    if name == "flux":
+        img_ids = torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1
+        ).reshape(-1, 3)
+        return (
+            "hidden_states",
+            r(batch, 16, 8),
+            {
+                "encoder_hidden_states": r(batch, 5, 16),
+                "pooled_projections": r(batch, 12),
+                "img_ids": img_ids,
+                "txt_ids": torch.zeros(5, 3),
+            },
+        )
+    if name == "unet":
+        return "sample", r(batch, 3, 8, 8), {}
+    if name == "unet-cond":
+        return "sample", r(batch, 4, 8, 8), {"encoder_hidden_states": r(batch, 5, 16)}
+    if name == "wan":
+        return "hidden_states", r(batch, 4, 2, 8, 8), {"encoder_hidden_states": r(batch, 5, 16)}
+    raise KeyError(name)
+
+
+def timestep_for(name: str, t: float, batch: int) -> torch.Tensor:
+    value = t / 1000 if name == "flux" else t
+    return torch.full((batch,), value)
+
+
+@torch.no_grad()
+def sample(name: str, model: torch.nn.Module, batch: int = 2, steps: int = 6, seed: int = 0) -> torch.Tensor:
+    """A plain Euler-like loop over a bare denoiser."""
+    hidden_arg, x, kwargs = inputs(name, batch, seed)
+    for i in range(steps):
+        t = 1000.0 * (1 - i / steps)
+        out = model(**{hidden_arg: x}, timestep=timestep_for(name, t, batch), **kwargs)
+        out = out[0] if not isinstance(out, torch.Tensor) else out
+        x = x - out / steps
+    return x
