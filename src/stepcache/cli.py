@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -31,10 +32,28 @@ def _zoo_key(key: str) -> str:
     return key
 
 
+def _parse_params(items: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs; VALUE is read as JSON (numbers, true/false, lists), else kept as a string."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 @app.command()
 def demo(
     preset: Annotated[str, typer.Option(help="Preset to compare with full compute.")] = "fbcache",
     policy: Annotated[Path | None, typer.Option(help="A policy JSON file (instead of --preset).")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Preset parameter override KEY=VALUE (repeatable)."),
+    ] = None,
     model: Annotated[str, typer.Option(help="Zoo model key.")] = "digits-dit",
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (model default if unset).")] = None,
     guidance: Annotated[
@@ -52,12 +71,18 @@ def demo(
     from .demo import run_demo
 
     _zoo_key(model)
-    try:
-        pol = resolve_policy(policy if policy is not None else preset)
-    except PolicyError as e:
+    if policy is not None and param:
         raise typer.BadParameter(
-            str(e), param_hint="--policy" if policy is not None else "--preset"
-        ) from None
+            "--param overrides a preset; edit the policy file instead", param_hint="--param"
+        )
+    try:
+        if policy is not None:
+            pol = resolve_policy(policy)
+        else:
+            pol = preset_registry.get(preset, **_parse_params(param or []))
+    except PolicyError as e:
+        hint = "--policy" if policy is not None else ("--param" if param else "--preset")
+        raise typer.BadParameter(str(e), param_hint=hint) from None
     with console.status("generating") as status:
         result = run_demo(
             model=model,

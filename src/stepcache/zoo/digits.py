@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write_bytes, atomic_write_json
+from .._io import atomic_write_json
 
 MODEL_CONFIG: dict[str, Any] = {
     "num_attention_heads": 4,
@@ -200,6 +201,27 @@ def _load_checkpoint(path: Path, model, ema, opt, gen) -> tuple[int, float]:
     return int(meta["step"]), float(meta["elapsed"])
 
 
+def domain_classifier() -> Any:
+    """A logistic-regression digit classifier fit on 1,400 of the real digits (the rest held out).
+
+    Returns (classifier, held-out accuracy on real digits).
+    """
+    from sklearn.datasets import load_digits as _load
+    from sklearn.linear_model import LogisticRegression
+
+    data = _load()
+    order = np.random.default_rng(0).permutation(len(data.target))
+    train_idx, test_idx = order[:1400], order[1400:]
+    clf = LogisticRegression(max_iter=2000).fit(data.data[train_idx] / 16, data.target[train_idx])
+    return clf, float(clf.score(data.data[test_idx] / 16, data.target[test_idx]))
+
+
+def class_accuracy(images: np.ndarray, labels: list[int], classifier: Any | None = None) -> float:
+    """Fraction of generated images (N, 8, 8, 1) in [0, 1] that the classifier reads as their label."""
+    clf = classifier if classifier is not None else domain_classifier()[0]
+    return float(clf.score(np.asarray(images).reshape(len(labels), -1), np.asarray(labels)))
+
+
 def load_weights(model_dir: Path) -> tuple[DiTTransformer2DModel, dict[str, Any]]:
     config = json.loads((model_dir / "config.json").read_text())
     model = DiTTransformer2DModel(**config["model"])
@@ -207,4 +229,12 @@ def load_weights(model_dir: Path) -> tuple[DiTTransformer2DModel, dict[str, Any]
     return model.eval().requires_grad_(False), config
 
 
-__all__ = ["TrainConfig", "atomic_write_bytes", "build_model", "load_digits", "load_weights", "train"]
+__all__ = [
+    "TrainConfig",
+    "build_model",
+    "class_accuracy",
+    "domain_classifier",
+    "load_digits",
+    "load_weights",
+    "train",
+]
