@@ -50,8 +50,12 @@ def main() -> None:
     labels = [i % 10 for i in range(args.samples)]
     quality = {"real_heldout_accuracy": real_acc, "samples": args.samples, "steps": pipe.default_steps}
     for g in (1.0, pipe.default_guidance):
-        images = pipe(class_labels=labels, num_inference_steps=pipe.default_steps, guidance_scale=g,
-                      generator=torch.Generator().manual_seed(123)).images
+        images = pipe(
+            class_labels=labels,
+            num_inference_steps=pipe.default_steps,
+            guidance_scale=g,
+            generator=torch.Generator().manual_seed(123),
+        ).images
         quality[f"class_accuracy_guidance_{g:g}"] = digits.class_accuracy(images, labels, clf)
 
     runs = []
@@ -59,11 +63,20 @@ def main() -> None:
         policy = presets.get(name, **params)
         with tempfile.TemporaryDirectory() as tmp:
             r = run_demo(policy=policy, repeats=args.repeats, out_dir=tmp)
-        runs.append({
-            "preset": name, "params": params, "computed": r["computed"], "partial": r["partial"],
-            "estimated": r["estimated"], "speedup": round(r["speedup"], 3), "psnr_db": r["psnr_db_mean"],
-            "latency_ms": {k: round(v * 1000, 2) for k, v in r["latency_s"].items() if k.endswith("median")},
-        })
+        runs.append(
+            {
+                "preset": name,
+                "params": params,
+                "computed": r["computed"],
+                "partial": r["partial"],
+                "estimated": r["estimated"],
+                "speedup": round(r["speedup"], 3),
+                "psnr_db": r["psnr_db_mean"],
+                "latency_ms": {
+                    k: round(v * 1000, 2) for k, v in r["latency_s"].items() if k.endswith("median")
+                },
+            }
+        )
         print(runs[-1], flush=True)
     result = {
         "benchmark": "foundation",
@@ -73,7 +86,7 @@ def main() -> None:
         "stepcache": stepcache.__version__,
         "command": "python " + " ".join(sys.argv),
         "commit": commit(),
-        "demo_protocol": "16 samples (labels 0-9), 20 steps, guidance 2.0, warm-up excluded, median of repeats",
+        "demo_protocol": "16 samples (labels 0-9), 20 steps, guidance 2, warm-up excluded, median of repeats",
         "quality": quality,
         "runs": runs,
     }

@@ -57,7 +57,7 @@ class Adapter:
     unbatched_args: frozenset[str] = frozenset()
     block_io = BlockIO()
     # Where a diffusers pipeline of this family puts the unconditional half when it batches CFG.
-    pipeline_cfg_layout = "uncond_first"
+    pipeline_cfg_layout: str | None = "uncond_first"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -76,7 +76,7 @@ class Adapter:
     def uncond_rows(self, bound: inspect.BoundArguments, cfg_layout: str | None) -> torch.Tensor | None:
         """Bool mask over the batch of the unconditional rows, or None when the call has no CFG half."""
         if cfg_layout is None:
-            return None
+            return None  # no batched CFG in this call (or the caller did not say)
         batch = self.batch_size(bound)
         if batch % 2:
             return None

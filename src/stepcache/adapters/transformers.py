@@ -53,6 +53,8 @@ class FluxAdapter(Adapter):
     class_names = ("FluxTransformer2DModel",)
     block_io = JOINT_IO
     unbatched_args = frozenset({"img_ids", "txt_ids", "image_rotary_emb"})
+    # FLUX pipelines run true CFG as a second call per step, never as a batched half.
+    pipeline_cfg_layout = None
 
     def blocks(self) -> list[nn.Module]:
         # Double-stream then single-stream blocks: one sequence for head / middle / tail spans.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import threading
 import warnings
 import weakref
@@ -172,8 +173,15 @@ class Handle:
         gen.templates.clear()
         gen.call = None
 
-    def _pipeline_cfg(self) -> str | None:
-        do_cfg = getattr(self.target, "do_classifier_free_guidance", False)
+    def _pipeline_cfg(self, caller_locals: dict[str, Any]) -> str | None:
+        """Where the pipeline's batched CFG puts the unconditional half, or None without CFG.
+
+        Pipelines say it as a property (SD3) or only as a local of ``__call__`` (PixArt), so
+        read the local of the frame that opened the progress bar first.
+        """
+        do_cfg = caller_locals.get("do_classifier_free_guidance")
+        if not isinstance(do_cfg, bool):
+            do_cfg = getattr(self.target, "do_classifier_free_guidance", False)
         return self.adapter.pipeline_cfg_layout if do_cfg is True else None
 
     # ---- the denoiser call ----------------------------------------------------------------
@@ -381,10 +389,10 @@ def _set(handle: Handle, obj: Any, attr: str, value: Any) -> None:
 class _GenerationBar:
     """Wraps a pipeline's progress bar: its scope is one generation, each ``update`` one step."""
 
-    def __init__(self, handle: Handle, bar: Any, total: int | None):
+    def __init__(self, handle: Handle, bar: Any, gen: Generation):
         self._handle = handle
         self._bar = bar
-        self._gen = Generation(total, None, handle._pipeline_cfg())
+        self._gen = gen
 
     def __enter__(self) -> _GenerationBar:
         self._handle._begin(self._gen)
@@ -403,8 +411,8 @@ class _GenerationBar:
         return getattr(self._bar, name)
 
 
-def _iterate_generation(handle: Handle, bar: Any, total: int | None) -> Iterator[Any]:
-    gen = handle._begin(Generation(total, None, handle._pipeline_cfg()))
+def _iterate_generation(handle: Handle, bar: Any, gen: Generation) -> Iterator[Any]:
+    handle._begin(gen)
     try:
         for i, item in enumerate(bar):
             gen.advance_step(i)
@@ -435,10 +443,11 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
 
         def progress_bar(iterable: Any = None, total: int | None = None) -> Any:
             bar = orig_bar(iterable=iterable, total=total)
+            n = total if iterable is None else (len(iterable) if hasattr(iterable, "__len__") else None)
+            gen = Generation(n, None, handle._pipeline_cfg(sys._getframe(1).f_locals))
             if iterable is None:
-                return _GenerationBar(handle, bar, total)
-            n = len(iterable) if hasattr(iterable, "__len__") else None
-            return _iterate_generation(handle, bar, n)
+                return _GenerationBar(handle, bar, gen)
+            return _iterate_generation(handle, bar, gen)
 
         _set(handle, target, "progress_bar", progress_bar)
     _HANDLES[model] = handle

@@ -1,0 +1,107 @@
+"""The command line: demo, presets, zoo; bad arguments are usage errors, not tracebacks."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from stepcache import presets
+from stepcache.cli import app
+
+runner = CliRunner()
+
+
+def test_presets_lists_every_preset():
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 0
+    for name in presets.names():
+        assert name in result.output
+
+
+def test_demo_writes_grid_and_json_and_prints_their_paths_last(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--preset",
+            "static-interval",
+            "--samples",
+            "4",
+            "--steps",
+            "8",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-2:] == [str(out / "grid.png"), str(out / "result.json")]
+    data = json.loads((out / "result.json").read_text())
+    assert data["denoiser_calls"] == 8 and data["computed"] == 5 and data["estimated"] == 3
+    assert data["speedup"] > 0 and 10 < data["psnr_db_mean"] < 100
+    assert data["policy"]["rules"]["step"]["method"] == "static-interval"
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "measured speedup" in result.output
+
+
+def test_demo_with_overrides_and_policy_file(tmp_path):
+    out = tmp_path / "o"
+    args = ["--samples", "2", "--steps", "6", "--repeats", "1", "--out", str(out)]
+    result = runner.invoke(app, ["demo", "--preset", "static-interval", "-p", "interval=3", *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "result.json").read_text())["computed"] == 3
+    policy = presets.get("fbcache", threshold=0.0).save(tmp_path / "p.json")
+    result = runner.invoke(app, ["demo", "--policy", str(policy), *args])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "result.json").read_text())
+    assert data["computed"] == 6 and data["psnr_db_mean"] is None and data["psnr_identical_images"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--preset", "warp"], "unknown name 'warp'"),
+        (["demo", "-p", "interval=0", "--preset", "static-interval"], "interval: must be >= 1"),
+        (["demo", "-p", "interval"], "expected KEY=VALUE"),
+        (["demo", "--model", "mnist"], "unknown model 'mnist'"),
+        (["demo", "--samples", "0"], "samples"),
+        (["demo", "--steps", "-3"], "steps"),
+        (["zoo", "info", "nope"], "unknown model 'nope'"),
+        (["zoo", "train", "digits-dit"], "--out"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args, message, tmp_path):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert (
+        message in result.output.replace("\n", " ").replace("│", " ").replace("  ", " ")
+        or message in result.output
+    )
+
+
+def test_demo_with_a_broken_policy_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '{"schema": "stepcache.policy/1", "rules": {"step": {"method": "static-interval", "interval": -1}}}'
+    )
+    result = runner.invoke(app, ["demo", "--policy", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "rules.step.interval" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_zoo_list_info_and_tiny_train(tmp_path):
+    result = runner.invoke(app, ["zoo", "list"])
+    assert result.exit_code == 0 and "digits-dit" in result.output and "shipped" in result.output
+    result = runner.invoke(app, ["zoo", "info", "digits-dit"])
+    assert result.exit_code == 0 and "scikit-learn" in result.output
+    out = tmp_path / "w"
+    result = runner.invoke(
+        app, ["zoo", "train", "digits-dit", "--out", str(out), "--steps", "3", "--limit-images", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out / "model.safetensors")
+    assert json.loads((out / "train.json").read_text())["train"]["steps"] == 3
