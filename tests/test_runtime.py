@@ -413,3 +413,82 @@ def test_separate_cfg_calls_keep_separate_caches(digits_pipe):
     assert handle.stats()["actions"] == ["C", "C", "C", "C", "E", "E", "C", "C"]
     assert torch.equal(seen[2][0], seen[1][0]) and torch.equal(seen[2][1], seen[1][1])
     assert not torch.equal(seen[2][0], seen[2][1])
+
+
+class FirstRowOnly(stepcache.runtime.StepRule):
+    """Row 0 computes every step; the other rows only at step 0 and then reuse their output."""
+
+    def plan(self, ctx, state):
+        if ctx.step == 0:
+            return True
+        return torch.arange(ctx.batch) == 0
+
+    def estimate(self, ctx, state, rows):
+        return stepcache.runtime.take(state["out"], rows).clone()
+
+    def observe(self, ctx, state, output, rows):
+        state["out"] = stepcache.runtime.put(state.get("out"), rows, output, ctx.batch)
+
+
+def test_per_row_step_decisions_gather_run_and_scatter(digits_pipe):
+    from stepcache.runtime import RuleSet, attach
+
+    model = digits_pipe.transformer
+    handle = attach(model, model, adapter_for(model), RuleSet(step=FirstRowOnly()), None)
+    with handle.generation(num_steps=6):
+        both = _digits_loop(model, [2, 9], [0, 1], steps=6)
+    stats = handle.stats()
+    stepcache.disable(model)
+    assert stats["row_actions"] == ["CC"] + ["CE"] * 5
+    assert stats["actions"] == ["C"] + ["P"] * 5
+    assert stats["partial"] == 5 and stats["computed"] == 1
+    full_row0 = _digits_loop(model, [2], [0], steps=6)
+    stepcache.enable(model, presets.get("static-interval", interval=1000, warmup=0))
+    with stepcache.runtime.handle_of(model).generation(num_steps=6):
+        reuse_row1 = _digits_loop(model, [9], [1], steps=6)
+    stepcache.disable(model)
+    torch.testing.assert_close(both[0:1], full_row0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:2], reuse_row1, atol=1e-5, rtol=1e-5)
+
+
+def test_step_and_block_rules_compose(digits_pipe):
+    pol = stepcache.compose(
+        presets.get("static-interval"), presets.get("fbcache", threshold=0.5, max_consecutive=1)
+    )
+    handle = stepcache.enable(digits_pipe, pol)
+    images = digits_pipe(
+        class_labels=[4, 5], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
+    ).images
+    stats = handle.stats()
+    stepcache.disable(digits_pipe)
+    assert np.isfinite(images).all()
+    assert stats["actions"][0] == "C"
+    # static-interval estimates steps 2, 4, 6, 8; fbcache decides inside the computed ones.
+    assert [stats["actions"][i] for i in (2, 4, 6, 8)] == ["E"] * 4
+    assert "P" in [stats["actions"][i] for i in (3, 5, 7, 9)]
+    assert stats["computed"] + stats["estimated"] + stats["partial"] == 10
+
+
+def test_guard_replaces_a_non_finite_block_estimate(digits_pipe, monkeypatch):
+    from stepcache.methods.step.fbcache import FBCache
+
+    def run():
+        return digits_pipe(
+            class_labels=[6, 2], num_inference_steps=8, generator=torch.Generator().manual_seed(0)
+        ).images
+
+    reference = run()
+    pol = presets.get("fbcache", threshold=10.0)
+    handle = stepcache.enable(digits_pipe, pol)
+    assert not np.array_equal(run(), reference)  # without the injected fault it does skip
+    monkeypatch.setattr(
+        FBCache,
+        "estimate",
+        lambda self, ctx, state, rows: tuple(torch.full_like(r, float("inf")) for r in state["residual"]),
+    )
+    out = run()
+    stats = handle.stats()
+    stepcache.disable(digits_pipe)
+    assert stats["fallbacks"] > 0
+    assert stats["computed"] == 8
+    assert np.array_equal(out, reference)

@@ -204,11 +204,15 @@ class Handle:
             raise
 
     def _call(self, gen: Generation, args: tuple, kwargs: dict) -> Any:
-        bound = self._sig.bind(*args, **kwargs)
         adapter = self.adapter
+        try:
+            bound = self._sig.bind(*args, **kwargs)
+            hidden = bound.arguments[adapter.hidden_arg]
+        except (TypeError, KeyError):
+            # Arguments the model itself will reject: let it raise its own error.
+            return self._orig_forward(*args, **kwargs)
         batch = adapter.batch_size(bound)
         step, branch = gen.next_call()
-        hidden = bound.arguments[adapter.hidden_arg]
         signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
         if gen.signature.get(branch, signature) != signature:
             gen.reset_branch(branch)  # new shape mid-generation: old caches do not apply
@@ -223,7 +227,6 @@ class Handle:
         )
         row_actions = ["C"] * batch
         rule = self.rules.step
-        have_output = branch in gen.templates
         if rule is None:
             out = self._run(gen, ctx, bound, None, row_actions)
             gen.stats.record(row_actions)
@@ -231,17 +234,20 @@ class Handle:
 
         state = gen.state_for(branch, "step", rule)
         plan = rule.plan(ctx, state)
-        if not have_output:
+        if branch not in gen.templates:
             plan = True  # nothing computed yet in this branch: no output to stand in for
         compute_all, compute_none, mask = _resolve(plan, batch)
 
+        if not compute_all:
+            est_rows = None if compute_none else _global_rows(None, ~mask, hidden.device)
+            est = rule.estimate(ctx, state, est_rows)
+            if self.rules.guard and not _finite((est,)):
+                gen.stats.fallbacks += 1
+                compute_all, compute_none = True, False
+
         if compute_none:
-            est = rule.estimate(ctx, state, None)
-            if not self.rules.guard or _finite((est,)):
-                gen.stats.record(["E"] * batch)
-                return _replace_first(gen.templates[branch], est)
-            gen.stats.fallbacks += 1
-            compute_all = True
+            gen.stats.record(["E"] * batch)
+            return _replace_first(gen.templates[branch], est)
 
         if compute_all:
             out = self._run(gen, ctx, bound, None, row_actions)
@@ -250,17 +256,8 @@ class Handle:
             return out
 
         # Some rows compute, the rest are estimated: gather -> run -> scatter.
-        est_rows = _global_rows(None, ~mask, hidden.device)
         run_rows = _global_rows(None, mask, hidden.device)
-        est = rule.estimate(ctx, state, est_rows)
-        if self.rules.guard and not _finite((est,)):
-            gen.stats.fallbacks += 1
-            out = self._run(gen, ctx, bound, None, row_actions)
-            rule.observe(ctx, state, _first(out), None)
-            gen.stats.record(row_actions)
-            return out
-        sub = adapter.slice_rows(bound, run_rows, batch)
-        out_sub = self._run(gen, ctx, sub, run_rows, row_actions)
+        out_sub = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
         part = _first(out_sub)
         rule.observe(ctx, state, part, run_rows)
         full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
