@@ -19,7 +19,7 @@ import stepcache
 from stepcache import presets, zoo
 from stepcache._io import atomic_write_json
 from stepcache.demo import run_demo
-from stepcache.zoo import digits
+from stepcache.zoo.classifier import classifier_for
 
 SETTINGS = [
     ("static-interval", {"interval": 2, "warmup": 1}),
@@ -46,7 +46,8 @@ def main() -> None:
     args = ap.parse_args()
 
     pipe = zoo.load("digits-dit")
-    clf, real_acc = digits.domain_classifier()
+    clf = classifier_for("digits-dit")
+    real_acc = clf.info["test_accuracy"]
     labels = [i % 10 for i in range(args.samples)]
     quality = {"real_heldout_accuracy": real_acc, "samples": args.samples, "steps": pipe.default_steps}
     for g in (1.0, pipe.default_guidance):
@@ -56,7 +57,7 @@ def main() -> None:
             guidance_scale=g,
             generator=torch.Generator().manual_seed(123),
         ).images
-        quality[f"class_accuracy_guidance_{g:g}"] = digits.class_accuracy(images, labels, clf)
+        quality[f"class_accuracy_guidance_{g:g}"] = clf.accuracy(images, labels)
 
     runs = []
     for name, params in SETTINGS:

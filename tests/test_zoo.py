@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from stepcache import zoo
-from stepcache.zoo import digits
+from stepcache.zoo.classifier import classifier_for
+from stepcache.zoo.models import TrainConfig
+from stepcache.zoo.train import train
 
 
 def test_shipped_model_loads_offline_and_generates(digits_pipe):
@@ -29,7 +31,7 @@ def test_shipped_model_loads_offline_and_generates(digits_pipe):
 def test_shipped_model_draws_the_requested_digits(digits_pipe):
     labels = [i % 10 for i in range(60)]
     images = digits_pipe(class_labels=labels, generator=torch.Generator().manual_seed(7)).images
-    assert digits.class_accuracy(images, labels) >= 0.9
+    assert classifier_for("digits-dit").accuracy(images, labels) >= 0.9
 
 
 def test_output_types_and_bad_arguments(digits_pipe):
@@ -57,7 +59,7 @@ def test_unknown_model_and_missing_weights(tmp_path):
 def test_training_runs_and_resumes_to_the_same_weights(tmp_path):
     cfg = dict(steps=6, batch_size=8, limit_images=64, checkpoint_every=2, warmup=2)
     straight = tmp_path / "straight"
-    digits.train(straight, digits.TrainConfig(**cfg))
+    train("digits-dit", straight, TrainConfig(**cfg))
 
     interrupted = tmp_path / "interrupted"
 
@@ -66,11 +68,11 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        digits.train(interrupted, digits.TrainConfig(**cfg), progress=stop_at_5)
+        train("digits-dit", interrupted, TrainConfig(**cfg), progress=stop_at_5)
     assert (interrupted / "checkpoint.safetensors").exists()  # written at step 4
     assert not (interrupted / "model.safetensors").exists()
     seen = []
-    info = digits.train(interrupted, digits.TrainConfig(**cfg), progress=lambda s, n, loss: seen.append(s))
+    info = train("digits-dit", interrupted, TrainConfig(**cfg), progress=lambda s, n, loss: seen.append(s))
     assert seen == [5, 6]  # resumed after the step-4 checkpoint
     assert not (interrupted / "checkpoint.safetensors").exists()
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))

@@ -128,14 +128,14 @@ def presets_cmd() -> None:
 
 @zoo_app.command("list")
 def zoo_list() -> None:
-    """List the shipped models."""
+    """List the zoo's models and whether their weights are shipped."""
     table = Table(title="stepcache zoo")
     table.add_column("key")
     table.add_column("model")
     table.add_column("weights")
     for key in zoo_registry.names():
-        present = (zoo_registry.model_dir(key) / "model.safetensors").exists()
-        table.add_row(key, zoo_registry.ENTRIES[key].summary, "shipped" if present else "missing")
+        info = zoo_registry.info(key)
+        table.add_row(key, info["summary"], "shipped" if info["shipped"] else "not trained yet")
     console.print(table)
 
 
@@ -157,28 +157,39 @@ def zoo_train(
     resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoint.safetensors if present.")] = True,
 ) -> None:
     """Train a zoo model from its offline data; resumable from its checkpoint."""
+    import copy
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .zoo import digits
+    from .zoo.train import train
 
-    _zoo_key(key)
-    cfg = digits.TrainConfig()
+    cfg = copy.deepcopy(zoo_registry.spec(_zoo_key(key)).train)
     if steps is not None:
         cfg.steps = steps
     cfg.limit_images = limit_images
-    with Progress(
+    columns = (
         TextColumn("[bold]train"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
-        info = digits.train(
-            out, cfg, resume=resume, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss)
-        )
+    )
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
+            info = train(
+                key,
+                out,
+                cfg,
+                resume=resume,
+                progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss),
+            )
+    except zoo_registry.DataMissingError as e:
+        console.print(f"[red]{e}")
+        raise typer.Exit(1) from None
+    except ValueError as e:  # a checkpoint written with other settings
+        raise typer.BadParameter(str(e), param_hint="--resume") from None
     console.print(f"trained {key} in {info['train_seconds']:.1f} s, final loss {info['final_loss']:.4f}")
     print(out / "model.safetensors")
 

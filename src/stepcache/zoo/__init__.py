@@ -2,66 +2,53 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from .data import DataMissingError
+from .models import MODELS, ZooModel
 from .pipeline import ClassConditionalPipeline
 
 WEIGHTS = Path(__file__).parent / "weights"
 
 
-@dataclass(frozen=True)
-class ZooEntry:
-    key: str
-    summary: str
-    conditioning: str
-
-
-ENTRIES: dict[str, ZooEntry] = {
-    "digits-dit": ZooEntry(
-        "digits-dit",
-        "class-conditional DiT on scikit-learn's 8x8 digits; flow matching; the unit-test model",
-        "class labels 0-9 + CFG (null label 10)",
-    ),
-}
-
-
 def names() -> list[str]:
-    return list(ENTRIES)
+    return list(MODELS)
 
 
-def _entry(key: str) -> ZooEntry:
-    if key not in ENTRIES:
-        raise KeyError(f"unknown zoo model {key!r}; available: {', '.join(ENTRIES)}")
-    return ENTRIES[key]
+def spec(key: str) -> ZooModel:
+    if key not in MODELS:
+        raise KeyError(f"unknown zoo model {key!r}; available: {', '.join(MODELS)}")
+    return MODELS[key]
 
 
 def model_dir(key: str) -> Path:
-    _entry(key)
+    spec(key)
     return WEIGHTS / key
 
 
 def info(key: str) -> dict[str, Any]:
-    entry = _entry(key)
+    s = spec(key)
     d = model_dir(key)
-    out: dict[str, Any] = {"key": key, "summary": entry.summary, "conditioning": entry.conditioning}
-    if (d / "config.json").exists():
-        cfg = json.loads((d / "config.json").read_text())
-        out.update(default_steps=cfg["default_steps"], default_guidance=cfg["default_guidance"])
     card = d / "card.md"
-    out["card"] = card.read_text() if card.exists() else None
-    return out
+    return {
+        "key": key,
+        "summary": s.summary,
+        "family": s.family,
+        "default_steps": s.default_steps,
+        "default_guidance": s.default_guidance,
+        "shipped": (d / "model.safetensors").exists(),
+        "card": card.read_text() if card.exists() else None,
+    }
 
 
 def load(key: str, weights_dir: str | Path | None = None) -> ClassConditionalPipeline:
     """The shipped pipeline for ``key`` (no network). ``weights_dir`` loads a freshly trained copy."""
-    _entry(key)
-    from .digits import load_weights
+    from .train import load_weights
 
+    spec(key)
     d = Path(weights_dir) if weights_dir is not None else model_dir(key)
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(
@@ -69,11 +56,23 @@ def load(key: str, weights_dir: str | Path | None = None) -> ClassConditionalPip
         )
     model, config = load_weights(d)
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    pipe = ClassConditionalPipeline(transformer=model, scheduler=scheduler)
+    if config.get("family", "dit") == "unet":
+        pipe = ClassConditionalPipeline(scheduler=scheduler, unet=model)
+    else:
+        pipe = ClassConditionalPipeline(scheduler=scheduler, transformer=model)
     pipe.set_progress_bar_config(disable=True)
     pipe.default_steps = config["default_steps"]
     pipe.default_guidance = config["default_guidance"]
     return pipe
 
 
-__all__ = ["ClassConditionalPipeline", "ENTRIES", "info", "load", "model_dir", "names"]
+__all__ = [
+    "ClassConditionalPipeline",
+    "DataMissingError",
+    "MODELS",
+    "info",
+    "load",
+    "model_dir",
+    "names",
+    "spec",
+]

@@ -17,15 +17,29 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "transformer"
+    """Holds either a DiT (``transformer``) or a class-embedding UNet2DModel (``unet``)."""
 
-    def __init__(self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        transformer: torch.nn.Module | None = None,
+        unet: torch.nn.Module | None = None,
+    ):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler)
+        if (transformer is None) == (unet is None):
+            raise ValueError("give exactly one denoiser: transformer= (DiT) or unet= (UNet2DModel)")
+        self.register_modules(scheduler=scheduler, transformer=transformer, unet=unet)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer if self.transformer is not None else self.unet
 
     @property
     def num_classes(self) -> int:
-        return int(self.transformer.config.num_embeds_ada_norm)
+        config = self.denoiser.config
+        if self.transformer is not None:
+            return int(config.num_embeds_ada_norm)
+        return int(config.num_class_embeds) - 1  # the last row is the null label
 
     @torch.no_grad()
     def __call__(
@@ -46,7 +60,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if output_type not in ("np", "pt", "pil"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
-        model = self.transformer
+        model = self.denoiser
         device, dtype = self._execution_device, model.dtype
         cfg = guidance_scale > 1.0
         size = int(model.config.sample_size)

@@ -1,0 +1,121 @@
+"""The zoo's model specifications: architecture, data, recipe defaults, sampling defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
+
+from . import data
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 192
+    lr: float = 2e-3
+    warmup: int = 100
+    ema: float = 0.995
+    cfg_dropout: float = 0.1
+    seed: int = 0
+    limit_images: int | None = None  # train on the first N images (tests, smoke runs)
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    key: str
+    summary: str
+    family: str  # "dit" (DiTTransformer2DModel) or "unet" (UNet2DModel with a class table)
+    config: dict[str, Any]
+    load_data: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+    default_steps: int
+    default_guidance: float
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"num_train_timesteps": 1000, "shift": 1.0})
+
+
+def build(family: str, config: dict[str, Any]) -> torch.nn.Module:
+    if family == "dit":
+        return DiTTransformer2DModel(**config)
+    if family == "unet":
+        return UNet2DModel(**config)
+    raise ValueError(f"unknown zoo model family {family!r}")
+
+
+MODELS: dict[str, ZooModel] = {
+    m.key: m
+    for m in [
+        ZooModel(
+            key="digits-dit",
+            summary="class-conditional DiT on scikit-learn's 8x8 digits; flow matching; the unit-test model",
+            family="dit",
+            config={
+                "num_attention_heads": 4,
+                "attention_head_dim": 16,
+                "in_channels": 1,
+                "out_channels": 1,
+                "num_layers": 6,
+                "sample_size": 8,
+                "patch_size": 2,
+                "num_embeds_ada_norm": 10,
+                "norm_num_groups": 1,
+            },
+            load_data=data.load_digits,
+            num_classes=10,
+            default_steps=20,
+            default_guidance=2.0,
+            train=TrainConfig(steps=1000, batch_size=192, lr=2e-3, warmup=100, ema=0.995),
+        ),
+        ZooModel(
+            key="fmnist-dit",
+            summary="class-conditional DiT on Fashion-MNIST 28x28 (patch 4); the main quality benchmark",
+            family="dit",
+            config={
+                "num_attention_heads": 4,
+                "attention_head_dim": 32,
+                "in_channels": 1,
+                "out_channels": 1,
+                "num_layers": 6,
+                "sample_size": 28,
+                "patch_size": 4,
+                "num_embeds_ada_norm": 10,
+                "norm_num_groups": 1,
+            },
+            load_data=lambda: data.load_fashion_mnist("train"),
+            num_classes=10,
+            default_steps=20,
+            default_guidance=3.0,
+            train=TrainConfig(
+                steps=3000, batch_size=128, lr=1e-3, warmup=200, ema=0.998, checkpoint_every=250
+            ),
+        ),
+        ZooModel(
+            key="fmnist-unet",
+            summary="class-conditional UNet2DModel on Fashion-MNIST 28x28; for the U-Net methods",
+            family="unet",
+            config={
+                "sample_size": 28,
+                "in_channels": 1,
+                "out_channels": 1,
+                "block_out_channels": [32, 64, 64],
+                "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+                "num_class_embeds": 11,
+                "norm_num_groups": 8,
+            },
+            load_data=lambda: data.load_fashion_mnist("train"),
+            num_classes=10,
+            default_steps=20,
+            default_guidance=3.0,
+            train=TrainConfig(
+                steps=1500, batch_size=128, lr=1e-3, warmup=100, ema=0.998, checkpoint_every=250
+            ),
+        ),
+    ]
+}
