@@ -1,0 +1,6 @@
+"""Metrics that judge an acceleration: fidelity to full compute and distribution distance."""
+
+from .distribution import frechet_distance, kernel_distance
+from .fidelity import bootstrap_ci, psnr_per_image, ssim_per_image
+
+__all__ = ["bootstrap_ci", "frechet_distance", "kernel_distance", "psnr_per_image", "ssim_per_image"]
