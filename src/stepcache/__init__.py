@@ -1,6 +1,6 @@
 """stepcache: training-free, gradient-free acceleration of diffusion sampling, per step and per sample."""
 
-from . import presets
+from . import metrics, presets
 from .api import disable, enable, resolve_policy
 from .errors import PolicyError, UnsupportedModelError
 from .policy import Policy, compose
@@ -14,6 +14,7 @@ __all__ = [
     "PolicyError",
     "UnsupportedModelError",
     "compose",
+    "metrics",
     "disable",
     "enable",
     "presets",

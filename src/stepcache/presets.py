@@ -40,6 +40,23 @@ _add(
     max_consecutive=3,
     warmup=1,
 )
+_add(
+    "taylorseer",
+    "taylorseer",
+    "TaylorSeer (output level): compute every 3rd step, forecast the rest with a 2nd-order expansion.",
+    interval=3,
+    order=2,
+    warmup=3,
+    variable="step",
+)
+_add(
+    "adams-bashforth",
+    "adams-bashforth",
+    "AB-Cache: compute every 2nd step; extrapolate the others from the last two outputs (in timestep).",
+    interval=2,
+    order=2,
+    warmup=2,
+)
 
 
 def names() -> list[str]:

@@ -1,0 +1,113 @@
+"""Each method on its own: exact where the maths says so, and fewer computations on digits-dit."""
+
+import numpy as np
+import pytest
+import torch
+
+import stepcache
+from stepcache import presets
+from stepcache.methods.step.adams_bashforth import AdamsBashforth
+from stepcache.methods.step.extrapolation import extrapolate, lagrange_weights
+from stepcache.methods.step.taylorseer import TaylorSeer
+from stepcache.runtime import CallContext
+
+
+def _poly(coeffs, x):
+    return sum(c * x**i for i, c in enumerate(coeffs))
+
+
+def _drive(rule, steps, timesteps, truth):
+    """Run a rule against a synthetic denoiser whose output is truth(step, t); return forecast errors."""
+    state, errors = {}, []
+    for s in range(steps):
+        ctx = CallContext(step=s, branch=0, num_steps=steps, batch=2, timestep=torch.tensor(timesteps[s]))
+        if rule.plan(ctx, state) or s == 0:
+            rule.observe(ctx, state, truth(s, timesteps[s]), None)
+        else:
+            errors.append(float((rule.estimate(ctx, state, None) - truth(s, timesteps[s])).abs().max()))
+    return errors
+
+
+def _coeffs(degree, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(degree + 1)]
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylorseer_is_exact_on_polynomials_of_its_order_in_step(order):
+    coeffs = _coeffs(order)
+    timesteps = list(np.linspace(1000, 50, 16))
+    rule = TaylorSeer(interval=3, order=order, warmup=order + 1, variable="step")
+    errors = _drive(rule, 16, timesteps, lambda s, t: _poly(coeffs, float(s)))
+    assert len(errors) >= 6 and max(errors) < 1e-8
+    # One degree higher is no longer exact: the test can fail.
+    higher = _coeffs(order + 1)
+    assert max(_drive(rule, 16, timesteps, lambda s, t: _poly(higher, float(s)))) > 1e-3
+
+
+def test_taylorseer_in_timestep_on_a_nonuniform_schedule():
+    coeffs = _coeffs(2)
+    timesteps = list(1000 * (1 - np.linspace(0, 1, 13) ** 1.7) + 1)
+    rule = TaylorSeer(interval=2, order=2, warmup=3, variable="timestep")
+    errors = _drive(rule, 13, timesteps, lambda s, t: _poly(coeffs, t / 1000))
+    assert max(errors) < 1e-8
+    # In step index the same trajectory is not a polynomial: forecasts miss.
+    by_step = TaylorSeer(interval=2, order=2, warmup=3, variable="step")
+    assert max(_drive(by_step, 13, timesteps, lambda s, t: _poly(coeffs, t / 1000))) > 1e-4
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_adams_bashforth_is_exact_on_polynomials_of_degree_order_minus_one(order):
+    coeffs = _coeffs(order - 1)
+    timesteps = list(1000 * (1 - np.linspace(0, 1, 17) ** 1.5) + 1)
+    rule = AdamsBashforth(interval=2, order=order, warmup=order + 1)
+    assert max(_drive(rule, 17, timesteps, lambda s, t: _poly(coeffs, t / 1000))) < 1e-8
+
+
+def test_ab_order_2_on_a_uniform_grid_is_two_o_k_minus_o_k_minus_1():
+    assert lagrange_weights([0.0, 1.0], 2.0) == [-1.0, 2.0]
+    a, b = torch.full((2,), 3.0), torch.full((2,), 5.0)
+    assert torch.equal(extrapolate([a, b], [0.0, 1.0], 2.0), 2 * b - a)
+
+
+STEP_PRESETS = ["static-interval", "taylorseer", "adams-bashforth"]
+
+
+@pytest.mark.parametrize("name", STEP_PRESETS)
+def test_each_step_preset_computes_fewer_steps_and_warmup_is_exact(digits_pipe, name):
+    def run(steps):
+        return digits_pipe(
+            class_labels=[1, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(4)
+        ).images
+
+    reference = run(20)
+    handle = stepcache.enable(digits_pipe, name)
+    images = run(20)
+    stats = handle.stats()
+    stepcache.disable(digits_pipe)
+    warmup = presets.get(name).rules["step"].params["warmup"]
+    assert stats["computed"] < 20 and stats["estimated"] == 20 - stats["computed"]
+    assert stats["actions"][: max(warmup, 1)] == ["C"] * max(warmup, 1)
+    assert np.isfinite(images).all()
+    psnr = stepcache.metrics.psnr_per_image(images, reference)
+    assert (psnr > 20).all()
+
+
+def test_forecasting_beats_reuse_at_equal_compute(digits_pipe):
+    """TaylorSeer's claim on our model: same computed steps as plain reuse, higher PSNR."""
+
+    def run(policy):
+        handle = stepcache.enable(digits_pipe, policy)
+        out = digits_pipe(
+            class_labels=list(range(10)), num_inference_steps=20, generator=torch.Generator().manual_seed(0)
+        ).images
+        computed = handle.stats()["computed"]
+        stepcache.disable(digits_pipe)
+        return out, computed
+
+    reference, _ = run(None)
+    reuse, n_reuse = run(presets.get("static-interval", interval=3, warmup=3))
+    taylor, n_taylor = run(presets.get("taylorseer", interval=3, order=2, warmup=3))
+    assert n_reuse == n_taylor < 20
+    psnr = stepcache.metrics.psnr_per_image
+    assert psnr(taylor, reference).mean() > psnr(reuse, reference).mean()
