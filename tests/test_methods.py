@@ -70,7 +70,7 @@ def test_ab_order_2_on_a_uniform_grid_is_two_o_k_minus_o_k_minus_1():
     assert torch.equal(extrapolate([a, b], [0.0, 1.0], 2.0), 2 * b - a)
 
 
-STEP_PRESETS = ["static-interval", "taylorseer", "adams-bashforth"]
+STEP_PRESETS = ["static-interval", "taylorseer", "adams-bashforth", "fsampler"]
 
 
 @pytest.mark.parametrize("name", STEP_PRESETS)
@@ -111,3 +111,39 @@ def test_forecasting_beats_reuse_at_equal_compute(digits_pipe):
     assert n_reuse == n_taylor < 20
     psnr = stepcache.metrics.psnr_per_image
     assert psnr(taylor, reference).mean() > psnr(reuse, reference).mean()
+
+
+def test_fsampler_is_exact_undamped_and_validates():
+    from stepcache.methods.step.fsampler import FSampler
+
+    coeffs = _coeffs(2)
+    timesteps = list(np.linspace(1000, 50, 15))
+    rule = FSampler(interval=2, history=3, warmup=3, damping=1.0, max_norm_ratio=100.0)
+    assert max(_drive(rule, 15, timesteps, lambda s, t: _poly(coeffs, float(s)))) < 1e-8
+    # Damping moves the forecast towards the last real prediction.
+    damped = FSampler(interval=2, history=3, warmup=3, damping=0.5, max_norm_ratio=100.0)
+    assert max(_drive(damped, 15, timesteps, lambda s, t: _poly(coeffs, float(s)))) > 1e-3
+    # A trajectory whose norm explodes fails validation: no estimate, the runtime computes.
+    strict = FSampler(interval=2, history=2, warmup=2, damping=1.0, max_norm_ratio=1.1)
+    state = {}
+    for s in range(3):
+        ctx = CallContext(step=s, branch=0, num_steps=4, batch=1, timestep=1.0)
+        if s < 2:
+            strict.observe(ctx, state, torch.full((1, 4), 10.0**s), None)
+        else:
+            assert strict.estimate(ctx, state, None) is None
+
+
+def test_a_rejected_estimate_is_computed_and_counted(digits_pipe):
+    pol = presets.get("fsampler", max_norm_ratio=1.0)  # only an exactly equal norm would pass
+    reference = digits_pipe(
+        class_labels=[5], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
+    ).images
+    handle = stepcache.enable(digits_pipe, pol)
+    images = digits_pipe(
+        class_labels=[5], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
+    ).images
+    stats = handle.stats()
+    stepcache.disable(digits_pipe)
+    assert stats["computed"] == 10 and stats["fallbacks"] == 3  # steps 4, 6, 8
+    assert np.array_equal(images, reference)

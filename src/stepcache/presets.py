@@ -57,6 +57,16 @@ _add(
     order=2,
     warmup=2,
 )
+_add(
+    "fsampler",
+    "fsampler",
+    "FSampler: extrapolate every 2nd prediction from the last 3 real ones, damped and validated.",
+    interval=2,
+    history=3,
+    warmup=3,
+    damping=0.9,
+    max_norm_ratio=1.5,
+)
 
 
 def names() -> list[str]:

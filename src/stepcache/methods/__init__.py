@@ -27,6 +27,6 @@ def build(policy: Policy) -> RuleSet:
 
 
 # Importing a method file registers it.
-from .step import adams_bashforth, fbcache, static_interval, taylorseer  # noqa: E402,F401
+from .step import adams_bashforth, fbcache, fsampler, static_interval, taylorseer  # noqa: E402,F401
 
 __all__ = ["build", "register_method"]

@@ -241,7 +241,8 @@ class Handle:
         if not compute_all:
             est_rows = None if compute_none else _global_rows(None, ~mask, hidden.device)
             est = rule.estimate(ctx, state, est_rows)
-            if self.rules.guard and not _finite((est,)):
+            # None: the rule's own validation rejected its estimate.
+            if est is None or (self.rules.guard and not _finite((est,))):
                 gen.stats.fallbacks += 1
                 compute_all, compute_none = True, False
 

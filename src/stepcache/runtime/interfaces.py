@@ -75,8 +75,11 @@ class StepRule(ABC):
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> Plan: ...
 
     @abstractmethod
-    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
-        """The denoiser output for ``rows`` without running it."""
+    def estimate(
+        self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The denoiser output for ``rows`` without running it, or None to have the step computed
+        (a rule that validates its own estimate); the runtime counts that as a fallback."""
 
     @abstractmethod
     def observe(
