@@ -1,0 +1,196 @@
+"""Every step/block preset at three settings vs full compute, on one zoo model.
+
+For each setting: computed fraction (NFE), measured wall-clock speedup (one batch of all seeds,
+warm-up excluded, median of interleaved repeats), PSNR and SSIM vs full compute per image with
+95% bootstrap intervals, class accuracy under the domain classifier and FD-domain vs the real
+test set (Fashion-MNIST models). Evaluation seeds are 10_000 + i, disjoint from anything used
+to fit coefficients (no preset here fits any).
+
+Writes benchmarks/results/methods-MODEL.json and docs/methods-MODEL.png.
+Run: python benchmarks/methods.py --model fmnist-dit [--seeds 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import stepcache
+from stepcache import presets, zoo
+from stepcache._io import atomic_write_bytes, atomic_write_json
+from stepcache.metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
+from stepcache.zoo.classifier import classifier_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS: dict[str, list[tuple[str, dict]]] = {
+    "static-interval": [("conservative", {"warmup": 3}), ("default", {}), ("aggressive", {"interval": 4})],
+    "taylorseer": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
+    "adams-bashforth": [("conservative", {"warmup": 4}), ("default", {}), ("aggressive", {"interval": 3})],
+    "fsampler": [("conservative", {"damping": 0.7}), ("default", {}), ("aggressive", {"interval": 3})],
+    "fbcache": [
+        ("conservative", {"threshold": 0.05}),
+        ("default", {}),
+        ("aggressive", {"threshold": 0.3, "max_consecutive": 4}),
+    ],
+}
+
+
+def commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
+        )
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="fmnist-dit")
+    ap.add_argument("--seeds", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--presets", default=",".join(SETTINGS))
+    args = ap.parse_args()
+
+    pipe = zoo.load(args.model)
+    steps, guidance = pipe.default_steps, pipe.default_guidance
+    labels = [i % 10 for i in range(args.seeds)]
+    clf = classifier_for(args.model)
+    real_feats = None
+    if clf.feature_net is not None:
+        from stepcache.zoo.data import load_fashion_mnist
+
+        real, _ = load_fashion_mnist("test")
+        real_feats = clf.features(((real + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+    def generate() -> np.ndarray:
+        # One generator per sample, so each seed's noise does not depend on the batch.
+        noise_seeds = [10_000 + i for i in range(args.seeds)]
+        gens = [torch.Generator().manual_seed(s) for s in noise_seeds]
+        return pipe(
+            class_labels=labels, num_inference_steps=steps, guidance_scale=guidance, generator=gens
+        ).images
+
+    def timed(policy) -> tuple[np.ndarray, float, dict]:
+        handle = stepcache.enable(pipe, policy) if policy is not None else None
+        t0 = time.perf_counter()
+        images = generate()
+        seconds = time.perf_counter() - t0
+        stats = handle.stats() if handle is not None else {"steps": steps, "computed": steps}
+        stepcache.disable(pipe)
+        return images, seconds, stats
+
+    reference, _, _ = timed(None)  # warm-up
+    rows = []
+    for name in args.presets.split(","):
+        for setting, params in SETTINGS[name]:
+            policy = presets.get(name, **params)
+            timed(policy)  # warm-up
+            ref_times, acc_times = [], []
+            for _ in range(args.repeats):
+                ref_times.append(timed(None)[1])
+                images, seconds, stats = timed(policy)
+                acc_times.append(seconds)
+            psnr = psnr_per_image(images, reference)
+            ssim = ssim_per_image(images, reference)
+            finite = psnr[np.isfinite(psnr)]
+            row = {
+                "preset": name,
+                "setting": setting,
+                "params": dict(policy.rules[next(iter(policy.rules))].params),
+                "nfe_fraction": stats["computed"] / stats["steps"],
+                "partial_fraction": stats.get("partial", 0) / stats["steps"],
+                "speedup": statistics.median(ref_times) / statistics.median(acc_times),
+                "latency_s": {
+                    "reference_median": statistics.median(ref_times),
+                    "accelerated_median": statistics.median(acc_times),
+                },
+                "psnr": float(finite.mean()) if finite.size else None,
+                "psnr_ci": bootstrap_ci(psnr),
+                "ssim": float(ssim.mean()),
+                "ssim_ci": bootstrap_ci(ssim),
+                "class_acc": clf.accuracy(images, labels),
+                "fallbacks": stats.get("fallbacks", 0),
+            }
+            if real_feats is not None:
+                row["fd_domain"] = frechet_distance(real_feats[: args.seeds * 4], clf.features(images))
+            rows.append(row)
+            print(
+                {k: row[k] for k in ("preset", "setting", "nfe_fraction", "speedup", "psnr", "class_acc")},
+                flush=True,
+            )
+
+    ref_row = {"class_acc": clf.accuracy(reference, labels)}
+    if real_feats is not None:
+        ref_row["fd_domain"] = frechet_distance(real_feats[: args.seeds * 4], clf.features(reference))
+    out = ROOT / "benchmarks" / "results" / f"methods-{args.model}.json"
+    atomic_write_json(
+        out,
+        {
+            "benchmark": "methods",
+            "model": args.model,
+            "device": f"cpu ({platform.machine()}), {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+            "stepcache": stepcache.__version__,
+            "command": "python " + " ".join(sys.argv),
+            "commit": commit(),
+            "protocol": {
+                "steps": steps,
+                "guidance": guidance,
+                "seeds": args.seeds,
+                "repeats": args.repeats,
+                "seed_range": [10_000, 10_000 + args.seeds - 1],
+            },
+            "reference": ref_row,
+            "runs": rows,
+        },
+    )
+    plot(rows, args.model, ROOT / "docs" / f"methods-{args.model}.png")
+    print(out)
+
+
+def plot(rows: list[dict], model: str, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    markers = dict(zip(SETTINGS, "osD^v", strict=False))
+    for name in dict.fromkeys(r["preset"] for r in rows):
+        pts = sorted(
+            (r for r in rows if r["preset"] == name and r["psnr"] is not None), key=lambda r: r["speedup"]
+        )
+        ax.plot(
+            [r["speedup"] for r in pts], [r["psnr"] for r in pts], marker=markers.get(name, "o"), label=name
+        )
+        for r in pts:
+            lo, hi = r["psnr_ci"]
+            ax.errorbar(
+                r["speedup"], r["psnr"], yerr=[[r["psnr"] - lo], [hi - r["psnr"]]], color="grey", lw=0.8
+            )
+    ax.set_xlabel("measured wall-clock speedup vs full compute")
+    ax.set_ylabel("PSNR vs full compute (dB), 95% CI")
+    ax.set_title(f"{model}: speed vs fidelity (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()
