@@ -9,7 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .data import DataMissingError
 from .models import MODELS, ZooModel
-from .pipeline import ClassConditionalPipeline
+from .pipeline import ClassConditionalPipeline, TextConditionalPipeline
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -44,7 +44,9 @@ def info(key: str) -> dict[str, Any]:
     }
 
 
-def load(key: str, weights_dir: str | Path | None = None) -> ClassConditionalPipeline:
+def load(
+    key: str, weights_dir: str | Path | None = None
+) -> ClassConditionalPipeline | TextConditionalPipeline:
     """The shipped pipeline for ``key`` (no network). ``weights_dir`` loads a freshly trained copy."""
     from .train import load_weights
 
@@ -56,7 +58,9 @@ def load(key: str, weights_dir: str | Path | None = None) -> ClassConditionalPip
         )
     model, config = load_weights(d)
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    if config.get("family", "dit") == "unet":
+    if config.get("conditioning") == "text":
+        pipe = TextConditionalPipeline(transformer=model, scheduler=scheduler)
+    elif config.get("family", "dit") == "unet":
         pipe = ClassConditionalPipeline(scheduler=scheduler, unet=model)
     else:
         pipe = ClassConditionalPipeline(scheduler=scheduler, transformer=model)

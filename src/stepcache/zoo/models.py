@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DModel
 
 from . import data
 
@@ -29,14 +29,21 @@ class TrainConfig:
 class ZooModel:
     key: str
     summary: str
-    family: str  # "dit" (DiTTransformer2DModel) or "unet" (UNet2DModel with a class table)
+    family: str  # "dit" (DiTTransformer2DModel), "unet" (UNet2DModel + class table), "pixart" (text)
     config: dict[str, Any]
     load_data: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     num_classes: int
     default_steps: int
     default_guidance: float
     train: TrainConfig = field(default_factory=TrainConfig)
+    conditioning: str = "class"  # "class": labels, null label = num_classes; "text": embeddings, null = 0
     scheduler: dict[str, Any] = field(default_factory=lambda: {"num_train_timesteps": 1000, "shift": 1.0})
+
+
+def _load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
+    from .text import load_emoji
+
+    return load_emoji()
 
 
 def build(family: str, config: dict[str, Any]) -> torch.nn.Module:
@@ -44,6 +51,8 @@ def build(family: str, config: dict[str, Any]) -> torch.nn.Module:
         return DiTTransformer2DModel(**config)
     if family == "unet":
         return UNet2DModel(**config)
+    if family == "pixart":
+        return PixArtTransformer2DModel(**config)
     raise ValueError(f"unknown zoo model family {family!r}")
 
 
@@ -115,6 +124,32 @@ MODELS: dict[str, ZooModel] = {
             default_guidance=3.0,
             train=TrainConfig(
                 steps=1500, batch_size=128, lr=1e-3, warmup=100, ema=0.998, checkpoint_every=250
+            ),
+        ),
+        ZooModel(
+            key="emoji-dit",
+            summary="text-conditioned PixArt transformer on 32x32 emoji; captions are emoji names (MiniLM)",
+            family="pixart",
+            config={
+                "num_attention_heads": 4,
+                "attention_head_dim": 32,
+                "in_channels": 3,
+                "out_channels": 3,
+                "num_layers": 6,
+                "sample_size": 32,
+                "patch_size": 4,
+                "cross_attention_dim": 128,
+                "caption_channels": 384,
+                "norm_type": "ada_norm_single",
+                "use_additional_conditions": False,
+            },
+            load_data=_load_emoji,
+            num_classes=0,
+            default_steps=20,
+            default_guidance=4.0,
+            conditioning="text",
+            train=TrainConfig(
+                steps=2000, batch_size=128, lr=1e-3, warmup=100, ema=0.998, checkpoint_every=250
             ),
         ),
     ]

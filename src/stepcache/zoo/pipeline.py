@@ -95,3 +95,73 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+class TextConditionalPipeline(DiffusionPipeline):
+    """Text-to-image flow matching with a PixArt transformer and sentence-embedding captions.
+
+    ``pipe(prompt=[...], ...).images`` -> (N, H, W, C) in [0, 1]. With CFG the batch is
+    [unconditional (zero embedding), conditional], as diffusers' PixArt pipeline orders it.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> Any:
+        from .text import encode
+
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give prompt=[...] or prompt_embeds=")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a non-empty list of strings")
+            prompt_embeds = encode(prompts)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if output_type not in ("np", "pt", "pil"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+        model = self.transformer
+        device, dtype = self._execution_device, model.dtype
+        cond = prompt_embeds.to(device=device, dtype=dtype).reshape(prompt_embeds.shape[0], 1, -1)
+        do_classifier_free_guidance = guidance_scale > 1.0  # read by stepcache for the CFG layout
+        emb = torch.cat([torch.zeros_like(cond), cond]) if do_classifier_free_guidance else cond
+        size = int(model.config.sample_size)
+        x = randn_tensor(
+            (cond.shape[0], int(model.config.in_channels), size, size),
+            generator=generator,
+            device=device,
+            dtype=dtype,
+        )
+        no_extra = {"resolution": None, "aspect_ratio": None}
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
+            for t in self.scheduler.timesteps:
+                x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
+                v = model(
+                    x_in,
+                    encoder_hidden_states=emb,
+                    timestep=t.expand(x_in.shape[0]),
+                    added_cond_kwargs=no_extra,
+                ).sample
+                if do_classifier_free_guidance:
+                    v_uncond, v_cond = v.chunk(2)
+                    v = v_uncond + guidance_scale * (v_cond - v_uncond)
+                x = self.scheduler.step(v, t, x).prev_sample
+                bar.update()
+        images = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+        out: Any = images if output_type == "pt" else images.cpu().numpy()
+        if output_type == "pil":
+            out = self.numpy_to_pil(out)
+        return ImagePipelineOutput(images=out) if return_dict else (out,)

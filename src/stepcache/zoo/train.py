@@ -34,20 +34,33 @@ def _lr(step: int, cfg: TrainConfig) -> float:
 def flow_matching_loss(
     model: torch.nn.Module,
     x0: torch.Tensor,
-    labels: torch.Tensor,
+    cond: torch.Tensor,
     null: int,
     cfg_dropout: float,
     gen: torch.Generator,
 ) -> torch.Tensor:
+    """Rectified-flow loss; ``cond`` is class labels (long) or caption embeddings (float)."""
     b = x0.shape[0]
     s = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal: more weight mid-trajectory
     noise = torch.randn(x0.shape, generator=gen)
     drop = torch.rand(b, generator=gen) < cfg_dropout
-    labels = torch.where(drop, torch.full_like(labels, null), labels)
     sv = s.view(-1, 1, 1, 1)
     x_t = (1 - sv) * x0 + sv * noise
-    pred = model(x_t, timestep=s * 1000, class_labels=labels).sample
+    if cond.dtype == torch.long:
+        labels = torch.where(drop, torch.full_like(cond, null), cond)
+        pred = model(x_t, timestep=s * 1000, class_labels=labels).sample
+    else:  # text: the null caption is the zero embedding
+        emb = torch.where(drop.view(-1, 1), torch.zeros_like(cond), cond)[:, None, :]
+        pred = text_model_call(model, x_t, s * 1000, emb)
     return torch.nn.functional.mse_loss(pred, noise - x0)
+
+
+def text_model_call(
+    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
+) -> torch.Tensor:
+    return model(
+        x, encoder_hidden_states=emb, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+    ).sample
 
 
 def train(
@@ -130,6 +143,7 @@ def save_weights(spec: ZooModel, model: torch.nn.Module, out: Path) -> None:
             "family": spec.family,
             "model": spec.config,
             "num_classes": spec.num_classes,
+            "conditioning": spec.conditioning,
             "scheduler": spec.scheduler,
             "default_steps": spec.default_steps,
             "default_guidance": spec.default_guidance,

