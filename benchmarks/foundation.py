@@ -7,34 +7,25 @@ Run: python benchmarks/foundation.py [--samples 500] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-import stepcache
 from stepcache import presets, zoo
+from stepcache._env import environment
 from stepcache._io import atomic_write_json
 from stepcache.demo import run_demo
 from stepcache.zoo.classifier import classifier_for
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [
     ("static-interval", {"interval": 2, "warmup": 1}),
     ("static-interval", {"interval": 3, "warmup": 1}),
     ("fbcache", {}),
     ("fbcache", {"threshold": 0.3, "max_consecutive": 2}),
 ]
-
-
-def commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:
@@ -82,11 +73,8 @@ def main() -> None:
     result = {
         "benchmark": "foundation",
         "model": "digits-dit",
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "stepcache": stepcache.__version__,
+        **environment(ROOT),
         "command": "python " + " ".join(sys.argv),
-        "commit": commit(),
         "demo_protocol": "16 samples (labels 0-9), 20 steps, guidance 2, warm-up excluded, median of repeats",
         "quality": quality,
         "runs": runs,

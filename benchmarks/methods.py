@@ -13,9 +13,7 @@ Run: python benchmarks/methods.py --model fmnist-dit [--seeds 64] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 
 import stepcache
 from stepcache import presets, zoo
+from stepcache._env import environment
 from stepcache._io import atomic_write_bytes, atomic_write_json
 from stepcache.metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
 from stepcache.zoo.classifier import classifier_for
@@ -41,16 +40,6 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("aggressive", {"threshold": 0.3, "max_consecutive": 4}),
     ],
 }
-
-
-def commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
-        )
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:
@@ -138,11 +127,8 @@ def main() -> None:
         {
             "benchmark": "methods",
             "model": args.model,
-            "device": f"cpu ({platform.machine()}), {torch.get_num_threads()} threads",
-            "torch": torch.__version__,
-            "stepcache": stepcache.__version__,
+            **environment(ROOT),
             "command": "python " + " ".join(sys.argv),
-            "commit": commit(),
             "protocol": {
                 "steps": steps,
                 "guidance": guidance,

@@ -11,8 +11,6 @@ Run: python benchmarks/zoo_quality.py [--models fmnist-dit,fmnist-unet] [--sampl
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import stepcache
 from stepcache import zoo
+from stepcache._env import environment
 from stepcache._io import atomic_write_bytes, atomic_write_json
 from stepcache.demo import grid_png
 from stepcache.metrics import frechet_distance, kernel_distance
@@ -29,16 +27,6 @@ from stepcache.zoo.classifier import classifier_for
 from stepcache.zoo.data import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
-        )
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def generate(pipe, labels: list[int], batch: int, seed: int) -> np.ndarray:
@@ -104,11 +92,8 @@ def main() -> None:
         args.out,
         {
             "benchmark": "zoo-quality",
-            "device": f"cpu ({platform.machine()}), {torch.get_num_threads()} threads",
-            "torch": torch.__version__,
-            "stepcache": stepcache.__version__,
+            **environment(ROOT),
             "command": "python " + " ".join(sys.argv),
-            "commit": commit(),
             "models": rows,
         },
     )

@@ -24,6 +24,8 @@ def test_demo_writes_grid_and_json_and_prints_their_paths_last(tmp_path):
         app,
         [
             "demo",
+            "--model",
+            "digits-dit",
             "--preset",
             "static-interval",
             "--samples",
@@ -49,7 +51,7 @@ def test_demo_writes_grid_and_json_and_prints_their_paths_last(tmp_path):
 
 def test_demo_with_overrides_and_policy_file(tmp_path):
     out = tmp_path / "o"
-    args = ["--samples", "2", "--steps", "6", "--repeats", "1", "--out", str(out)]
+    args = ["--model", "digits-dit", "--samples", "2", "--steps", "6", "--repeats", "1", "--out", str(out)]
     result = runner.invoke(app, ["demo", "--preset", "static-interval", "-p", "interval=3", *args])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "result.json").read_text())["computed"] == 3

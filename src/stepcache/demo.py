@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, zoo
+from . import zoo
+from ._env import environment
 from ._io import atomic_write_bytes, atomic_write_json
 from .api import PolicyLike, disable, enable, resolve_policy
 from .metrics import psnr_per_image
@@ -116,10 +117,7 @@ def run_demo(
         "speedup": median["reference"] / median["accelerated"],
         "psnr_db_mean": float(finite.mean()) if finite.size else None,
         "psnr_identical_images": int((~np.isfinite(psnr)).sum()),
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "stepcache": __version__,
+        **environment(),
         "command": command,
     }
     out = Path(out_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -56,10 +55,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError("class_labels must name at least one class")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"class_labels must lie in [0, {self.num_classes - 1}], got {labels.tolist()}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if output_type not in ("np", "pt", "pil"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+        _check_common(num_inference_steps, output_type)
         model = self.denoiser
         device, dtype = self._execution_device, model.dtype
         cfg = guidance_scale > 1.0
@@ -81,20 +77,27 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 x = self.scheduler.step(v, t, x).prev_sample
                 bar.update()
 
-        images = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
-        if output_type == "pt":
-            out: Any = images
-        else:
-            out = images.cpu().numpy()
-            if output_type == "pil":
-                out = self.numpy_to_pil(out)
-        if not return_dict:
-            return (out,)
-        return ImagePipelineOutput(images=out)
+        return _finish(self, x, output_type, return_dict)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+def _check_common(num_inference_steps: Any, output_type: Any) -> None:
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or num_inference_steps < 1
+    ):
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if output_type not in ("np", "pt", "pil"):
+        raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+
+
+def _finish(pipe: DiffusionPipeline, x: torch.Tensor, output_type: str, return_dict: bool) -> Any:
+    """Latents in [-1, 1] (N, C, H, W) to images (N, H, W, C) in [0, 1] as np, pt or PIL."""
+    images = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    out: Any = images if output_type == "pt" else images.cpu().numpy()
+    if output_type == "pil":
+        out = pipe.numpy_to_pil(out)
+    return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
 class TextConditionalPipeline(DiffusionPipeline):
@@ -128,10 +131,7 @@ class TextConditionalPipeline(DiffusionPipeline):
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompt must be a string or a non-empty list of strings")
             prompt_embeds = encode(prompts)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if output_type not in ("np", "pt", "pil"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+        _check_common(num_inference_steps, output_type)
         model = self.transformer
         device, dtype = self._execution_device, model.dtype
         cond = prompt_embeds.to(device=device, dtype=dtype).reshape(prompt_embeds.shape[0], 1, -1)
@@ -160,8 +160,4 @@ class TextConditionalPipeline(DiffusionPipeline):
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)
                 x = self.scheduler.step(v, t, x).prev_sample
                 bar.update()
-        images = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
-        out: Any = images if output_type == "pt" else images.cpu().numpy()
-        if output_type == "pil":
-            out = self.numpy_to_pil(out)
-        return ImagePipelineOutput(images=out) if return_dict else (out,)
+        return _finish(self, x, output_type, return_dict)

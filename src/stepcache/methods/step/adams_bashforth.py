@@ -17,6 +17,7 @@ from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule
 from .. import register_method
 from .extrapolation import History
+from .static_interval import on_schedule
 
 SCHEMA = RuleSchema(
     method="adams-bashforth",
@@ -35,7 +36,7 @@ class AdamsBashforth(StepRule):
         self.interval, self.order, self.warmup = interval, order, warmup
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
-        return ctx.step < self.warmup or (ctx.step - self.warmup) % self.interval == 0
+        return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
         # Polynomial of degree order-1 through the last `order` outputs, in timestep.

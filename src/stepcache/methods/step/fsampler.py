@@ -15,6 +15,7 @@ from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule
 from .. import register_method
 from .extrapolation import History
+from .static_interval import on_schedule
 
 SCHEMA = RuleSchema(
     method="fsampler",
@@ -46,7 +47,7 @@ class FSampler(StepRule):
         self.damping, self.max_norm_ratio = damping, max_norm_ratio
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
-        return ctx.step < self.warmup or (ctx.step - self.warmup) % self.interval == 0
+        return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(
         self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None

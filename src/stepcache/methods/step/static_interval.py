@@ -34,6 +34,12 @@ SCHEMA = RuleSchema(
 )
 
 
+def on_schedule(step: int, interval: int, warmup: int) -> bool:
+    """The fixed schedule shared by the interval methods: the first ``warmup`` steps, then every
+    ``interval``-th."""
+    return step < warmup or (step - warmup) % interval == 0
+
+
 class StaticInterval(StepRule):
     def __init__(self, interval: int, warmup: int, mask: list[bool] | None = None):
         self.interval = interval
@@ -43,7 +49,7 @@ class StaticInterval(StepRule):
     def computes(self, step: int) -> bool:
         if self.mask is not None:
             return step >= len(self.mask) or self.mask[step]
-        return step < self.warmup or (step - self.warmup) % self.interval == 0
+        return on_schedule(step, self.interval, self.warmup)
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
         return self.computes(ctx.step)

@@ -17,6 +17,7 @@ from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule
 from .. import register_method
 from .extrapolation import History
+from .static_interval import on_schedule
 
 SCHEMA = RuleSchema(
     method="taylorseer",
@@ -43,7 +44,7 @@ class TaylorSeer(StepRule):
         return float(ctx.step) if self.variable == "step" else ctx.timestep_value()
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
-        return ctx.step < self.warmup or (ctx.step - self.warmup) % self.interval == 0
+        return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
         out = History(state, self.order + 1).forecast(self._x(ctx), self.order)
