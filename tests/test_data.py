@@ -66,3 +66,40 @@ def test_fmnist_training_runs_at_tiny_scale(fake_fmnist, tmp_path):
             class_labels=[0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0)
         ).images
         assert images.shape == (2, 28, 28, 1) and np.isfinite(images).all()
+
+
+def test_missing_emoji_names_the_npm_command(tmp_path, monkeypatch):
+    from stepcache.zoo import text
+
+    monkeypatch.setenv("STEPCACHE_EMOJI_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        data.DataMissingError, match="npm install --prefix ~/.cache/stepcache/npm emoji-datasource-google"
+    ):
+        text.emoji_dir()
+
+
+def test_emoji_loader_on_a_tiny_package(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    from stepcache.zoo import text
+
+    img_dir = tmp_path / "img" / "google" / "64"
+    img_dir.mkdir(parents=True)
+    Image.new("RGBA", (64, 64), (255, 0, 0, 255)).save(img_dir / "red.png")
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(img_dir / "clear.png")
+    entries = [
+        {"name": "RED SQUARE", "image": "red.png", "has_img_google": True, "sort_order": 1},
+        {"name": "CLEAR", "image": "clear.png", "has_img_google": True, "sort_order": 2},
+        {"name": "NO IMAGE", "image": "none.png", "has_img_google": False, "sort_order": 3},
+    ]
+    (tmp_path / "emoji.json").write_text(json.dumps(entries))
+    monkeypatch.setenv("STEPCACHE_EMOJI_DIR", str(tmp_path))
+    images, captions = text.load_emoji_images(size=8)
+    assert captions == ["red square", "clear"]
+    assert images.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(images[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(images[1], torch.ones(3, 8, 8))  # transparent -> white

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from stepcache import zoo
+from stepcache.demo import conditions
 from stepcache.zoo.classifier import classifier_for
 from stepcache.zoo.models import TrainConfig
 from stepcache.zoo.train import train
@@ -26,6 +27,56 @@ def test_shipped_model_loads_offline_and_generates(digits_pipe):
         class_labels=[0, 1, 2], num_inference_steps=5, generator=torch.Generator().manual_seed(1)
     ).images
     assert not np.array_equal(images, other)
+
+
+SHAPES = {
+    "digits-dit": (8, 8, 1),
+    "fmnist-dit": (28, 28, 1),
+    "fmnist-unet": (28, 28, 1),
+    "emoji-dit": (32, 32, 3),
+}
+
+
+@pytest.mark.parametrize("key", zoo.names())
+def test_every_zoo_model_is_shipped_loads_offline_and_is_deterministic(key, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert zoo.info(key)["shipped"], f"{key} weights are not shipped"
+    assert "Training command" in zoo.info(key)["card"]
+    pipe = zoo.load(key)
+    cond = conditions(pipe, 3)
+
+    def run(seed):
+        return pipe(**cond, num_inference_steps=3, generator=torch.Generator().manual_seed(seed)).images
+
+    images = run(0)
+    assert images.shape == (3, *SHAPES[key])
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert np.array_equal(images, run(0))
+    assert not np.array_equal(images, run(1))
+    files = [p for p in zoo.model_dir(key).iterdir() if p.suffix == ".safetensors"]
+    assert files and all(p.stat().st_size <= 15 * 2**20 for p in files)
+
+
+@pytest.mark.parametrize("key", ["fmnist-dit", "fmnist-unet"])
+def test_fashion_models_draw_the_requested_class(key):
+    pipe = zoo.load(key)
+    labels = [i % 10 for i in range(100)]
+    images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(3)).images
+    assert classifier_for(key).accuracy(images, labels) >= 0.85
+
+
+def test_emoji_prompts_and_embeddings_agree():
+    from stepcache.zoo.text import encode
+
+    pipe = zoo.load("emoji-dit")
+    prompts = ["red apple", "snowman"]
+    a = pipe(prompt=prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    b = pipe(
+        prompt_embeds=encode(prompts), num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    ).images
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe(prompt=[])
 
 
 def test_shipped_model_draws_the_requested_digits(digits_pipe):
@@ -81,3 +132,17 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path):
     assert info["final_loss"] > 0
     pipe = zoo.load("digits-dit", weights_dir=interrupted)
     assert pipe(class_labels=[1], num_inference_steps=2).images.shape == (1, 8, 8, 1)
+
+
+def test_domain_classifiers():
+    fashion = classifier_for("fmnist-dit")
+    assert fashion.info["test_accuracy"] >= 0.88  # measured on the 10,000 Fashion-MNIST test images
+    images = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)
+    assert fashion.features(images).shape == (5, 128)
+    assert fashion.predict(images).shape == (5,)
+    digits = classifier_for("digits-dit")
+    assert digits.info["test_accuracy"] >= 0.95
+    with pytest.raises(ValueError, match="no feature layer"):
+        digits.features(np.zeros((1, 8, 8, 1)))
+    with pytest.raises(KeyError):
+        classifier_for("imagenet")

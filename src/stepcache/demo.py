@@ -18,9 +18,19 @@ from .api import PolicyLike, disable, enable, resolve_policy
 from .metrics import psnr_per_image
 
 
-def _generate(pipe: Any, labels: list[int], steps: int, guidance: float, seed: int) -> np.ndarray:
+def conditions(pipe: Any, n: int) -> dict[str, list]:
+    """``n`` conditioning inputs for a zoo pipeline: class labels 0-9 in turn, or emoji captions."""
+    from .zoo.pipeline import TextConditionalPipeline
+    from .zoo.text import DEMO_PROMPTS
+
+    if isinstance(pipe, TextConditionalPipeline):
+        return {"prompt": [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(n)]}
+    return {"class_labels": [i % pipe.num_classes for i in range(n)]}
+
+
+def _generate(pipe: Any, cond: dict[str, list], steps: int, guidance: float, seed: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
-    return pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images
+    return pipe(**cond, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images
 
 
 def grid_png(rows: list[np.ndarray], scale: int = 6) -> bytes:
@@ -69,13 +79,13 @@ def run_demo(
     pipe = zoo.load(model)
     steps = steps or pipe.default_steps
     guidance = pipe.default_guidance if guidance is None else guidance
-    labels = [i % 10 for i in range(samples)]
+    cond = conditions(pipe, samples)
     say = progress or (lambda msg: None)
 
     say("warm-up")
-    reference = _generate(pipe, labels, steps, guidance, seed)
+    reference = _generate(pipe, cond, steps, guidance, seed)
     handle = enable(pipe, pol)
-    accelerated = _generate(pipe, labels, steps, guidance, seed)
+    accelerated = _generate(pipe, cond, steps, guidance, seed)
     disable(pipe)
 
     times: dict[str, list[float]] = {"reference": [], "accelerated": []}
@@ -85,7 +95,7 @@ def run_demo(
             if kind == "accelerated":
                 handle = enable(pipe, pol)
             t0 = time.perf_counter()
-            images = _generate(pipe, labels, steps, guidance, seed)
+            images = _generate(pipe, cond, steps, guidance, seed)
             times[kind].append(time.perf_counter() - t0)
             if kind == "accelerated":
                 stats = handle.stats()

@@ -18,6 +18,25 @@ EMOJI_PACKAGE = "emoji-datasource-google"
 EMOJI_INSTALL = f"npm install --prefix ~/.cache/stepcache/npm {EMOJI_PACKAGE}"
 TEXT_INSTALL = 'pip install "stepcache[text]"'
 EMBED_DIM = 384
+# Emoji names used for demos, grids and benchmarks (each is a caption of the training set).
+DEMO_PROMPTS = (
+    "grinning face",
+    "red apple",
+    "cat face",
+    "dog face",
+    "slice of pizza",
+    "rocket",
+    "sun with face",
+    "snowman",
+    "heavy black heart",
+    "banana",
+    "fire",
+    "rainbow",
+    "watermelon",
+    "ghost",
+    "penguin",
+    "christmas tree",
+)
 
 
 def emoji_dir() -> Path:
