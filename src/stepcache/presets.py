@@ -67,6 +67,27 @@ _add(
     damping=0.9,
     max_norm_ratio=1.5,
 )
+_add(
+    "adaptive-guidance",
+    "adaptive-guidance",
+    "Adaptive Guidance: stop a sample's unconditional pass once cos(cond, uncond) passes 0.97.",
+    threshold=0.97,
+    warmup=2,
+)
+_add(
+    "guidance-interval",
+    "guidance-interval",
+    "Guidance interval: classifier-free guidance only in the first 70% of the steps.",
+    start=0.0,
+    end=0.7,
+)
+_add(
+    "cfg-cache",
+    "cfg-cache",
+    "FasterCache's CFG cache: unconditional pass every 2nd step; reuse the cached c - u between.",
+    interval=2,
+    warmup=2,
+)
 
 
 def names() -> list[str]:

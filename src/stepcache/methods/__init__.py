@@ -9,12 +9,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..policy import Policy, RuleSchema, register_rule
-from ..runtime import BlockRule, RuleSet, StepRule
+from ..runtime import BlockRule, GuidanceRule, RuleSet, StepRule
 
-_FACTORIES: dict[str, Callable[[Mapping[str, Any]], StepRule | BlockRule]] = {}
+_FACTORIES: dict[str, Callable[[Mapping[str, Any]], StepRule | BlockRule | GuidanceRule]] = {}
 
 
-def register_method(schema: RuleSchema, factory: Callable[[Mapping[str, Any]], StepRule | BlockRule]) -> None:
+def register_method(
+    schema: RuleSchema, factory: Callable[[Mapping[str, Any]], StepRule | BlockRule | GuidanceRule]
+) -> None:
     register_rule(schema)
     _FACTORIES[schema.method] = factory
 
@@ -23,10 +25,13 @@ def build(policy: Policy) -> RuleSet:
     built: dict[str, Any] = {}
     for level, rule in policy.rules.items():
         built[level] = _FACTORIES[rule.method](rule.params)
-    return RuleSet(step=built.get("step"), block=built.get("block"), guard=policy.guard)
+    return RuleSet(
+        step=built.get("step"), block=built.get("block"), guidance=built.get("guidance"), guard=policy.guard
+    )
 
 
 # Importing a method file registers it.
+from .guidance import adaptive_guidance, cfg_cache, guidance_interval  # noqa: E402,F401
 from .step import adams_bashforth, fbcache, fsampler, static_interval, taylorseer  # noqa: E402,F401
 
 __all__ = ["build", "register_method"]

@@ -16,6 +16,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,6 +88,17 @@ def _scatter(full: Streams, rows: torch.Tensor, part: Streams) -> Streams:
 
 def _take_streams(streams: Streams, rows: torch.Tensor) -> Streams:
     return tuple(take(s, rows) for s in streams)
+
+
+@dataclass
+class _GuidanceCall:
+    """The guidance decision of one call; index tensors live on the host."""
+
+    state: dict[str, Any]
+    uncond: torch.Tensor  # batch rows of the unconditional half, pair order
+    cond: torch.Tensor  # batch rows of the conditional half, pair order
+    both: torch.Tensor  # pairs whose two rows both run
+    dropped: torch.Tensor  # pairs whose unconditional row is left out
 
 
 class Handle:
@@ -225,49 +237,132 @@ class Handle:
             timestep=adapter.timestep(bound),
             _uncond=lambda: adapter.uncond_rows(bound, gen.cfg_layout),
         )
+        first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
+        device = hidden.device
+
+        # 1. The step rule: which rows the network answers at all; the others it estimates.
         rule = self.rules.step
-        if rule is None:
-            out = self._run(gen, ctx, bound, None, row_actions)
-            gen.stats.record(row_actions)
-            return out
-
-        state = gen.state_for(branch, "step", rule)
-        plan = rule.plan(ctx, state)
-        if branch not in gen.templates:
-            plan = True  # nothing computed yet in this branch: no output to stand in for
-        compute_all, compute_none, mask = _resolve(plan, batch)
-
-        if not compute_all:
-            est_rows = None if compute_none else _global_rows(None, ~mask, hidden.device)
-            est = rule.estimate(ctx, state, est_rows)
-            # None: the rule's own validation rejected its estimate.
-            if est is None or (self.rules.guard and not _finite((est,))):
-                gen.stats.fallbacks += 1
-                compute_all, compute_none = True, False
-
-        if compute_none:
+        state = gen.state_for(branch, "step", rule) if rule is not None else None
+        step_run: torch.Tensor | None = None  # bool over the batch (host); None = every row
+        est, est_rows = None, None
+        if rule is not None:
+            plan = rule.plan(ctx, state)
+            compute_all, compute_none, mask = _resolve(True if first else plan, batch)
+            if not compute_all:
+                est_rows = None if compute_none else _global_rows(None, ~mask, device)
+                est = rule.estimate(ctx, state, est_rows)
+                # None: the rule's own validation rejected its estimate.
+                if est is None or (self.rules.guard and not _finite((est,))):
+                    gen.stats.fallbacks += 1
+                    compute_all, est, est_rows = True, None, None
+            if not compute_all:
+                step_run = torch.zeros(batch, dtype=torch.bool) if compute_none else mask.cpu()
+        if step_run is not None and not bool(step_run.any()):
             gen.stats.record(["E"] * batch)
             return _replace_first(gen.templates[branch], est)
 
-        if compute_all:
-            out = self._run(gen, ctx, bound, None, row_actions)
-            rule.observe(ctx, state, _first(out), None)
-            gen.stats.record(row_actions)
-            return out
+        # 2. The guidance rule: which unconditional rows of computed pairs to leave out.
+        guide = self._guidance_plan(gen, ctx, step_run)
+        run = torch.ones(batch, dtype=torch.bool) if step_run is None else step_run.clone()
+        if guide is not None:
+            run[guide.uncond[guide.dropped]] = False
 
-        # Some rows compute, the rest are estimated: gather -> run -> scatter.
-        run_rows = _global_rows(None, mask, hidden.device)
-        out_sub = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
-        part = _first(out_sub)
-        rule.observe(ctx, state, part, run_rows)
-        full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
-        full.index_copy_(0, run_rows, part)
-        full.index_copy_(0, est_rows, est.to(part.dtype))
-        for r in est_rows.tolist():
-            row_actions[r] = "E"
+        # 3. Run the rows that run (all of them, or gather -> run -> scatter).
+        if bool(run.all()):
+            out = self._run(gen, ctx, bound, None, row_actions)
+            full = _first(out)
+        else:
+            run_rows = torch.nonzero(run).reshape(-1).to(device)
+            out = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
+            part = _first(out)
+            full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
+            full.index_copy_(0, run_rows, part)
+        if est_rows is not None:
+            full.index_copy_(0, est_rows, est.to(full.dtype))
+            for r in est_rows.tolist():
+                row_actions[r] = "E"
+        if guide is not None:
+            self._guidance_finish(gen, ctx, bound, guide, full, row_actions)
+
+        if rule is not None:
+            if step_run is None:
+                rule.observe(ctx, state, full, None)
+            else:
+                rows = torch.nonzero(step_run).reshape(-1).to(device)
+                rule.observe(ctx, state, full.index_select(0, rows), rows)
         gen.stats.record(row_actions)
-        return _replace_first(out_sub, full)
+        return out if full is _first(out) else _replace_first(out, full)
+
+    # ---- guidance ---------------------------------------------------------------------------
+    def _guidance_plan(self, gen: Generation, ctx: CallContext, step_run: torch.Tensor | None) -> Any:
+        """Which pairs of this call drop their unconditional row, or None when no rule applies.
+
+        Only pairs whose two rows both run are candidates (the others are the step rule's). One
+        host sync: the unconditional mask (and a tensor plan) are read on the host.
+        """
+        grule = self.rules.guidance
+        if grule is None:
+            return None
+        mask = ctx.uncond_rows()
+        if mask is None:
+            return None  # no batched CFG in this call
+        mask = mask.reshape(-1).cpu()
+        uncond = torch.nonzero(mask).reshape(-1)
+        cond = torch.nonzero(~mask).reshape(-1)
+        if uncond.numel() == 0 or uncond.numel() != cond.numel():
+            return None
+        state = gen.state_for(ctx.branch, "guidance", grule)
+        pairs = uncond.numel()
+        both = torch.ones(pairs, dtype=torch.bool)
+        if step_run is not None:
+            both = step_run[uncond] & step_run[cond]
+        keep_all, keep_none, keep = _resolve(grule.plan(ctx, state), pairs)
+        if keep_all:
+            dropped = torch.zeros(pairs, dtype=torch.bool)
+        else:
+            dropped = both.clone() if keep_none else both & ~keep.cpu()
+        return _GuidanceCall(state, uncond, cond, both, dropped)
+
+    def _guidance_finish(
+        self,
+        gen: Generation,
+        ctx: CallContext,
+        bound: inspect.BoundArguments,
+        guide: _GuidanceCall,
+        full: torch.Tensor,
+        row_actions: list[str],
+    ) -> None:
+        """Fill the left-out unconditional rows from the rule's estimate; let it observe the rest."""
+        grule = self.rules.guidance
+        device = full.device
+        pair_idx = torch.arange(guide.uncond.numel())
+        if bool(guide.dropped.any()):
+            pairs = pair_idx[guide.dropped].to(device)
+            u_rows = guide.uncond[guide.dropped].to(device)
+            cond = full.index_select(0, guide.cond[guide.dropped].to(device))
+            est = grule.estimate(ctx, guide.state, cond, pairs)
+            if est is None or (self.rules.guard and not _finite((est,))):
+                gen.stats.fallbacks += 1
+                sub = self._run(
+                    gen, ctx, self.adapter.slice_rows(bound, u_rows, ctx.batch), u_rows, row_actions
+                )
+                full.index_copy_(0, u_rows, _first(sub))
+                guide.dropped[:] = False
+            else:
+                full.index_copy_(0, u_rows, est.to(full.dtype))
+                for r in u_rows.tolist():
+                    row_actions[r] = "G"
+                gen.stats.cfg_skipped += len(u_rows)
+        observed = guide.both & ~guide.dropped
+        if bool(observed.any()):
+            grule.observe(
+                ctx,
+                guide.state,
+                full.index_select(0, guide.cond[observed].to(device)),
+                full.index_select(0, guide.uncond[observed].to(device)),
+                pair_idx[observed].to(device),
+            )
 
     def _run(
         self,

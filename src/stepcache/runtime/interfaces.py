@@ -118,10 +118,48 @@ class BlockRule(ABC):
         """Record the middle's real residual for ``rows``."""
 
 
+class GuidanceRule(ABC):
+    """Decides, per step and per sample, whether the unconditional pass of batched CFG runs.
+
+    Works on *pairs*: pair ``k`` is the k-th conditional row and the k-th unconditional row of
+    the call (``ctx.batch // 2`` pairs). A skipped unconditional row gets ``estimate``'s value,
+    and the pipeline's own ``u + g (c - u)`` then combines it as usual; returning the
+    conditional output itself makes the guided output equal the conditional one.
+    """
+
+    level = "guidance"
+
+    def new_state(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def plan(self, ctx: CallContext, state: dict[str, Any]) -> Plan:
+        """True: compute every unconditional row; False: none; or a bool tensor over the pairs."""
+
+    @abstractmethod
+    def estimate(
+        self, ctx: CallContext, state: dict[str, Any], cond: torch.Tensor, pairs: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The unconditional output for ``pairs`` given their conditional output ``cond`` (this
+        step's, computed), or None to have them computed (counted as a fallback)."""
+
+    @abstractmethod
+    def observe(
+        self,
+        ctx: CallContext,
+        state: dict[str, Any],
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        pairs: torch.Tensor,
+    ) -> None:
+        """Record real conditional and unconditional outputs of ``pairs``."""
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """The built rules of one policy, as the runtime receives them."""
 
     step: StepRule | None = None
     block: BlockRule | None = None
+    guidance: GuidanceRule | None = None
     guard: bool = True

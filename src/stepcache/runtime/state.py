@@ -14,14 +14,19 @@ class Stats:
     computed: int = 0  # calls where every row ran every block
     estimated: int = 0  # calls answered entirely without the network
     partial: int = 0  # calls where only part of the network (or of the batch) ran
-    cfg_skipped: int = 0  # unconditional halves not computed
+    cfg_skipped: int = 0  # unconditional rows (one per sample and step) not computed
     fallbacks: int = 0  # estimates rejected by the guard and computed instead
-    actions: list[str] = field(default_factory=list)  # per call: C / E / P
+    actions: list[str] = field(default_factory=list)  # per call: C / E / P / G
     row_actions: list[str] = field(default_factory=list)  # per call, one letter per batch row
 
     def record(self, rows: list[str]) -> None:
         letters = set(rows)
-        action = letters.pop() if len(letters) == 1 else "P"
+        if len(letters) == 1:
+            action = letters.pop()
+        elif letters == {"C", "G"}:
+            action = "G"  # the whole network ran, only on fewer unconditional rows
+        else:
+            action = "P"
         self.steps += 1
         self.actions.append(action)
         self.row_actions.append("".join(rows))
@@ -29,7 +34,7 @@ class Stats:
             self.computed += 1
         elif action == "E":
             self.estimated += 1
-        else:
+        else:  # "P", "G" (and a lone "G" row cannot happen: its conditional pair ran)
             self.partial += 1
 
     def as_dict(self) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""Adaptive Guidance (Castillo et al., 2023, "Adaptive Guidance: Training-free Acceleration of
+Conditional Diffusion Models"). Once the conditional and unconditional predictions of a sample
+point the same way (cosine similarity above ``threshold``), stop running its unconditional pass
+and use the conditional prediction as the guided one.
+
+Decided per sample: each pair switches off on its own. The similarity is computed on the device
+and kept there; the runtime reads the plan once per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...policy import Param, RuleSchema
+from ...runtime import CallContext, GuidanceRule
+from .. import register_method
+
+SCHEMA = RuleSchema(
+    method="adaptive-guidance",
+    level="guidance",
+    summary="stop a sample's unconditional pass once cos(cond, uncond) passes a threshold",
+    params={
+        "threshold": Param(
+            "float",
+            0.97,
+            "cosine similarity past which guidance stops (the paper tunes it per model; higher keeps "
+            "more unconditional passes)",
+            min=-1.0,
+            max=1.0,
+        ),
+        "warmup": Param(
+            "int", 2, "steps that always run guidance, whatever the similarity", min=0, max=100_000
+        ),
+    },
+)
+
+
+class AdaptiveGuidance(GuidanceRule):
+    def __init__(self, threshold: float, warmup: int):
+        self.threshold = threshold
+        self.warmup = warmup
+
+    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool | torch.Tensor:
+        done = state.get("done")
+        if ctx.step < self.warmup or done is None:
+            return True
+        return ~done
+
+    def estimate(
+        self, ctx: CallContext, state: dict[str, Any], cond: torch.Tensor, pairs: torch.Tensor
+    ) -> torch.Tensor:
+        # u := c makes the pipeline's u + g (c - u) equal c.
+        return cond.clone()
+
+    def observe(
+        self,
+        ctx: CallContext,
+        state: dict[str, Any],
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        pairs: torch.Tensor,
+    ) -> None:
+        sim = torch.nn.functional.cosine_similarity(cond.flatten(1).float(), uncond.flatten(1).float(), dim=1)
+        done = state.get("done")
+        if done is None:
+            done = state["done"] = torch.zeros(ctx.batch // 2, dtype=torch.bool, device=cond.device)
+        if ctx.step + 1 >= self.warmup:  # the decision applies from the next step on
+            done[pairs] |= sim > self.threshold
+
+
+def _factory(p: Mapping[str, Any]) -> AdaptiveGuidance:
+    return AdaptiveGuidance(p["threshold"], p["warmup"])
+
+
+register_method(SCHEMA, _factory)
