@@ -1,6 +1,14 @@
 """Metrics that judge an acceleration: fidelity to full compute and distribution distance."""
 
 from .distribution import frechet_distance, kernel_distance
+from .effnet import effnet_lite0_features
 from .fidelity import bootstrap_ci, psnr_per_image, ssim_per_image
 
-__all__ = ["bootstrap_ci", "frechet_distance", "kernel_distance", "psnr_per_image", "ssim_per_image"]
+__all__ = [
+    "bootstrap_ci",
+    "effnet_lite0_features",
+    "frechet_distance",
+    "kernel_distance",
+    "psnr_per_image",
+    "ssim_per_image",
+]
