@@ -1,10 +1,11 @@
-"""Every step/block preset at three settings vs full compute, on one zoo model.
+"""Every step- and guidance-level preset at three settings vs full compute, on one zoo model.
 
-For each setting: computed fraction (NFE), measured wall-clock speedup (one batch of all seeds,
-warm-up excluded, median of interleaved repeats), PSNR and SSIM vs full compute per image with
-95% bootstrap intervals, class accuracy under the domain classifier and FD-domain vs the real
-test set (Fashion-MNIST models). Evaluation seeds are 10_000 + i, disjoint from anything used
-to fit coefficients (no preset here fits any).
+For each setting: computed fraction (network row-evaluations run in full over those of full
+compute with CFG), measured wall-clock speedup (one batch of all seeds, warm-up excluded, median
+of interleaved repeats), PSNR and SSIM vs full compute per image with 95% bootstrap intervals,
+and for the Fashion-MNIST models class accuracy under the domain classifier and FD-domain vs the
+real test set. emoji-dit samples the 16 demo captions, 4 seeds each for 64 seeds. Evaluation
+seeds are 10_000 + i, disjoint from anything used to fit coefficients (no preset here fits any).
 
 Writes benchmarks/results/methods-MODEL.json and docs/methods-MODEL.png.
 Run: python benchmarks/methods.py --model fmnist-dit [--seeds 64] [--repeats 5]
@@ -39,7 +40,33 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("default", {}),
         ("aggressive", {"threshold": 0.3, "max_consecutive": 4}),
     ],
+    "adaptive-guidance": [
+        ("conservative", {"threshold": 0.995}),
+        ("default", {}),
+        ("aggressive", {"threshold": 0.9, "warmup": 1}),
+    ],
+    "guidance-interval": [("conservative", {"end": 0.85}), ("default", {}), ("aggressive", {"end": 0.5})],
+    "cfg-cache": [("conservative", {"warmup": 4}), ("default", {}), ("aggressive", {"interval": 3})],
+    # One step-level and one guidance-level method in one policy.
+    "taylorseer+adaptive-guidance": [
+        ("conservative", {"taylorseer": {"interval": 2}, "adaptive-guidance": {"threshold": 0.995}}),
+        ("default", {"taylorseer": {}, "adaptive-guidance": {}}),
+        ("aggressive", {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.9, "warmup": 1}}),
+    ],
 }
+
+
+def make_policy(name: str, params: dict) -> stepcache.Policy:
+    if "+" not in name:
+        return presets.get(name, **params)
+    return stepcache.compose(*(presets.get(part, **params[part]) for part in name.split("+")))
+
+
+def row_fractions(stats: dict) -> tuple[float, float]:
+    """(full, partial) fraction of row-evaluations: C rows ran in full, P rows ran part of the
+    network; E (estimated) and G (unconditional row left out) rows ran nothing."""
+    letters = "".join(stats["row_actions"])
+    return letters.count("C") / len(letters), letters.count("P") / len(letters)
 
 
 def main() -> None:
@@ -52,10 +79,17 @@ def main() -> None:
 
     pipe = zoo.load(args.model)
     steps, guidance = pipe.default_steps, pipe.default_guidance
-    labels = [i % 10 for i in range(args.seeds)]
-    clf = classifier_for(args.model)
+    text = zoo.spec(args.model).conditioning == "text"
+    if text:
+        from stepcache.zoo.text import DEMO_PROMPTS
+
+        labels = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(args.seeds)]
+        clf = None
+    else:
+        labels = [i % 10 for i in range(args.seeds)]
+        clf = classifier_for(args.model)
     real_feats = None
-    if clf.feature_net is not None:
+    if clf is not None and clf.feature_net is not None:
         from stepcache.zoo.data import load_fashion_mnist
 
         real, _ = load_fashion_mnist("test")
@@ -65,16 +99,15 @@ def main() -> None:
         # One generator per sample, so each seed's noise does not depend on the batch.
         noise_seeds = [10_000 + i for i in range(args.seeds)]
         gens = [torch.Generator().manual_seed(s) for s in noise_seeds]
-        return pipe(
-            class_labels=labels, num_inference_steps=steps, guidance_scale=guidance, generator=gens
-        ).images
+        cond = {"prompt": labels} if text else {"class_labels": labels}
+        return pipe(**cond, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
 
     def timed(policy) -> tuple[np.ndarray, float, dict]:
         handle = stepcache.enable(pipe, policy) if policy is not None else None
         t0 = time.perf_counter()
         images = generate()
         seconds = time.perf_counter() - t0
-        stats = handle.stats() if handle is not None else {"steps": steps, "computed": steps}
+        stats = handle.stats() if handle is not None else {}
         stepcache.disable(pipe)
         return images, seconds, stats
 
@@ -82,7 +115,7 @@ def main() -> None:
     rows = []
     for name in args.presets.split(","):
         for setting, params in SETTINGS[name]:
-            policy = presets.get(name, **params)
+            policy = make_policy(name, params)
             timed(policy)  # warm-up
             ref_times, acc_times = [], []
             for _ in range(args.repeats):
@@ -95,9 +128,10 @@ def main() -> None:
             row = {
                 "preset": name,
                 "setting": setting,
-                "params": dict(policy.rules[next(iter(policy.rules))].params),
-                "nfe_fraction": stats["computed"] / stats["steps"],
-                "partial_fraction": stats.get("partial", 0) / stats["steps"],
+                "params": {lvl: {"method": r.method, **r.params} for lvl, r in policy.rules.items()},
+                "nfe_fraction": row_fractions(stats)[0],
+                "partial_fraction": row_fractions(stats)[1],
+                "cfg_skipped": stats["cfg_skipped"],
                 "speedup": statistics.median(ref_times) / statistics.median(acc_times),
                 "latency_s": {
                     "reference_median": statistics.median(ref_times),
@@ -107,7 +141,7 @@ def main() -> None:
                 "psnr_ci": bootstrap_ci(psnr),
                 "ssim": float(ssim.mean()),
                 "ssim_ci": bootstrap_ci(ssim),
-                "class_acc": clf.accuracy(images, labels),
+                "class_acc": clf.accuracy(images, labels) if clf is not None else None,
                 "fallbacks": stats.get("fallbacks", 0),
             }
             if real_feats is not None:
@@ -118,7 +152,7 @@ def main() -> None:
                 flush=True,
             )
 
-    ref_row = {"class_acc": clf.accuracy(reference, labels)}
+    ref_row = {"class_acc": clf.accuracy(reference, labels) if clf is not None else None}
     if real_feats is not None:
         ref_row["fd_domain"] = frechet_distance(real_feats[: args.seeds * 4], clf.features(reference))
     out = ROOT / "benchmarks" / "results" / f"methods-{args.model}.json"
@@ -153,7 +187,7 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    markers = dict(zip(SETTINGS, "osD^v", strict=False))
+    markers = dict(zip(SETTINGS, "osD^v<>phX", strict=False))
     for name in dict.fromkeys(r["preset"] for r in rows):
         pts = sorted(
             (r for r in rows if r["preset"] == name and r["psnr"] is not None), key=lambda r: r["speedup"]

@@ -1,11 +1,14 @@
-"""Quality of the zoo's full-compute models: class accuracy, FD-domain and KID with their floors.
+"""Quality of the zoo's full-compute models, each distance with its real-vs-real floor.
 
-For each model, generates N samples (labels balanced over the classes) at its default steps and
-guidance, and compares them with the test set in the shipped domain classifier's feature space.
-The floor is the same metric between two disjoint halves of the real test set.
+Class-conditional models: N samples (labels balanced over the classes) at the default steps and
+guidance; class accuracy under the shipped domain classifier; FD-domain and KID-domain vs the
+real test set in that classifier's feature space; FD-EffNetLite0 on ImageNet EfficientNet-Lite0
+features. emoji-dit: one sample per caption of the held-out Twemoji images (the same emoji names,
+other artwork, never trained on); FD-EffNetLite0 vs those images. Every floor is the same metric
+between two disjoint halves of the real set. None of these numbers is FID.
 Writes benchmarks/results/zoo-quality.json and docs/zoo/KEY.png (a sample grid per model).
 
-Run: python benchmarks/zoo_quality.py [--models fmnist-dit,fmnist-unet] [--samples 2000]
+Run: python benchmarks/zoo_quality.py [--models fmnist-dit,fmnist-unet,emoji-dit] [--samples 2000]
 """
 
 from __future__ import annotations
@@ -22,20 +25,22 @@ from stepcache import zoo
 from stepcache._env import environment
 from stepcache._io import atomic_write_bytes, atomic_write_json
 from stepcache.demo import grid_png
-from stepcache.metrics import frechet_distance, kernel_distance
+from stepcache.metrics import effnet_lite0_features, frechet_distance, kernel_distance
 from stepcache.zoo.classifier import classifier_for
 from stepcache.zoo.data import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate(pipe, labels: list[int], batch: int, seed: int) -> np.ndarray:
+def generate(pipe, labels: list, batch: int, seed: int) -> np.ndarray:
+    """Samples for class labels (ints) or prompts (strings), ``batch`` at a time."""
     out = []
     for i in range(0, len(labels), batch):
         gen = torch.Generator().manual_seed(seed + i)
+        cond = labels[i : i + batch]
         out.append(
             pipe(
-                class_labels=labels[i : i + batch],
+                **({"prompt": cond} if isinstance(cond[0], str) else {"class_labels": cond}),
                 num_inference_steps=pipe.default_steps,
                 guidance_scale=pipe.default_guidance,
                 generator=gen,
@@ -44,7 +49,50 @@ def generate(pipe, labels: list[int], batch: int, seed: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def evaluate(key: str, samples: int, batch: int) -> dict:
+def _effnet(images: np.ndarray) -> torch.Tensor:
+    """EfficientNet-Lite0 features of (N, H, W, C) images in [0, 1]."""
+    return effnet_lite0_features(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float())
+
+
+def _with_floor(row: dict, name: str, real: torch.Tensor, fake: torch.Tensor, n: int) -> None:
+    """FD of fake vs the first n real, and the floor: first n real vs the next n."""
+    row[name] = frechet_distance(real[:n], fake[:n])
+    row[f"{name}_floor"] = frechet_distance(real[:n], real[n : 2 * n])
+
+
+def evaluate_text(key: str, batch: int, effnet_samples: int) -> dict:
+    from stepcache.zoo.text import DEMO_PROMPTS, load_emoji_images
+
+    pipe = zoo.load(key)
+    held_out, captions = load_emoji_images(vendor="twitter")
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0)).tolist()
+    n = min(effnet_samples, len(order) // 2)
+    prompts = [captions[i] for i in order[:n]]
+    t0 = time.perf_counter()
+    images = generate(pipe, prompts, batch, seed=1000)
+    seconds = time.perf_counter() - t0
+    real = _effnet(((held_out[order[: 2 * n]] + 1) / 2).permute(0, 2, 3, 1).numpy())
+    row: dict = {
+        "model": key,
+        "samples": n,
+        "steps": pipe.default_steps,
+        "guidance": pipe.default_guidance,
+        "generation_seconds": round(seconds, 1),
+        "held_out": "emoji-datasource-twitter images of the same emoji names (not trained on)",
+    }
+    # Generated for the captions of the first half; the floor compares the two real halves.
+    _with_floor(row, "fd_effnetlite0", real, _effnet(images), n)
+    grid_prompts = list(DEMO_PROMPTS)[:8]
+    grid = generate(pipe, grid_prompts * 4, 32, seed=7)
+    rows = [grid[r * 8 : (r + 1) * 8] for r in range(4)]
+    atomic_write_bytes(ROOT / "docs" / "zoo" / f"{key}.png", grid_png(rows, scale=3))
+    row["grid_prompts"] = grid_prompts
+    return row
+
+
+def evaluate(key: str, samples: int, batch: int, effnet_samples: int) -> dict:
+    if zoo.spec(key).conditioning == "text":
+        return evaluate_text(key, batch, effnet_samples)
     pipe = zoo.load(key)
     clf = classifier_for(key)
     labels = [i % 10 for i in range(samples)]
@@ -72,6 +120,10 @@ def evaluate(key: str, samples: int, batch: int) -> dict:
         row["kid_domain"] = kernel_distance(real_feats[:n], fake_feats[:n])
         row["kid_domain_floor"] = kernel_distance(real_feats[:n], real_feats[half : half + n])
         row["fd_samples_per_set"] = n
+        m = min(effnet_samples, samples, half)
+        real_eff = _effnet(real_images[: 2 * m])
+        _with_floor(row, "fd_effnetlite0", real_eff, _effnet(images[:m]), m)
+        row["fd_effnetlite0_samples_per_set"] = m
     grid = [images[r * 10 : (r + 1) * 10] for r in range(4)]
     atomic_write_bytes(ROOT / "docs" / "zoo" / f"{key}.png", grid_png(grid, scale=3))
     return row
@@ -79,14 +131,15 @@ def evaluate(key: str, samples: int, batch: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="fmnist-dit,fmnist-unet")
+    ap.add_argument("--models", default="fmnist-dit,fmnist-unet,emoji-dit")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--effnet-samples", type=int, default=1000, help="images per set for FD-EffNetLite0")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zoo-quality.json")
     args = ap.parse_args()
     rows = []
     for key in args.models.split(","):
-        rows.append(evaluate(key, args.samples, args.batch))
+        rows.append(evaluate(key, args.samples, args.batch, args.effnet_samples))
         print(rows[-1], flush=True)
     atomic_write_json(
         args.out,

