@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -183,7 +183,7 @@ def zoo_train(
                 out,
                 cfg,
                 resume=resume,
-                progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss),
+                progress=lambda s, n, loss: _train_progress(bar, task, s, n, loss),
             )
     except zoo_registry.DataMissingError as e:
         console.print(f"[red]{e}")
@@ -192,6 +192,14 @@ def zoo_train(
         raise typer.BadParameter(str(e), param_hint="--resume") from None
     console.print(f"trained {key} in {info['train_seconds']:.1f} s, final loss {info['final_loss']:.4f}")
     print(out / "model.safetensors")
+
+
+def _train_progress(bar: Any, task: Any, step: int, total: int, loss: float) -> None:
+    bar.update(task, completed=step, loss=loss)
+    # A log file gets no live bar: print a line every 5% instead, so `tail` shows progress.
+    if not console.is_terminal and (step % max(1, total // 20) == 0 or step == total):
+        elapsed = bar.tasks[0].elapsed or 0.0
+        console.print(f"step {step}/{total}  loss {loss:.4f}  {elapsed:.0f} s")
 
 
 def main() -> None:
