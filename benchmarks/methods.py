@@ -32,6 +32,11 @@ from stepcache.zoo.classifier import classifier_for
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, list[tuple[str, dict]]] = {
     "static-interval": [("conservative", {"warmup": 3}), ("default", {}), ("aggressive", {"interval": 4})],
+    "magcache": [
+        ("conservative", {"threshold": 0.02}),
+        ("default", {}),
+        ("aggressive", {"threshold": 0.3, "max_consecutive": 3}),
+    ],
     "taylorseer": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "adams-bashforth": [("conservative", {"warmup": 4}), ("default", {}), ("aggressive", {"interval": 3})],
     "fsampler": [("conservative", {"damping": 0.7}), ("default", {}), ("aggressive", {"interval": 3})],

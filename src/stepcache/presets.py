@@ -41,6 +41,14 @@ _add(
     warmup=1,
 )
 _add(
+    "magcache",
+    "magcache",
+    "MagCache: skip while the accumulated output-magnitude-ratio error stays under 0.06; reuse scaled.",
+    threshold=0.06,
+    max_consecutive=2,
+    warmup=3,
+)
+_add(
     "taylorseer",
     "taylorseer",
     "TaylorSeer (output level): compute every 3rd step, forecast the rest with a 2nd-order expansion.",
