@@ -107,3 +107,40 @@ def test_zoo_list_info_and_tiny_train(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == str(out / "model.safetensors")
     assert json.loads((out / "train.json").read_text())["train"]["steps"] == 3
+
+
+def test_calibrate_writes_a_policy_that_loads_and_runs(tmp_path, digits_pipe):
+    import torch
+
+    import stepcache
+
+    out = tmp_path / "lag.json"
+    args = ["calibrate", "linear-ag", "--model", "digits-dit", "--samples", "4", "--steps", "8"]
+    result = runner.invoke(app, [*args, "--out", str(out), "-p", "end=1.0"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out)
+    pol = stepcache.Policy.load(out)
+    rule = pol.rules["guidance"]
+    assert rule.method == "linear-ag" and rule.params["end"] == 1.0
+    assert len(rule.params["coefficients"]) == 3 * 8
+    assert pol.meta["model"] == "digits-dit" and pol.meta["calibration"]["samples"] == 4
+    handle = stepcache.enable(digits_pipe, pol)
+    digits_pipe(class_labels=[1, 2], num_inference_steps=8, generator=torch.Generator().manual_seed(1))
+    stepcache.disable(digits_pipe)
+    assert handle.stats()["cfg_skipped"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["calibrate", "fbcache"], "no coefficients to fit"),
+        (["calibrate", "magcache", "--model", "nope"], "unknown model"),
+        (["calibrate", "linear-ag", "-p", "end=2"], "linear-ag.end"),
+    ],
+)
+def test_calibrate_bad_arguments_write_nothing(tmp_path, args, message):
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()

@@ -7,7 +7,7 @@ import stepcache
 from stepcache import presets
 from stepcache.errors import PolicyError
 
-GUIDANCE = ["adaptive-guidance", "guidance-interval", "cfg-cache"]
+GUIDANCE = ["adaptive-guidance", "guidance-interval", "cfg-cache", "linear-ag"]
 NULL = 10  # digits-dit's null label
 
 
@@ -218,3 +218,53 @@ def test_bad_guidance_parameters_name_the_field(name, overrides, field):
 def test_two_guidance_rules_do_not_compose():
     with pytest.raises(PolicyError, match=r"rules\.guidance"):
         stepcache.compose(presets.get("cfg-cache"), presets.get("adaptive-guidance"))
+
+
+def test_linear_ag_fit_recovers_known_coefficients():
+    from stepcache.calibrate import fit_linear_ag
+
+    g = torch.Generator().manual_seed(0)
+    truth = {1: (0.7, -0.4, 0.9), 2: (1.2, -1.0, 0.5)}
+    c = [torch.randn(3, 1, 4, 4, generator=g) for _ in range(3)]
+    u = [torch.randn(3, 1, 4, 4, generator=g)]
+    for i in (1, 2):
+        a, b, gg = truth[i]
+        u.append(a * c[i] + b * c[i - 1] + gg * u[i - 1])
+    # Two calls per step (e.g. two batches) are pooled.
+    pairs = {i: [(c[i][:2], u[i][:2]), (c[i][2:], u[i][2:])] for i in range(3)}
+    coeffs = fit_linear_ag(pairs)
+    assert coeffs[:3] == [1.0, -1.0, 1.0]  # step 0 has no past
+    for i in (1, 2):
+        assert coeffs[3 * i : 3 * i + 3] == pytest.approx(truth[i], abs=1e-5)
+
+
+def test_linear_ag_estimate_uses_its_coefficients(digits_pipe):
+    model = digits_pipe.transformer
+    coeffs = [1.0, -1.0, 1.0] + [0.5, -0.25, 0.75] * 5
+    outs = []
+    handle = stepcache.enable(model, presets.get("linear-ag", coefficients=coeffs, end=1.0, warmup=2))
+    with handle.generation(num_steps=6, cfg="uncond_last"):
+        _cfg_loop(model, [6], [5], steps=6, capture=outs)
+    stepcache.disable(model)
+    assert "".join(handle.stats()["actions"]) == "CCCGCG"
+    for i in (3, 5):
+        want = 0.5 * outs[i][:1] - 0.25 * outs[i - 1][:1] + 0.75 * outs[i - 1][1:]
+        torch.testing.assert_close(outs[i][1:], want)
+
+
+def test_linear_ag_coefficients_come_in_threes():
+    with pytest.raises(PolicyError, match=r"linear-ag\.coefficients: needs 3 numbers per step"):
+        presets.get("linear-ag", coefficients=[1.0, 2.0])
+
+
+def test_calibrated_magcache_ratios_have_one_per_step(digits_pipe):
+    from stepcache.calibrate import calibrate
+
+    def run():
+        digits_pipe(class_labels=[1, 2], num_inference_steps=7, generator=torch.Generator().manual_seed(0))
+
+    pol = calibrate("magcache", digits_pipe, run)
+    ratios = pol.rules["step"].params["ratios"]
+    assert len(ratios) == 7 and ratios[0] == 1.0 and all(0.2 < r < 5 for r in ratios)
+    with pytest.raises(ValueError, match="nothing to fit"):
+        calibrate("fbcache", digits_pipe, run)

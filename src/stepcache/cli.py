@@ -115,6 +115,61 @@ def demo(
     print(result["result_json"])
 
 
+@app.command()
+def calibrate(
+    method: Annotated[str, typer.Argument(help="Method with fitted coefficients: linear-ag or magcache.")],
+    out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
+    model: Annotated[str, typer.Option(help="Zoo model key.")] = "fmnist-dit",
+    steps: Annotated[int | None, typer.Option(min=2, help="Sampling steps (model default if unset).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, help="CFG scale (model default if unset).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, max=1024, help="Calibration images (seeds 0..N-1).")] = 32,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Other preset parameter KEY=VALUE (repeatable)."),
+    ] = None,
+) -> None:
+    """Fit a method's coefficients on full-compute runs of a zoo model; write the policy."""
+    import torch
+
+    from .calibrate import CALIBRATED
+    from .calibrate import calibrate as fit
+    from .demo import conditions
+    from .policy import Policy
+
+    if method not in CALIBRATED:
+        raise typer.BadParameter(
+            f"{method!r} has no coefficients to fit; choose one of {', '.join(CALIBRATED)}"
+        )
+    _zoo_key(model)
+    try:
+        preset_registry.get(method, **_parse_params(param or []))  # check the overrides before the work
+    except PolicyError as e:
+        raise typer.BadParameter(str(e), param_hint="--param") from None
+    pipe = zoo_registry.load(model)
+    n_steps = steps or pipe.default_steps
+    scale = pipe.default_guidance if guidance is None else guidance
+    gens = [torch.Generator().manual_seed(s) for s in range(samples)]
+
+    def run() -> None:
+        pipe(**conditions(pipe, samples), num_inference_steps=n_steps, guidance_scale=scale, generator=gens)
+
+    with console.status(f"recording {samples} full-compute samples of {model}"):
+        pol = fit(method, pipe, run, **_parse_params(param or []))
+    meta = {
+        "model": model,
+        "steps": n_steps,
+        "guidance_scale": scale,
+        "found_by": _command(),
+        "calibration": {"seeds": [0, samples - 1], "samples": samples},
+    }
+    pol = Policy.from_dict({**pol.to_dict(), "name": f"{method} ({model})", "meta": meta})
+    pol.save(out)
+    console.print(f"fitted {method} on {samples} samples of {model} ({n_steps} steps, guidance {scale})")
+    print(out)
+
+
 @app.command("presets")
 def presets_cmd() -> None:
     """List the presets with a one-line description each."""

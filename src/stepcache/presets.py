@@ -90,6 +90,14 @@ _add(
     end=0.7,
 )
 _add(
+    "linear-ag",
+    "linear-ag",
+    "LinearAG: every 2nd step in the first half, the unconditional pass is a fitted affine estimate.",
+    interval=2,
+    warmup=2,
+    end=0.5,
+)
+_add(
     "cfg-cache",
     "cfg-cache",
     "FasterCache's CFG cache: unconditional pass every 2nd step; reuse the cached c - u between.",
