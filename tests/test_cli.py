@@ -144,3 +144,25 @@ def test_calibrate_bad_arguments_write_nothing(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not out.exists()
+
+
+def test_calibrate_teacache_fits_a_polynomial(tmp_path):
+    import stepcache
+
+    out = tmp_path / "tea.json"
+    args = [
+        "calibrate",
+        "teacache",
+        "--model",
+        "digits-dit",
+        "--samples",
+        "4",
+        "--steps",
+        "10",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rule = stepcache.Policy.load(out).rules["block"]
+    assert rule.method == "teacache" and len(rule.params["coefficients"]) == 5

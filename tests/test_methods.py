@@ -203,3 +203,57 @@ def test_magcache_budget_and_cap_decide_per_sample():
             rule.observe(ctx, state, (base * rates**s).index_select(0, rows), rows)
     assert computed[0] < computed[1]
     assert computed[0] >= 2 + (16 - 2) // 4  # never more than 3 skips in a row
+
+
+@pytest.mark.parametrize(("coefficients", "pattern"), [(None, "CEECEECEE"), ([2.0, 0.0], "CECECECEC")])
+def test_teacache_accumulates_the_rescaled_change(coefficients, pattern):
+    from stepcache.methods.step.teacache import TeaCache
+
+    # Modulated inputs whose relative L1 change is exactly 0.04 per step.
+    rule = TeaCache(threshold=0.1, warmup=1, max_consecutive=None, coefficients=coefficients)
+    state, actions = {}, []
+    for s in range(9):
+        ctx = CallContext(step=s, branch=0, num_steps=9, batch=1, timestep=0)
+        mod = torch.full((1, 4), 1.04**s, dtype=torch.float64)
+        plan = rule.plan(ctx, state, (mod,))
+        run = plan if isinstance(plan, bool) else bool(plan.all())
+        actions.append("C" if run else "E")
+        if run:
+            rule.observe(ctx, state, (torch.zeros(1, 4),), None)
+    # Identity: 0.04 + 0.04 stays under 0.1, the third change reaches 0.12. Doubled: 0.08, 0.16.
+    assert "".join(actions) == pattern
+
+
+def test_modulated_input_is_what_the_first_dit_block_normalises(digits_pipe):
+    model = digits_pipe.transformer
+    seen = []
+    hook = model.transformer_blocks[0].norm1.register_forward_hook(lambda m, a, o: seen.append(o[0]))
+    captured = []
+
+    class Spy(stepcache.runtime.BlockRule):
+        def span(self, n):
+            return 0, n
+
+        def plan(self, ctx, state, signal):
+            captured.append(signal[0])
+            return True
+
+        def estimate(self, ctx, state, rows):
+            raise AssertionError
+
+        def observe(self, ctx, state, residual, rows):
+            pass
+
+    from stepcache.adapters import adapter_for
+    from stepcache.runtime import RuleSet, attach, detach
+
+    attach(model, model, adapter_for(model), RuleSet(block=Spy()), None)
+    handle = stepcache.runtime.handle_of(model)
+    with handle.generation(num_steps=1):
+        model(
+            torch.randn(2, 1, 8, 8), timestep=torch.tensor([500.0, 500.0]), class_labels=torch.tensor([1, 10])
+        )
+    detach(model)
+    hook.remove()
+    # The adapter computes the same tensor the block's own norm1 produces (the spy's call comes first).
+    assert len(captured) == 1 and torch.equal(captured[0], seen[-1])

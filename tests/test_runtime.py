@@ -13,7 +13,7 @@ import stepcache
 from stepcache import UnsupportedModelError, presets
 from stepcache.adapters import adapter_for
 
-ALWAYS_COMPUTE = [None, "always-interval-1", "fbcache-threshold-0"]
+ALWAYS_COMPUTE = [None, "always-interval-1", "fbcache-threshold-0", "teacache-threshold-0"]
 
 
 def _policy(kind):
@@ -21,6 +21,8 @@ def _policy(kind):
         return presets.get("static-interval", interval=1)
     if kind == "fbcache-threshold-0":
         return presets.get("fbcache", threshold=0.0)
+    if kind == "teacache-threshold-0":
+        return presets.get("teacache", threshold=0.0)
     return None
 
 
@@ -45,7 +47,12 @@ def test_off_means_off_in_a_bare_loop(family):
 def test_caching_policies_change_the_output_then_disable_restores_it(family):
     model = tiny.make(family)
     reference = tiny.sample(family, model, steps=6)
-    for pol in (presets.get("static-interval"), presets.get("fbcache", threshold=10.0)):
+    policies = [
+        "static-interval",
+        presets.get("fbcache", threshold=10.0),
+        presets.get("teacache", threshold=10.0),
+    ]
+    for pol in policies:
         handle = stepcache.enable(model, pol)
         with handle.generation(num_steps=6):
             out = tiny.sample(family, model, steps=6)

@@ -15,9 +15,9 @@ import torch
 from . import presets
 from .adapters import adapter_for, find_denoiser
 from .policy import Policy
-from .runtime import CallContext, GuidanceRule, RuleSet, StepRule, attach, detach
+from .runtime import BlockRule, CallContext, GuidanceRule, RuleSet, StepRule, attach, detach
 
-CALIBRATED = ("linear-ag", "magcache")
+CALIBRATED = ("linear-ag", "magcache", "teacache")
 
 
 class _StepRecorder(StepRule):
@@ -52,16 +52,41 @@ class _PairRecorder(GuidanceRule):
         )
 
 
-def record(pipe: Any, run: Callable[[], Any]) -> tuple[_StepRecorder, _PairRecorder]:
-    """Run ``run()`` (full-compute generations of ``pipe``) with recorders attached."""
+class _StackRecorder(BlockRule):
+    """Per call: the first block's modulated input and the whole stack's residual (stream 0)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, torch.Tensor]] = []  # (branch, step, modulated)
+        self.residuals: list[torch.Tensor] = []
+
+    def span(self, num_blocks: int) -> tuple[int, int]:
+        return 0, num_blocks
+
+    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Any) -> bool:
+        self.calls.append((ctx.branch, ctx.step, head_residual[0].detach().float().cpu()))
+        return True
+
+    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: Any) -> Any:
+        raise AssertionError("the recorder always computes")
+
+    def observe(self, ctx: CallContext, state: dict[str, Any], residual: Any, rows: Any) -> None:
+        self.residuals.append(residual[0].detach().float().cpu())
+
+
+def record(
+    pipe: Any, run: Callable[[], Any], stack: bool = False
+) -> tuple[_StepRecorder, _PairRecorder, _StackRecorder | None]:
+    """Run ``run()`` (full-compute generations of ``pipe``) with recorders attached; ``stack``
+    also records the block stack (models with a linear block stack only)."""
     model = find_denoiser(pipe)
     steps, pairs = _StepRecorder(), _PairRecorder()
-    attach(pipe, model, adapter_for(model), RuleSet(step=steps, guidance=pairs), None)
+    blocks = _StackRecorder() if stack else None
+    attach(pipe, model, adapter_for(model), RuleSet(step=steps, block=blocks, guidance=pairs), None)
     try:
         run()
     finally:
         detach(model)
-    return steps, pairs
+    return steps, pairs, blocks
 
 
 def fit_linear_ag(pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> list[float]:
@@ -92,11 +117,34 @@ def fit_magcache(outputs: dict[int, list[torch.Tensor]]) -> list[float]:
     return ratios_of(per_step)
 
 
+def fit_teacache(stack: _StackRecorder, degree: int = 4) -> list[float]:
+    """Polynomial (highest degree first) from the modulated input's relative-L1 change between
+    consecutive steps to the stack residual's, pooled over samples."""
+    import numpy as np
+
+    from .methods.step.fbcache import relative_l1
+
+    xs, ys = [], []
+    last: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    for (branch, step, mod), res in zip(stack.calls, stack.residuals, strict=True):
+        prev = last.get(branch)
+        if prev is not None and prev[0] == step - 1 and prev[1].shape == mod.shape:
+            xs.append(relative_l1(mod, prev[1]))
+            ys.append(relative_l1(res, prev[2]))
+        last[branch] = (step, mod, res)
+    if len(xs) < degree + 1:
+        raise ValueError("calibrate teacache: too few consecutive steps recorded to fit the polynomial")
+    x, y = torch.cat(xs).double().numpy(), torch.cat(ys).double().numpy()
+    return [float(c) for c in np.polyfit(x, y, degree)]
+
+
 def calibrate(method: str, pipe: Any, run: Callable[[], Any], **overrides: Any) -> Policy:
     """The ``method`` preset with coefficients fitted on the generations ``run()`` makes."""
     if method not in CALIBRATED:
         raise ValueError(f"calibrate: {method!r} has nothing to fit; methods with coefficients: {CALIBRATED}")
-    steps, pairs = record(pipe, run)
+    steps, pairs, stack = record(pipe, run, stack=method == "teacache")
+    if stack is not None:
+        return presets.get(method, coefficients=fit_teacache(stack), **overrides)
     if method == "linear-ag":
         if not pairs.pairs:
             raise ValueError(

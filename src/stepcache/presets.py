@@ -41,6 +41,13 @@ _add(
     warmup=1,
 )
 _add(
+    "teacache",
+    "teacache",
+    "TeaCache: skip all blocks until the first block's modulated input has changed by 0.15 in sum.",
+    threshold=0.15,
+    warmup=1,
+)
+_add(
     "magcache",
     "magcache",
     "MagCache: skip while the accumulated output-magnitude-ratio error stays under 0.06; reuse scaled.",

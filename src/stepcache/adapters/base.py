@@ -94,6 +94,11 @@ class Adapter:
         """The repeated blocks in execution order, or None when the model has no linear stack."""
         return None
 
+    def modulated_input(self, block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor | None:
+        """The first block's timestep-modulated input (TeaCache's indicator), computed from the
+        block's call arguments; None where the family has no such tensor."""
+        return None
+
     def block_groups(self) -> dict[str, list[nn.Module]]:
         blocks = self.blocks()
         return {"blocks": blocks} if blocks is not None else {}

@@ -14,10 +14,28 @@ from .base import Adapter, BlockIO
 JOINT_IO = BlockIO(streams=("hidden_states", "encoder_hidden_states"), out_index=(1, 0))
 
 
+def _ada_norm_zero(block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor:
+    """norm1(hidden, emb=temb)[0] of an SD3 / FLUX block: the adaLN-modulated input."""
+    return block.norm1(bound.arguments["hidden_states"], emb=bound.arguments["temb"])[0]
+
+
+def _ada_norm_single(block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor:
+    """PixArt's block: the (B, 6D) timestep embedding plus the block's table give shift and scale."""
+    h = bound.arguments["hidden_states"]
+    t = bound.arguments["timestep"]
+    shift, scale = (block.scale_shift_table[None] + t.reshape(h.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+    return block.norm1(h) * (1 + scale) + shift
+
+
 class DiTAdapter(Adapter):
     family = "DiT"
     class_names = ("DiTTransformer2DModel",)
     pipeline_cfg_layout = "uncond_last"
+
+    def modulated_input(self, block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor:
+        h = bound.arguments["hidden_states"]
+        args = bound.arguments
+        return block.norm1(h, args["timestep"], args["class_labels"], hidden_dtype=h.dtype)[0]
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.transformer_blocks)
@@ -38,6 +56,9 @@ class PixArtAdapter(Adapter):
     def blocks(self) -> list[nn.Module]:
         return list(self.model.transformer_blocks)
 
+    def modulated_input(self, block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor:
+        return _ada_norm_single(block, bound)
+
 
 class SD3Adapter(Adapter):
     family = "SD3"
@@ -46,6 +67,9 @@ class SD3Adapter(Adapter):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.transformer_blocks)
+
+    def modulated_input(self, block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor:
+        return _ada_norm_zero(block, bound)
 
 
 class FluxAdapter(Adapter):
@@ -59,6 +83,9 @@ class FluxAdapter(Adapter):
     def blocks(self) -> list[nn.Module]:
         # Double-stream then single-stream blocks: one sequence for head / middle / tail spans.
         return list(self.model.transformer_blocks) + list(self.model.single_transformer_blocks)
+
+    def modulated_input(self, block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor:
+        return _ada_norm_zero(block, bound)
 
     def block_groups(self) -> dict[str, list[nn.Module]]:
         return {

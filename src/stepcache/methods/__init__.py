@@ -32,6 +32,14 @@ def build(policy: Policy) -> RuleSet:
 
 # Importing a method file registers it.
 from .guidance import adaptive_guidance, cfg_cache, guidance_interval, linear_ag  # noqa: E402,F401
-from .step import adams_bashforth, fbcache, fsampler, magcache, static_interval, taylorseer  # noqa: E402,F401
+from .step import (  # noqa: E402,F401
+    adams_bashforth,
+    fbcache,
+    fsampler,
+    magcache,
+    static_interval,
+    taylorseer,
+    teacache,
+)
 
 __all__ = ["build", "register_method"]

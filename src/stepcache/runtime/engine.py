@@ -424,7 +424,15 @@ class Handle:
         s_in = io.read_in(bound)
         ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
         state = scratch.state
-        plan = rule.plan(ctx, state, _sub(s_in, scratch.head_in)) if scratch.head_in is not None else True
+        if head_end == 0:
+            # No head: the rule decides on the first block's timestep-modulated input (or its
+            # plain input where the family has none).
+            signal = self.adapter.modulated_input(self._blocks[0], bound)
+            plan = rule.plan(ctx, state, (s_in[0] if signal is None else signal,))
+        elif scratch.head_in is not None:
+            plan = rule.plan(ctx, state, _sub(s_in, scratch.head_in))
+        else:
+            plan = True
         active = int(s_in[0].shape[0])
         compute_all, compute_none, mask = _resolve(plan, active)
 

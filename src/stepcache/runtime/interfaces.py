@@ -105,7 +105,10 @@ class BlockRule(ABC):
         """(head_end, tail_start): the middle is blocks[head_end:tail_start]."""
 
     @abstractmethod
-    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> Plan: ...
+    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> Plan:
+        """Which rows run the middle. ``head_residual``: the head's output minus its input, per
+        stream; with an empty head (span starting at 0), a one-tuple holding the first block's
+        timestep-modulated input instead (the adapter's ``modulated_input``)."""
 
     @abstractmethod
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
