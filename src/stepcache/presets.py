@@ -41,6 +41,25 @@ _add(
     warmup=1,
 )
 _add(
+    "dbcache",
+    "dbcache",
+    "DBCache: run the first and the last block; reuse the middle's residual while block 1's holds.",
+    fn=1,
+    bn=1,
+    threshold=0.08,
+    max_consecutive=3,
+    warmup=1,
+)
+_add(
+    "delta-dit",
+    "delta-dit",
+    "Delta-DiT: reuse the back 2 blocks' deviation in the first half, the front 2's after; every 2nd step.",
+    blocks=2,
+    interval=2,
+    boundary=0.5,
+    warmup=1,
+)
+_add(
     "teacache",
     "teacache",
     "TeaCache: skip all blocks until the first block's modulated input has changed by 0.15 in sum.",

@@ -34,6 +34,8 @@ def build(policy: Policy) -> RuleSet:
 from .guidance import adaptive_guidance, cfg_cache, guidance_interval, linear_ag  # noqa: E402,F401
 from .step import (  # noqa: E402,F401
     adams_bashforth,
+    dbcache,
+    delta_dit,
     fbcache,
     fsampler,
     magcache,

@@ -379,7 +379,7 @@ class Handle:
             scratch = CallScratch(
                 ctx=ctx,
                 state=gen.state_for(ctx.branch, "block", block),
-                span=block.span(len(self._blocks)),
+                span=block.span_at(len(self._blocks), ctx),
                 rows=rows,
                 row_actions=row_actions,
             )

@@ -104,6 +104,10 @@ class BlockRule(ABC):
     def span(self, num_blocks: int) -> tuple[int, int]:
         """(head_end, tail_start): the middle is blocks[head_end:tail_start]."""
 
+    def span_at(self, num_blocks: int, ctx: CallContext) -> tuple[int, int]:
+        """The span for one call; rules whose span moves with the step override this."""
+        return self.span(num_blocks)
+
     @abstractmethod
     def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> Plan:
         """Which rows run the middle. ``head_residual``: the head's output minus its input, per
