@@ -94,7 +94,9 @@ def test_delta_dit_caches_back_blocks_early_and_front_blocks_late(digits_pipe):
 
     # One denoiser call per step: snapshot the per-block counts after each.
     hooks.append(model.register_forward_hook(lambda m, a, o: counts_per_step.append(list(counts))))
-    handle = stepcache.enable(digits_pipe, presets.get("delta-dit", blocks=2, interval=2, boundary=0.5, warmup=0))
+    handle = stepcache.enable(
+        digits_pipe, presets.get("delta-dit", blocks=2, interval=2, boundary=0.5, warmup=0)
+    )
     try:
         images = digits_pipe(
             class_labels=[4, 5], num_inference_steps=8, generator=torch.Generator().manual_seed(0)

@@ -51,6 +51,8 @@ def test_caching_policies_change_the_output_then_disable_restores_it(family):
         "static-interval",
         presets.get("fbcache", threshold=10.0),
         presets.get("teacache", threshold=10.0),
+        presets.get("dbcache", threshold=10.0),
+        presets.get("delta-dit", blocks=1, warmup=0),
     ]
     for pol in policies:
         handle = stepcache.enable(model, pol)
