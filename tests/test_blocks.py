@@ -1,5 +1,6 @@
 """Block-level methods: which blocks run, per policy, counted with hooks on every block."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,90 @@ def test_delta_dit_caches_back_blocks_early_and_front_blocks_late(digits_pipe):
     assert ran == [full, back_cached, full, back_cached, full, front_cached, full, front_cached]
     assert "".join(handle.stats()["actions"]) == "CPCPCPCP"
     assert images.shape == (2, 8, 8, 1)
+
+
+def _deep_counter(model):
+    """Real computations of the deepest down block (its resnet only runs in a real forward)."""
+    calls = []
+    hook = model.down_blocks[-1].resnets[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls, hook
+
+
+@pytest.mark.parametrize("family", ["unet", "unet-cond"])
+def test_deepcache_skips_the_deep_branch_between_full_steps(family):
+    import tiny
+
+    model = tiny.make(family)
+    reference = tiny.sample(family, model, steps=7)
+    deep, hook = _deep_counter(model)
+    shallow = []
+    hook2 = model.down_blocks[0].resnets[0].register_forward_hook(lambda m, a, o: shallow.append(1))
+    handle = stepcache.enable(model, presets.get("deepcache", interval=3, warmup=1))
+    with handle.generation(num_steps=7):
+        out = tiny.sample(family, model, steps=7)
+    stepcache.disable(model)
+    hook.remove()
+    hook2.remove()
+    stats = handle.stats()
+    # Steps 0 (warm-up), 1, 4 compute in full; the others run only the shallow branch.
+    assert "".join(stats["actions"]) == "CCPPCPP"
+    assert len(deep) == 3 and len(shallow) == 7
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert torch.equal(tiny.sample(family, model, steps=7), reference)  # disable restores
+
+
+@pytest.mark.parametrize(
+    "params", [{"interval": 1}, {"interval": 3, "branch": 1}, {"interval": 2, "branch": 5}]
+)
+def test_deepcache_that_skips_nothing_is_bit_exact(params):
+    import tiny
+
+    model = tiny.make("unet")
+    reference = tiny.sample("unet", model, steps=5)
+    handle = stepcache.enable(model, presets.get("deepcache", **params))
+    with handle.generation(num_steps=5):
+        out = tiny.sample("unet", model, steps=5)
+    stepcache.disable(model)
+    assert torch.equal(out, reference)
+
+
+def test_deepcache_in_a_real_ddpm_pipeline_keeps_only_the_deep_feature():
+    import tiny
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    pipe = DDPMPipeline(unet=tiny.make("unet"), scheduler=DDPMScheduler(num_train_timesteps=50))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(
+            batch_size=2, num_inference_steps=9, generator=torch.Generator().manual_seed(0), output_type="np"
+        )
+
+    reference = run().images
+    deep, hook = _deep_counter(pipe.unet)
+    handle = stepcache.enable(pipe, presets.get("deepcache", interval=4, warmup=1))
+    images = run().images
+    stepcache.disable(pipe)
+    hook.remove()
+    assert handle.stats()["computed"] == len(deep) == 3  # steps 0, 1, 5
+    assert np.isfinite(images).all() and not np.array_equal(images, reference)
+
+
+def test_quadratic_deepcache_schedule_is_denser_around_its_center():
+    from stepcache.methods.block.deepcache import quadratic_steps
+
+    steps = sorted(quadratic_steps(20, 3, 0.5))
+    assert steps[0] == 0 and 5 <= len(steps) <= 7
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert min(gaps) < max(gaps)
+    middle = [s for s in steps if 7 <= s <= 12]
+    assert len(middle) >= 2
+
+
+def test_deepcache_needs_a_unet_and_block_caches_need_a_stack(digits_pipe):
+    import tiny
+
+    with pytest.raises(stepcache.UnsupportedModelError, match="not a U-Net"):
+        stepcache.enable(digits_pipe, "deepcache")
+    with pytest.raises(stepcache.UnsupportedModelError, match="linear block stack"):
+        stepcache.enable(tiny.make("unet"), "dbcache")

@@ -207,7 +207,7 @@ def test_magcache_budget_and_cap_decide_per_sample():
 
 @pytest.mark.parametrize(("coefficients", "pattern"), [(None, "CEECEECEE"), ([2.0, 0.0], "CECECECEC")])
 def test_teacache_accumulates_the_rescaled_change(coefficients, pattern):
-    from stepcache.methods.step.teacache import TeaCache
+    from stepcache.methods.block.teacache import TeaCache
 
     # Modulated inputs whose relative L1 change is exactly 0.04 per step.
     rule = TeaCache(threshold=0.1, warmup=1, max_consecutive=None, coefficients=coefficients)

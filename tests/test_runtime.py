@@ -479,7 +479,7 @@ def test_step_and_block_rules_compose(digits_pipe):
 
 
 def test_guard_replaces_a_non_finite_block_estimate(digits_pipe, monkeypatch):
-    from stepcache.methods.step.fbcache import FBCache
+    from stepcache.methods.block.fbcache import FBCache
 
     def run():
         return digits_pipe(

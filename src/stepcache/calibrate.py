@@ -122,7 +122,7 @@ def fit_teacache(stack: _StackRecorder, degree: int = 4) -> list[float]:
     consecutive steps to the stack residual's, pooled over samples."""
     import numpy as np
 
-    from .methods.step.fbcache import relative_l1
+    from .methods.block.fbcache import relative_l1
 
     xs, ys = [], []
     last: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}

@@ -101,8 +101,9 @@ def demo(
     table.add_column("value", justify="right")
     table.add_row("denoiser calls", str(result["denoiser_calls"]))
     table.add_row("computed in full", str(result["computed"]))
-    table.add_row("partial (first block only)", str(result["partial"]))
+    table.add_row("partial (some blocks or rows)", str(result["partial"]))
     table.add_row("estimated (no network)", str(result["estimated"]))
+    table.add_row("unconditional rows skipped", str(result["cfg_skipped"]))
     table.add_row("reference latency (median)", f"{result['latency_s']['reference_median'] * 1000:.1f} ms")
     table.add_row(
         "accelerated latency (median)", f"{result['latency_s']['accelerated_median'] * 1000:.1f} ms"

@@ -117,6 +117,7 @@ def run_demo(
         "computed": stats["computed"],
         "partial": stats["partial"],
         "estimated": stats["estimated"],
+        "cfg_skipped": stats["cfg_skipped"],
         "actions": "".join(stats["actions"]),
         "latency_s": {
             "reference_median": median["reference"],

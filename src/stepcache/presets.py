@@ -60,6 +60,14 @@ _add(
     warmup=1,
 )
 _add(
+    "deepcache",
+    "deepcache",
+    "DeepCache (U-Nets): full network every 3rd step; between, only the shallowest branch runs.",
+    interval=3,
+    branch=0,
+    warmup=1,
+)
+_add(
     "teacache",
     "teacache",
     "TeaCache: skip all blocks until the first block's modulated input has changed by 0.15 in sum.",

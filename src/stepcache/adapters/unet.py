@@ -17,6 +17,20 @@ class UNetAdapter(Adapter):
     def blocks(self) -> None:
         return None
 
+    def branch_split(self, branch: int) -> tuple[list[nn.Module], nn.Module | None]:
+        """(modules a DeepCache skip leaves out, the one whose output is the cached deep feature).
+
+        Skip branch ``b`` keeps conv_in, down_blocks[:b+1], up_blocks[D-1-b:] and conv_out
+        running; everything deeper is skipped. Nothing is deeper than the last branch.
+        """
+        down, up = list(self.model.down_blocks), list(self.model.up_blocks)
+        keep_up = len(up) - 1 - branch
+        if branch >= len(down) - 1 or keep_up <= 0:
+            return [], None
+        mid = [self.model.mid_block] if getattr(self.model, "mid_block", None) is not None else []
+        skipped = down[branch + 1 :] + mid + up[:keep_up]
+        return skipped, up[keep_up - 1]
+
     def block_groups(self) -> dict[str, list[nn.Module]]:
         mid = [self.model.mid_block] if getattr(self.model, "mid_block", None) is not None else []
         return {"down": list(self.model.down_blocks), "mid": mid, "up": list(self.model.up_blocks)}

@@ -31,17 +31,8 @@ def build(policy: Policy) -> RuleSet:
 
 
 # Importing a method file registers it.
+from .block import dbcache, deepcache, delta_dit, fbcache, teacache  # noqa: E402,F401
 from .guidance import adaptive_guidance, cfg_cache, guidance_interval, linear_ag  # noqa: E402,F401
-from .step import (  # noqa: E402,F401
-    adams_bashforth,
-    dbcache,
-    delta_dit,
-    fbcache,
-    fsampler,
-    magcache,
-    static_interval,
-    taylorseer,
-    teacache,
-)
+from .step import adams_bashforth, fsampler, magcache, static_interval, taylorseer  # noqa: E402,F401
 
 __all__ = ["build", "register_method"]

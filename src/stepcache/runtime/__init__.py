@@ -1,10 +1,11 @@
 """The policy runtime: hooks on module instances, per-generation state, the rule interfaces."""
 
 from .engine import Handle, attach, detach, handle_of
-from .interfaces import BlockRule, CallContext, GuidanceRule, RuleSet, StepRule, put, take
+from .interfaces import BlockRule, BranchRule, CallContext, GuidanceRule, RuleSet, StepRule, put, take
 
 __all__ = [
     "BlockRule",
+    "BranchRule",
     "CallContext",
     "GuidanceRule",
     "Handle",

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
-from .interfaces import CallContext, RuleSet, Streams, take
+from .interfaces import BranchRule, CallContext, RuleSet, Streams, take
 from .state import CallScratch, Generation
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -119,6 +119,7 @@ class Handle:
         self._blocks: list[nn.Module] = []
         self._block_orig: list[Any] = []
         self._block_sig: list[inspect.Signature] = []
+        self._deep_module: nn.Module | None = None  # DeepCache: the module whose output is cached
 
     # ---- public -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -375,7 +376,9 @@ class Handle:
         """Run the real denoiser on ``bound`` (the block hooks see this call's scratch)."""
         block = self.rules.block
         scratch = None
-        if block is not None and self._blocks:
+        if isinstance(block, BranchRule):
+            scratch = self._branch_scratch(gen, ctx, rows, row_actions)
+        elif block is not None and self._blocks:
             scratch = CallScratch(
                 ctx=ctx,
                 state=gen.state_for(ctx.branch, "block", block),
@@ -391,6 +394,38 @@ class Handle:
         if rows is None or ctx.branch not in gen.templates:
             gen.templates[ctx.branch] = out
         return out
+
+    # ---- U-Net branch (DeepCache) -----------------------------------------------------------
+    def _branch_scratch(
+        self, gen: Generation, ctx: CallContext, rows: torch.Tensor | None, row_actions: list[str]
+    ) -> CallScratch:
+        state = gen.state_for(ctx.branch, "block", self.rules.block)
+        plan = self.rules.block.plan(ctx, state)
+        # A sub-batch cannot use the full batch's deep feature: it computes.
+        skipping = not plan and rows is None and "deep" in state
+        if skipping:
+            for r in range(len(row_actions)):
+                row_actions[r] = "P"
+        return CallScratch(
+            ctx=ctx, state=state, span=None, rows=rows, row_actions=row_actions, skipping=skipping
+        )
+
+    def _branch_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
+        gen = self._current()
+        scratch = gen.call if gen is not None else None
+        is_deep = self._blocks[index] is self._deep_module
+        if scratch is None or not scratch.skipping:
+            out = self._block_orig[index](*args, **kwargs)
+            if scratch is not None and scratch.rows is None:
+                # Shapes, not tensors, of what the skipped modules return: placeholders cost no
+                # memory between steps; only the deep feature is kept.
+                scratch.state.setdefault("shapes", {})[index] = _shapes(out)
+                if is_deep:
+                    scratch.state["deep"] = out.detach() if isinstance(out, torch.Tensor) else out
+            return out
+        if is_deep:
+            return scratch.state["deep"]
+        return _placeholders(scratch.state["shapes"][index])
 
     # ---- block calls ----------------------------------------------------------------------
     def _block_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
@@ -527,18 +562,22 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
     if model in _HANDLES:
         _HANDLES[model].disable()
     handle = Handle(target, model, adapter, rules, policy)
-    blocks = adapter.blocks() if rules.block is not None else None
-    if rules.block is not None and not blocks:
+    if isinstance(rules.block, BranchRule):
+        blocks, handle._deep_module = _branch_modules(adapter, rules.block, model)
+    else:
+        blocks = adapter.blocks() if rules.block is not None else None
+    if rules.block is not None and not isinstance(rules.block, BranchRule) and not blocks:
         raise UnsupportedModelError(
             f"block-level rule {type(rules.block).__name__} needs a linear block stack, and "
             f"{type(model).__name__} ({adapter.family}) has none"
         )
     _set(handle, model, "forward", handle._forward)
+    wrap = _bind_branch if isinstance(rules.block, BranchRule) else _bind_block
     for i, blk in enumerate(blocks or []):
         handle._blocks.append(blk)
         handle._block_orig.append(blk.forward)
         handle._block_sig.append(inspect.signature(blk.forward))
-        _set(handle, blk, "forward", _bind_block(handle, i))
+        _set(handle, blk, "forward", wrap(handle, i))
     if target is not model and callable(getattr(target, "progress_bar", None)):
         orig_bar = target.progress_bar
 
@@ -553,6 +592,36 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
         _set(handle, target, "progress_bar", progress_bar)
     _HANDLES[model] = handle
     return handle
+
+
+def _branch_modules(adapter: Adapter, rule: BranchRule, model: nn.Module) -> tuple[list[nn.Module], Any]:
+    split = getattr(adapter, "branch_split", None)
+    if split is None:
+        raise UnsupportedModelError(
+            f"{type(rule).__name__} caches U-Net branches, and {type(model).__name__} ({adapter.family}) "
+            "is not a U-Net"
+        )
+    return split(rule.branch)
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return (out.shape, out.dtype, out.device)
+    return tuple(_shapes(o) for o in out)
+
+
+def _placeholders(shapes: Any) -> Any:
+    if isinstance(shapes[0], torch.Size):
+        shape, dtype, device = shapes
+        return torch.empty(shape, dtype=dtype, device=device)
+    return tuple(_placeholders(s) for s in shapes)
+
+
+def _bind_branch(handle: Handle, index: int) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return handle._branch_forward(index, *args, **kwargs)
+
+    return forward
 
 
 def _bind_block(handle: Handle, index: int) -> Any:

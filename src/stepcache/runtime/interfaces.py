@@ -125,6 +125,25 @@ class BlockRule(ABC):
         """Record the middle's real residual for ``rows``."""
 
 
+class BranchRule(ABC):
+    """A U-Net feature cache (DeepCache): on a skipped call only the shallow branch runs.
+
+    The adapter splits the U-Net at skip branch ``branch``: the deeper down blocks, the mid
+    block and the deeper up blocks are skipped, and the last skipped up block's output (the deep
+    feature) comes from the last computed call. Decided for the whole call.
+    """
+
+    level = "block"
+    branch: int = 0
+
+    def new_state(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
+        """True: run the whole U-Net (and refresh the deep feature)."""
+
+
 class GuidanceRule(ABC):
     """Decides, per step and per sample, whether the unconditional pass of batched CFG runs.
 
@@ -167,6 +186,6 @@ class RuleSet:
     """The built rules of one policy, as the runtime receives them."""
 
     step: StepRule | None = None
-    block: BlockRule | None = None
+    block: BlockRule | BranchRule | None = None
     guidance: GuidanceRule | None = None
     guard: bool = True

@@ -61,7 +61,7 @@ class CallScratch:
     row_actions: list[str]
     head_in: tuple | None = None
     mid_in: tuple | None = None
-    skipping: bool = False
+    skipping: bool = False  # linear stack: the middle is being skipped; U-Net: the deep branch
 
 
 class Generation:

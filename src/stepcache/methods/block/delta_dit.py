@@ -18,7 +18,7 @@ from ...policy import Param, RuleSchema
 from ...runtime import BlockRule, CallContext, put, take
 from ...runtime.interfaces import Streams
 from .. import register_method
-from .static_interval import on_schedule
+from ..step.static_interval import on_schedule
 
 SCHEMA = RuleSchema(
     method="delta-dit",
