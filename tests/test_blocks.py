@@ -203,3 +203,52 @@ def test_deepcache_needs_a_unet_and_block_caches_need_a_stack(digits_pipe):
         stepcache.enable(digits_pipe, "deepcache")
     with pytest.raises(stepcache.UnsupportedModelError, match="linear block stack"):
         stepcache.enable(tiny.make("unet"), "dbcache")
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_feature_taylorseer_forecasts_polynomial_residuals_exactly(order):
+    from stepcache.methods.block.taylorseer_feature import TaylorSeerFeature
+    from stepcache.runtime import CallContext
+
+    g = torch.Generator().manual_seed(order)
+    coeffs = [
+        (
+            torch.randn(2, 4, 8, generator=g, dtype=torch.float64),
+            torch.randn(2, 3, 8, generator=g, dtype=torch.float64),
+        )
+        for _ in range(order + 1)
+    ]
+
+    def residual(s):  # two streams, each a polynomial of degree `order` in the step
+        return tuple(sum(c[k] * float(s) ** i for i, c in enumerate(coeffs)) for k in range(2))
+
+    rule = TaylorSeerFeature(interval=3, order=order, warmup=order + 1, fn=1, bn=1)
+    state, errors = {}, []
+    for s in range(15):
+        ctx = CallContext(step=s, branch=0, num_steps=15, batch=2, timestep=0)
+        if rule.plan(ctx, state, ()):
+            rule.observe(ctx, state, residual(s), None)
+        else:
+            est = rule.estimate(ctx, state, None)
+            errors += [float((e - t).abs().max()) for e, t in zip(est, residual(s), strict=True)]
+    assert len(errors) >= 8 and max(errors) < 1e-8
+
+
+def test_feature_taylorseer_beats_reusing_the_middle_at_equal_compute(digits_pipe):
+    reference = _run(digits_pipe, steps=20, labels=tuple(range(10)))
+    counts, hooks = _count_blocks(digits_pipe.transformer)
+    results = {}
+    for name, pol in {
+        "reuse": presets.get("taylorseer-feature", order=0, interval=3, warmup=3),
+        "forecast": presets.get("taylorseer-feature", order=2, interval=3, warmup=3),
+    }.items():
+        counts[:] = [0] * 6
+        stepcache.enable(digits_pipe, pol)
+        out = _run(digits_pipe, steps=20, labels=tuple(range(10)))
+        stepcache.disable(digits_pipe)
+        results[name] = (stepcache.metrics.psnr_per_image(out, reference).mean(), list(counts))
+    for h in hooks:
+        h.remove()
+    assert results["reuse"][1] == results["forecast"][1]
+    assert results["forecast"][1][0] < 20  # the middle (all 6 blocks here) ran on fewer steps
+    assert results["forecast"][0] > results["reuse"][0]

@@ -92,6 +92,14 @@ _add(
     variable="step",
 )
 _add(
+    "taylorseer-feature",
+    "taylorseer-feature",
+    "TaylorSeer (feature level): the block stack every 3rd step; its residual forecast, order 2, between.",
+    interval=3,
+    order=2,
+    warmup=3,
+)
+_add(
     "adams-bashforth",
     "adams-bashforth",
     "AB-Cache: compute every 2nd step; extrapolate the others from the last two outputs (in timestep).",

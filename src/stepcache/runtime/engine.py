@@ -462,7 +462,7 @@ class Handle:
         if head_end == 0:
             # No head: the rule decides on the first block's timestep-modulated input (or its
             # plain input where the family has none).
-            signal = self.adapter.modulated_input(self._blocks[0], bound)
+            signal = self.adapter.modulated_input(self._blocks[0], bound) if rule.wants_signal else None
             plan = rule.plan(ctx, state, (s_in[0] if signal is None else signal,))
         elif scratch.head_in is not None:
             plan = rule.plan(ctx, state, _sub(s_in, scratch.head_in))

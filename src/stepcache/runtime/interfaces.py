@@ -96,6 +96,9 @@ class BlockRule(ABC):
     """
 
     level = "block"
+    # With an empty head, whether plan needs the first block's modulated input (computing it
+    # costs that block's normalisation once more per call).
+    wants_signal = True
 
     def new_state(self) -> dict[str, Any]:
         return {}

@@ -34,6 +34,8 @@ SCHEMA = RuleSchema(
 
 
 class DeltaDiT(BlockRule):
+    wants_signal = False  # a fixed schedule
+
     def __init__(self, blocks: int, interval: int, boundary: float, warmup: int):
         self.blocks, self.interval, self.boundary, self.warmup = blocks, interval, boundary, warmup
 
