@@ -1,11 +1,13 @@
-"""Every step- and guidance-level preset at three settings vs full compute, on one zoo model.
+"""Every preset (step, block and guidance level) at three settings vs full compute, on one zoo model.
 
 For each setting: computed fraction (network row-evaluations run in full over those of full
-compute with CFG), measured wall-clock speedup (one batch of all seeds, warm-up excluded, median
+compute with CFG) and FLOP fraction (torch.utils.flop_counter), cache memory per sample,
+measured wall-clock speedup (one batch of all seeds, warm-up excluded, median
 of interleaved repeats), PSNR and SSIM vs full compute per image with 95% bootstrap intervals,
 and for the Fashion-MNIST models class accuracy under the domain classifier and FD-domain vs the
 real test set. emoji-dit samples the 16 demo captions, 4 seeds each for 64 seeds. Evaluation
-seeds are 10_000 + i, disjoint from anything used to fit coefficients (no preset here fits any).
+seeds are 10_000 + i, disjoint from the calibration seeds 0..15 of the "calibrated" settings
+(linear-ag, teacache, magcache with coefficients from stepcache.calibrate).
 
 Writes benchmarks/results/methods-MODEL.json and docs/methods-MODEL.png.
 Run: python benchmarks/methods.py --model fmnist-dit [--seeds 64] [--repeats 5]
@@ -50,6 +52,22 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("default", {}),
         ("aggressive", {"threshold": 0.3, "max_consecutive": 4}),
     ],
+    "dbcache": [
+        ("conservative", {"threshold": 0.05}),
+        ("default", {}),
+        ("aggressive", {"threshold": 0.3, "max_consecutive": 4}),
+    ],
+    "delta-dit": [
+        ("conservative", {"blocks": 1}),
+        ("default", {}),
+        ("aggressive", {"blocks": 4, "interval": 3}),
+    ],
+    "taylorseer-feature": [
+        ("conservative", {"interval": 2}),
+        ("default", {}),
+        ("aggressive", {"interval": 4}),
+    ],
+    "deepcache": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "adaptive-guidance": [
         ("conservative", {"threshold": 0.995}),
         ("default", {}),
@@ -57,6 +75,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
     ],
     "guidance-interval": [("conservative", {"end": 0.85}), ("default", {}), ("aggressive", {"end": 0.5})],
     "cfg-cache": [("conservative", {"warmup": 4}), ("default", {}), ("aggressive", {"interval": 3})],
+    "linear-ag": [("conservative", {"end": 0.3}), ("default", {}), ("aggressive", {"end": 1.0})],
     # One step-level and one guidance-level method in one policy.
     "taylorseer+adaptive-guidance": [
         ("conservative", {"taylorseer": {"interval": 2}, "adaptive-guidance": {"threshold": 0.995}}),
@@ -64,6 +83,11 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("aggressive", {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.9, "warmup": 1}}),
     ],
 }
+
+
+# Methods with fitted coefficients also run with them, fitted on seeds 0..CALIB_SEEDS-1.
+CALIBRATED = {"linear-ag": {}, "teacache": {}, "magcache": {}}
+CALIB_SEEDS = 16
 
 
 def make_policy(name: str, params: dict) -> stepcache.Policy:
@@ -121,11 +145,43 @@ def main() -> None:
         stepcache.disable(pipe)
         return images, seconds, stats
 
+    def flops(policy) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        handle = stepcache.enable(pipe, policy) if policy is not None else None
+        with FlopCounterMode(display=False) as counter:
+            generate()
+        if handle is not None:
+            stepcache.disable(pipe)
+        return float(counter.get_total_flops())
+
+    def calibrated(name: str) -> stepcache.Policy | None:
+        from stepcache.calibrate import calibrate
+
+        cond = {"prompt": labels[:CALIB_SEEDS]} if text else {"class_labels": labels[:CALIB_SEEDS]}
+        gens = [torch.Generator().manual_seed(s) for s in range(CALIB_SEEDS)]
+        try:
+            return calibrate(
+                name,
+                pipe,
+                lambda: pipe(**cond, num_inference_steps=steps, guidance_scale=guidance, generator=gens),
+                **CALIBRATED[name],
+            )
+        except stepcache.UnsupportedModelError:
+            return None
+
     reference, _, _ = timed(None)  # warm-up
+    full_flops = flops(None)
     rows = []
     for name in args.presets.split(","):
-        for setting, params in SETTINGS[name]:
-            policy = make_policy(name, params)
+        settings = list(SETTINGS[name])
+        if name in CALIBRATED:
+            settings.append(("calibrated", None))
+        for setting, params in settings:
+            policy = make_policy(name, params) if params is not None else calibrated(name)
+            if policy is None:
+                print(f"skip {name} {setting}: not applicable to {args.model}", flush=True)
+                continue
             try:
                 timed(policy)  # warm-up
             except stepcache.UnsupportedModelError as e:  # block rules on a model with no block stack
@@ -143,6 +199,7 @@ def main() -> None:
                 "preset": name,
                 "setting": setting,
                 "params": {lvl: {"method": r.method, **r.params} for lvl, r in policy.rules.items()},
+                "calibration_seeds": [0, CALIB_SEEDS - 1] if params is None else None,
                 "nfe_fraction": row_fractions(stats)[0],
                 "partial_fraction": row_fractions(stats)[1],
                 "cfg_skipped": stats["cfg_skipped"],
@@ -157,12 +214,14 @@ def main() -> None:
                 "ssim_ci": bootstrap_ci(ssim),
                 "class_acc": clf.accuracy(images, labels) if clf is not None else None,
                 "fallbacks": stats.get("fallbacks", 0),
+                "flop_fraction": flops(policy) / full_flops,
+                "cache_bytes_per_sample": stats["cache_bytes"] / args.seeds,
             }
             if real_feats is not None:
                 row["fd_domain"] = frechet_distance(real_feats[: args.seeds * 4], clf.features(images))
             rows.append(row)
             print(
-                {k: row[k] for k in ("preset", "setting", "nfe_fraction", "speedup", "psnr", "class_acc")},
+                {k: row[k] for k in ("preset", "setting", "flop_fraction", "speedup", "psnr", "class_acc")},
                 flush=True,
             )
 
@@ -201,7 +260,7 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    markers = dict(zip(SETTINGS, "osD^v<>phX", strict=False))
+    markers = dict(zip(SETTINGS, "osD^v<>phXP*dH8", strict=False))
     for name in dict.fromkeys(r["preset"] for r in rows):
         pts = sorted(
             (r for r in rows if r["preset"] == name and r["psnr"] is not None), key=lambda r: r["speedup"]

@@ -252,3 +252,20 @@ def test_feature_taylorseer_beats_reusing_the_middle_at_equal_compute(digits_pip
     assert results["reuse"][1] == results["forecast"][1]
     assert results["forecast"][1][0] < 20  # the middle (all 6 blocks here) ran on fewer steps
     assert results["forecast"][0] > results["reuse"][0]
+
+
+def test_cache_memory_is_one_residual_per_span_not_per_block(digits_pipe):
+    def cache_bytes(policy, n):
+        handle = stepcache.enable(digits_pipe, policy)
+        _run(digits_pipe, steps=6, labels=tuple(range(n)))
+        stepcache.disable(digits_pipe)
+        return handle.stats()["cache_bytes"]
+
+    # One (2n, 16 tokens, 64 channels) float32 residual is 2n * 16 * 64 * 4 bytes.
+    residual = 16 * 64 * 4
+    for n in (1, 3):
+        reuse = cache_bytes(presets.get("taylorseer-feature", order=0, interval=2), n)
+        assert reuse == 2 * n * residual  # the middle's one residual (order 0 keeps one point)
+        forecast = cache_bytes(presets.get("taylorseer-feature", order=2, interval=2), n)
+        assert forecast == 3 * 2 * n * residual  # order + 1 residuals, not one per block
+    assert cache_bytes(None, 2) == 0

@@ -25,7 +25,7 @@ from torch import nn
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
 from .interfaces import BranchRule, CallContext, RuleSet, Streams, take
-from .state import CallScratch, Generation
+from .state import CallScratch, Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
 _CFG_LAYOUTS = (None, "uncond_first", "uncond_last")
@@ -180,6 +180,7 @@ class Handle:
     def _end(self, gen: Generation) -> None:
         stack = self._stack()
         if gen in stack:
+            gen.stats.cache_bytes = tensor_bytes(gen.rule_states)
             self._last_stats = gen.stats.as_dict()
             stack.remove(gen)
         gen.rule_states.clear()

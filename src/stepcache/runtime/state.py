@@ -16,6 +16,7 @@ class Stats:
     partial: int = 0  # calls where only part of the network (or of the batch) ran
     cfg_skipped: int = 0  # unconditional rows (one per sample and step) not computed
     fallbacks: int = 0  # estimates rejected by the guard and computed instead
+    cache_bytes: int = 0  # tensor bytes the rules' caches held when the generation ended
     actions: list[str] = field(default_factory=list)  # per call: C / E / P / G
     row_actions: list[str] = field(default_factory=list)  # per call, one letter per batch row
 
@@ -45,6 +46,7 @@ class Stats:
             "partial": self.partial,
             "cfg_skipped": self.cfg_skipped,
             "fallbacks": self.fallbacks,
+            "cache_bytes": self.cache_bytes,
             "actions": list(self.actions),
             "row_actions": list(self.row_actions),
         }
@@ -62,6 +64,21 @@ class CallScratch:
     head_in: tuple | None = None
     mid_in: tuple | None = None
     skipping: bool = False  # linear stack: the middle is being skipped; U-Net: the deep branch
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensors reachable through dicts, lists and tuples."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
 
 
 class Generation:
