@@ -269,3 +269,38 @@ def test_cache_memory_is_one_residual_per_span_not_per_block(digits_pipe):
         forecast = cache_bytes(presets.get("taylorseer-feature", order=2, interval=2), n)
         assert forecast == 3 * 2 * n * residual  # order + 1 residuals, not one per block
     assert cache_bytes(None, 2) == 0
+
+
+def test_fora_replays_attention_and_mlp_outputs_between_full_steps(digits_pipe):
+    model = digits_pipe.transformer
+    q_calls, ff_calls, norm_calls = [], [], []
+    blk = model.transformer_blocks[3]
+    # Sub-layers only a real forward reaches; the block's own norm runs on every step.
+    hooks = [
+        blk.attn1.to_q.register_forward_hook(lambda m, a, o: q_calls.append(1)),
+        blk.ff.net[-1].register_forward_hook(lambda m, a, o: ff_calls.append(1)),
+        blk.norm3.register_forward_hook(lambda m, a, o: norm_calls.append(1)),
+    ]
+    reference = _run(digits_pipe)
+    q_calls.clear(), ff_calls.clear(), norm_calls.clear()
+    handle = stepcache.enable(digits_pipe, presets.get("fora", interval=3, warmup=1))
+    out = _run(digits_pipe)
+    stepcache.disable(digits_pipe)
+    for h in hooks:
+        h.remove()
+    assert "".join(handle.stats()["actions"]) == "CCPPCPPCPPCP"
+    assert len(q_calls) == len(ff_calls) == 5 and len(norm_calls) == 12
+    assert np.isfinite(out).all() and not np.array_equal(out, reference)
+    assert stepcache.metrics.psnr_per_image(out, reference).mean() > 25
+
+
+def test_fora_interval_one_is_bit_exact_and_unets_are_refused(digits_pipe):
+    import tiny
+
+    reference = _run(digits_pipe)
+    stepcache.enable(digits_pipe, presets.get("fora", interval=1))
+    out = _run(digits_pipe)
+    stepcache.disable(digits_pipe)
+    assert (out == reference).all()
+    with pytest.raises(stepcache.UnsupportedModelError, match="attention and MLP"):
+        stepcache.enable(tiny.make("unet"), "fora")

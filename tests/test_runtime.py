@@ -54,6 +54,7 @@ def test_caching_policies_change_the_output_then_disable_restores_it(family):
         presets.get("dbcache", threshold=10.0),
         presets.get("delta-dit", blocks=1, warmup=0),
         presets.get("taylorseer-feature", interval=2, warmup=2),
+        presets.get("fora", interval=2),
     ]
     for pol in policies:
         handle = stepcache.enable(model, pol)

@@ -60,6 +60,13 @@ _add(
     warmup=1,
 )
 _add(
+    "fora",
+    "fora",
+    "FORA: every block's attention and MLP outputs recomputed every 3rd step, reused in between.",
+    interval=3,
+    warmup=1,
+)
+_add(
     "deepcache",
     "deepcache",
     "DeepCache (U-Nets): full network every 3rd step; between, only the shallowest branch runs.",

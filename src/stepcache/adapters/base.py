@@ -94,6 +94,16 @@ class Adapter:
         """The repeated blocks in execution order, or None when the model has no linear stack."""
         return None
 
+    def feature_modules(self) -> list[nn.Module]:
+        """Each block's attention and feed-forward layers, in execution order (FORA's cache)."""
+        out = []
+        for blk in self.blocks() or []:
+            for child in blk.children():
+                name = type(child).__name__
+                if name.endswith("Attention") or name == "FeedForward":
+                    out.append(child)
+        return out
+
     def modulated_input(self, block: nn.Module, bound: inspect.BoundArguments) -> torch.Tensor | None:
         """The first block's timestep-modulated input (TeaCache's indicator), computed from the
         block's call arguments; None where the family has no such tensor."""

@@ -31,7 +31,7 @@ def build(policy: Policy) -> RuleSet:
 
 
 # Importing a method file registers it.
-from .block import dbcache, deepcache, delta_dit, fbcache, taylorseer_feature, teacache  # noqa: E402,F401
+from .block import dbcache, deepcache, delta_dit, fbcache, fora, taylorseer_feature, teacache  # noqa: E402,F401
 from .guidance import adaptive_guidance, cfg_cache, guidance_interval, linear_ag  # noqa: E402,F401
 from .step import adams_bashforth, fsampler, magcache, static_interval, taylorseer  # noqa: E402,F401
 

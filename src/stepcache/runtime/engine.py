@@ -119,7 +119,7 @@ class Handle:
         self._blocks: list[nn.Module] = []
         self._block_orig: list[Any] = []
         self._block_sig: list[inspect.Signature] = []
-        self._deep_module: nn.Module | None = None  # DeepCache: the module whose output is cached
+        self._replayed: set[int] = set()  # module caches: indices whose output is replayed
 
     # ---- public -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -396,14 +396,14 @@ class Handle:
             gen.templates[ctx.branch] = out
         return out
 
-    # ---- U-Net branch (DeepCache) -----------------------------------------------------------
+    # ---- module caches (DeepCache, FORA) ---------------------------------------------------
     def _branch_scratch(
         self, gen: Generation, ctx: CallContext, rows: torch.Tensor | None, row_actions: list[str]
     ) -> CallScratch:
         state = gen.state_for(ctx.branch, "block", self.rules.block)
         plan = self.rules.block.plan(ctx, state)
-        # A sub-batch cannot use the full batch's deep feature: it computes.
-        skipping = not plan and rows is None and "deep" in state
+        # A sub-batch cannot use the full batch's cached outputs: it computes.
+        skipping = not plan and rows is None and state.get("ready", False)
         if skipping:
             for r in range(len(row_actions)):
                 row_actions[r] = "P"
@@ -414,18 +414,20 @@ class Handle:
     def _branch_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
         gen = self._current()
         scratch = gen.call if gen is not None else None
-        is_deep = self._blocks[index] is self._deep_module
+        replayed = index in self._replayed
         if scratch is None or not scratch.skipping:
             out = self._block_orig[index](*args, **kwargs)
             if scratch is not None and scratch.rows is None:
-                # Shapes, not tensors, of what the skipped modules return: placeholders cost no
-                # memory between steps; only the deep feature is kept.
-                scratch.state.setdefault("shapes", {})[index] = _shapes(out)
-                if is_deep:
-                    scratch.state["deep"] = out.detach() if isinstance(out, torch.Tensor) else out
+                # Replayed modules keep their output; the others only its shapes, so their
+                # placeholders cost no memory between steps.
+                if replayed:
+                    scratch.state[index] = _detached(out)
+                else:
+                    scratch.state.setdefault("shapes", {})[index] = _shapes(out)
+                scratch.state["ready"] = True
             return out
-        if is_deep:
-            return scratch.state["deep"]
+        if replayed:
+            return scratch.state[index]
         return _placeholders(scratch.state["shapes"][index])
 
     # ---- block calls ----------------------------------------------------------------------
@@ -564,7 +566,9 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
         _HANDLES[model].disable()
     handle = Handle(target, model, adapter, rules, policy)
     if isinstance(rules.block, BranchRule):
-        blocks, handle._deep_module = _branch_modules(adapter, rules.block, model)
+        replayed, skipped = rules.block.modules(adapter, model)
+        blocks = replayed + skipped
+        handle._replayed = set(range(len(replayed)))
     else:
         blocks = adapter.blocks() if rules.block is not None else None
     if rules.block is not None and not isinstance(rules.block, BranchRule) and not blocks:
@@ -595,14 +599,12 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
     return handle
 
 
-def _branch_modules(adapter: Adapter, rule: BranchRule, model: nn.Module) -> tuple[list[nn.Module], Any]:
-    split = getattr(adapter, "branch_split", None)
-    if split is None:
-        raise UnsupportedModelError(
-            f"{type(rule).__name__} caches U-Net branches, and {type(model).__name__} ({adapter.family}) "
-            "is not a U-Net"
-        )
-    return split(rule.branch)
+def _detached(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
 
 
 def _shapes(out: Any) -> Any:

@@ -129,22 +129,24 @@ class BlockRule(ABC):
 
 
 class BranchRule(ABC):
-    """A U-Net feature cache (DeepCache): on a skipped call only the shallow branch runs.
-
-    The adapter splits the U-Net at skip branch ``branch``: the deeper down blocks, the mid
-    block and the deeper up blocks are skipped, and the last skipped up block's output (the deep
-    feature) comes from the last computed call. Decided for the whole call.
+    """A module-output cache (DeepCache, FORA): on a skipped call, chosen modules return their
+    output from the last computed call, and the modules this makes unnecessary return empty
+    placeholders of the right shape without running. Decided for the whole call.
     """
 
     level = "block"
-    branch: int = 0
 
     def new_state(self) -> dict[str, Any]:
         return {}
 
     @abstractmethod
+    def modules(self, adapter: Any, model: Any) -> tuple[list[Any], list[Any]]:
+        """(modules whose output is replayed, modules skipped outright); raise
+        UnsupportedModelError when the model has no such modules."""
+
+    @abstractmethod
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
-        """True: run the whole U-Net (and refresh the deep feature)."""
+        """True: run everything (and refresh the cached outputs)."""
 
 
 class GuidanceRule(ABC):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ...errors import UnsupportedModelError
 from ...policy import Param, RuleSchema
 from ...runtime import BranchRule, CallContext
 from .. import register_method
@@ -58,6 +59,18 @@ class DeepCache(BranchRule):
     def __init__(self, interval: int, branch: int, warmup: int, schedule: str, center: float):
         self.interval, self.branch, self.warmup = interval, branch, warmup
         self.schedule, self.center = schedule, center
+
+    def modules(self, adapter: Any, model: Any) -> tuple[list[Any], list[Any]]:
+        split = getattr(adapter, "branch_split", None)
+        if split is None:
+            raise UnsupportedModelError(
+                f"deepcache caches U-Net branches, and {type(model).__name__} ({adapter.family}) "
+                "is not a U-Net"
+            )
+        skipped, deep = split(self.branch)
+        if deep is None:
+            return [], []  # nothing deeper than this branch: everything runs
+        return [deep], [m for m in skipped if m is not deep]
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
         if ctx.step < self.warmup:
