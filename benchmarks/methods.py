@@ -67,6 +67,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("default", {}),
         ("aggressive", {"interval": 4}),
     ],
+    "fora": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "deepcache": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "adaptive-guidance": [
         ("conservative", {"threshold": 0.995}),
