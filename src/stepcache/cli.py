@@ -54,7 +54,7 @@ def demo(
         list[str] | None,
         typer.Option("--param", "-p", help="Preset parameter override KEY=VALUE (repeatable)."),
     ] = None,
-    model: Annotated[str, typer.Option(help="Zoo model key.")] = "digits-dit",
+    model: Annotated[str, typer.Option(help="Zoo model key.")] = "fmnist-dit",
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (model default if unset).")] = None,
     guidance: Annotated[
         float | None, typer.Option(min=0.0, help="CFG scale (model default if unset).")

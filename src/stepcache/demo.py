@@ -54,7 +54,7 @@ def grid_png(rows: list[np.ndarray], scale: int = 6) -> bytes:
 
 
 def run_demo(
-    model: str = "digits-dit",
+    model: str = "fmnist-dit",
     policy: PolicyLike = "fbcache",
     steps: int | None = None,
     guidance: float | None = None,

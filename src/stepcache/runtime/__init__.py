@@ -1,7 +1,18 @@
 """The policy runtime: hooks on module instances, per-generation state, the rule interfaces."""
 
 from .engine import Handle, attach, detach, handle_of
-from .interfaces import BlockRule, BranchRule, CallContext, GuidanceRule, RuleSet, StepRule, put, take
+from .interfaces import (
+    BlockRule,
+    BranchRule,
+    CallContext,
+    GuidanceRule,
+    RuleSet,
+    StepRule,
+    put,
+    put_streams,
+    take,
+    take_streams,
+)
 
 __all__ = [
     "BlockRule",
@@ -15,5 +26,7 @@ __all__ = [
     "detach",
     "handle_of",
     "put",
+    "put_streams",
     "take",
+    "take_streams",
 ]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
-from .interfaces import BranchRule, CallContext, RuleSet, Streams, take
+from .interfaces import BranchRule, CallContext, RuleSet, Streams, take_streams
 from .state import CallScratch, Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -84,10 +84,6 @@ def _scatter(full: Streams, rows: torch.Tensor, part: Streams) -> Streams:
             f.index_copy_(0, rows, p)
             out.append(f)
     return tuple(out)
-
-
-def _take_streams(streams: Streams, rows: torch.Tensor) -> Streams:
-    return tuple(take(s, rows) for s in streams)
 
 
 @dataclass
@@ -511,7 +507,7 @@ class Handle:
         residual = _sub(streams, sub_in)
         run_global = _global_rows(scratch.rows, mask, s_in[0].device)
         rule.observe(ctx, state, residual, run_global)
-        skipped = _add(_take_streams(s_in, skip_local), est)
+        skipped = _add(take_streams(s_in, skip_local), est)
         full = _scatter(s_in, run_local, streams)
         full = _scatter(full, skip_local, skipped)
         return io.format_out(full)

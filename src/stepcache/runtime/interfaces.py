@@ -63,6 +63,17 @@ def put(
     return store
 
 
+def take_streams(store: Streams, rows: torch.Tensor | None) -> Streams:
+    """The active rows of each cached stream."""
+    return tuple(take(s, rows) for s in store)
+
+
+def put_streams(store: Streams | None, rows: torch.Tensor | None, value: Streams, batch: int) -> Streams:
+    """Write each stream's rows into its full-batch cache (streams that are None stay None)."""
+    old = store or (None,) * len(value)
+    return tuple(None if v is None else put(o, rows, v, batch) for o, v in zip(old, value, strict=True))
+
+
 class StepRule(ABC):
     """Decides, per call and per row, whether the whole denoiser runs or its output is estimated."""
 

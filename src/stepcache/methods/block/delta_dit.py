@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...policy import Param, RuleSchema
-from ...runtime import BlockRule, CallContext, put, take
+from ...runtime import BlockRule, CallContext, put_streams, take_streams
 from ...runtime.interfaces import Streams
 from .. import register_method
 from ..step.static_interval import on_schedule
@@ -55,16 +55,13 @@ class DeltaDiT(BlockRule):
         return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
-        return tuple(take(r, rows) for r in state["residual", self._early(ctx)])
+        return take_streams(state["residual", self._early(ctx)], rows)
 
     def observe(
         self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
     ) -> None:
         key = ("residual", self._early(ctx))
-        old = state.get(key) or (None,) * len(residual)
-        state[key] = tuple(
-            None if r is None else put(o, rows, r, ctx.batch) for o, r in zip(old, residual, strict=True)
-        )
+        state[key] = put_streams(state.get(key), rows, residual, ctx.batch)
 
 
 def _factory(p: Mapping[str, Any]) -> DeltaDiT:

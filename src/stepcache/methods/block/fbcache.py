@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ...policy import Param, RuleSchema
-from ...runtime import BlockRule, CallContext, put, take
+from ...runtime import BlockRule, CallContext, put, put_streams, take, take_streams
 from ...runtime.interfaces import Streams
 from .. import register_method
 
@@ -61,15 +61,12 @@ class FBCache(BlockRule):
         return run
 
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
-        return tuple(take(r, rows) for r in state["residual"])
+        return take_streams(state["residual"], rows)
 
     def observe(
         self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
     ) -> None:
-        old = state.get("residual") or (None,) * len(residual)
-        state["residual"] = tuple(
-            None if r is None else put(o, rows, r, ctx.batch) for o, r in zip(old, residual, strict=True)
-        )
+        state["residual"] = put_streams(state.get("residual"), rows, residual, ctx.batch)
         state["head"] = put(state.get("head"), rows, take(state["head_now"], rows), ctx.batch)
         if "reused" not in state:
             state["reused"] = torch.zeros(ctx.batch, dtype=torch.long, device=residual[0].device)
