@@ -72,7 +72,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
     "adaptive-guidance": [
         ("conservative", {"threshold": 0.995}),
         ("default", {}),
-        ("aggressive", {"threshold": 0.9, "warmup": 1}),
+        ("aggressive", {"threshold": 0.98, "warmup": 1}),
     ],
     "guidance-interval": [("conservative", {"end": 0.85}), ("default", {}), ("aggressive", {"end": 0.5})],
     "cfg-cache": [("conservative", {"warmup": 4}), ("default", {}), ("aggressive", {"interval": 3})],
@@ -81,7 +81,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
     "taylorseer+adaptive-guidance": [
         ("conservative", {"taylorseer": {"interval": 2}, "adaptive-guidance": {"threshold": 0.995}}),
         ("default", {"taylorseer": {}, "adaptive-guidance": {}}),
-        ("aggressive", {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.9, "warmup": 1}}),
+        ("aggressive", {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.98, "warmup": 1}}),
     ],
 }
 

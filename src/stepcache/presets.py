@@ -127,8 +127,8 @@ _add(
 _add(
     "adaptive-guidance",
     "adaptive-guidance",
-    "Adaptive Guidance: stop a sample's unconditional pass once cos(cond, uncond) passes 0.97.",
-    threshold=0.97,
+    "Adaptive Guidance: stop a sample's unconditional pass once cos(cond, uncond) passes 0.99.",
+    threshold=0.99,
     warmup=2,
 )
 _add(

@@ -25,7 +25,7 @@ SCHEMA = RuleSchema(
     params={
         "threshold": Param(
             "float",
-            0.97,
+            0.99,
             "cosine similarity past which guidance stops (the paper tunes it per model; higher keeps "
             "more unconditional passes)",
             min=-1.0,
