@@ -70,7 +70,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
     "fora": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "deepcache": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "adaptive-guidance": [
-        ("conservative", {"threshold": 0.995}),
+        ("conservative", {"threshold": 0.999}),
         ("default", {}),
         ("aggressive", {"threshold": 0.98, "warmup": 1}),
     ],
@@ -79,7 +79,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
     "linear-ag": [("conservative", {"end": 0.3}), ("default", {}), ("aggressive", {"end": 1.0})],
     # One step-level and one guidance-level method in one policy.
     "taylorseer+adaptive-guidance": [
-        ("conservative", {"taylorseer": {"interval": 2}, "adaptive-guidance": {"threshold": 0.995}}),
+        ("conservative", {"taylorseer": {"interval": 2}, "adaptive-guidance": {"threshold": 0.999}}),
         ("default", {"taylorseer": {}, "adaptive-guidance": {}}),
         ("aggressive", {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.98, "warmup": 1}}),
     ],
