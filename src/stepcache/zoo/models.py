@@ -149,7 +149,7 @@ MODELS: dict[str, ZooModel] = {
             default_guidance=4.0,
             conditioning="text",
             train=TrainConfig(
-                steps=2000, batch_size=128, lr=1e-3, warmup=100, ema=0.998, checkpoint_every=250
+                steps=4000, batch_size=128, lr=1e-3, warmup=100, ema=0.998, checkpoint_every=250
             ),
         ),
     ]
