@@ -268,3 +268,22 @@ def test_calibrated_magcache_ratios_have_one_per_step(digits_pipe):
     assert len(ratios) == 7 and ratios[0] == 1.0 and all(0.2 < r < 5 for r in ratios)
     with pytest.raises(ValueError, match="nothing to fit"):
         calibrate("fbcache", digits_pipe, run)
+
+
+def test_guidance_on_the_zoo_unet_pipeline_finds_its_unconditional_half():
+    """The zoo's class pipeline puts the null label last around a U-Net too (diffusers' U-Net
+    pipelines put it first): the runtime must take the layout the pipeline declares."""
+    import numpy as np
+
+    from stepcache import zoo
+
+    pipe = zoo.load("fmnist-unet")
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    reference = pipe(class_labels=[3, 8], num_inference_steps=6, generator=gens).images
+    handle = stepcache.enable(pipe, presets.get("guidance-interval", end=0.5))
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    out = pipe(class_labels=[3, 8], num_inference_steps=6, generator=gens).images
+    stepcache.disable(pipe)
+    assert "".join(handle.stats()["actions"]) == "CCCGGG"
+    assert [r for r in handle.stats()["row_actions"][3:]] == ["CCGG"] * 3  # rows 2, 3 are the null label
+    assert not np.array_equal(out, reference) and np.isfinite(out).all()

@@ -192,7 +192,12 @@ class Handle:
         do_cfg = caller_locals.get("do_classifier_free_guidance")
         if not isinstance(do_cfg, bool):
             do_cfg = getattr(self.target, "do_classifier_free_guidance", False)
-        return self.adapter.pipeline_cfg_layout if do_cfg is True else None
+        if do_cfg is not True:
+            return None
+        # A pipeline may declare its own layout (the zoo's class-conditional pipeline puts the
+        # unconditional half last even around a U-Net); otherwise the family's convention.
+        declared = getattr(type(self.target), "stepcache_cfg_layout", None)
+        return declared if declared in ("uncond_first", "uncond_last") else self.adapter.pipeline_cfg_layout
 
     # ---- the denoiser call ----------------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:

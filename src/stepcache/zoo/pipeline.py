@@ -16,7 +16,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
-    """Holds either a DiT (``transformer``) or a class-embedding UNet2DModel (``unet``)."""
+    """Holds either a DiT (``transformer``) or a class-embedding UNet2DModel (``unet``).
+
+    With CFG the batch is [conditional, unconditional (null label)], as diffusers' DiT pipeline
+    orders it, whichever denoiser it holds; ``stepcache_cfg_layout`` tells stepcache so.
+    """
+
+    stepcache_cfg_layout = "uncond_last"
 
     def __init__(
         self,
@@ -58,20 +64,24 @@ class ClassConditionalPipeline(DiffusionPipeline):
         _check_common(num_inference_steps, output_type)
         model = self.denoiser
         device, dtype = self._execution_device, model.dtype
-        cfg = guidance_scale > 1.0
+        do_classifier_free_guidance = guidance_scale > 1.0  # the local is read by stepcache
         size = int(model.config.sample_size)
         shape = (labels.numel(), int(model.config.in_channels), size, size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         labels = labels.to(device)
-        model_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if cfg else labels
+        model_labels = (
+            torch.cat([labels, torch.full_like(labels, self.num_classes)])
+            if do_classifier_free_guidance
+            else labels
+        )
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         with self.progress_bar(total=len(timesteps)) as bar:
             for t in timesteps:
-                x_in = torch.cat([x, x]) if cfg else x
+                x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
                 v = model(x_in, timestep=t.expand(x_in.shape[0]), class_labels=model_labels).sample
-                if cfg:
+                if do_classifier_free_guidance:
                     v_cond, v_uncond = v.chunk(2)
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)
                 x = self.scheduler.step(v, t, x).prev_sample
