@@ -81,7 +81,10 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
     "taylorseer+adaptive-guidance": [
         ("conservative", {"taylorseer": {"interval": 2}, "adaptive-guidance": {"threshold": 0.999}}),
         ("default", {"taylorseer": {}, "adaptive-guidance": {}}),
-        ("aggressive", {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.98, "warmup": 1}}),
+        (
+            "aggressive",
+            {"taylorseer": {"interval": 4}, "adaptive-guidance": {"threshold": 0.98, "warmup": 1}},
+        ),
     ],
 }
 

@@ -30,8 +30,7 @@ def methods_table(doc: dict) -> str:
         cells = [
             f"`{r['preset']}`",
             r["setting"],
-            f"{r['nfe_fraction']:.0%}"
-            + (f" (+{r['partial_fraction']:.0%} part)" if r["partial_fraction"] else ""),
+            f"{r['flop_fraction']:.0%}",
             str(r.get("cfg_skipped", 0)),
             f"{r['speedup']:.2f}×",
             psnr,
