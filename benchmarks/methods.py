@@ -16,6 +16,7 @@ Run: python benchmarks/methods.py --model fmnist-dit [--seeds 64] [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -113,7 +114,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--presets", default=",".join(SETTINGS))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the committed JSON")
     args = ap.parse_args()
+    if args.replot:
+        doc = json.loads((ROOT / "benchmarks" / "results" / f"methods-{args.model}.json").read_text())
+        plot(doc["runs"], args.model, ROOT / "docs" / f"methods-{args.model}.png")
+        return
 
     pipe = zoo.load(args.model)
     steps, guidance = pipe.default_steps, pipe.default_guidance
@@ -263,14 +269,19 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    markers = dict(zip(SETTINGS, "osD^v<>phXP*dH8", strict=False))
-    for name in dict.fromkeys(r["preset"] for r in rows):
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    names = list(dict.fromkeys(r["preset"] for r in rows))
+    markers = "osD^v<>phXP*dH8"
+    for i, name in enumerate(names):
         pts = sorted(
             (r for r in rows if r["preset"] == name and r["psnr"] is not None), key=lambda r: r["speedup"]
         )
         ax.plot(
-            [r["speedup"] for r in pts], [r["psnr"] for r in pts], marker=markers.get(name, "o"), label=name
+            [r["speedup"] for r in pts],
+            [r["psnr"] for r in pts],
+            marker=markers[i % len(markers)],
+            color=plt.cm.tab20(i % 20),
+            label=name,
         )
         for r in pts:
             lo, hi = r["psnr_ci"]
@@ -281,7 +292,7 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
     ax.set_ylabel("PSNR vs full compute (dB), 95% CI")
     ax.set_title(f"{model}: speed vs fidelity (CPU)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
