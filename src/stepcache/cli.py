@@ -48,7 +48,7 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 
 @app.command()
 def demo(
-    preset: Annotated[str, typer.Option(help="Preset to compare with full compute.")] = "static-interval",
+    preset: Annotated[str, typer.Option(help="Preset to compare with full compute.")] = "adams-bashforth",
     policy: Annotated[Path | None, typer.Option(help="A policy JSON file (instead of --preset).")] = None,
     param: Annotated[
         list[str] | None,
