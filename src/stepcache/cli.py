@@ -14,7 +14,7 @@ from rich.table import Table
 
 from . import presets as preset_registry
 from . import zoo as zoo_registry
-from .errors import PolicyError
+from .errors import PolicyError, UnsupportedModelError
 
 app = typer.Typer(help="stepcache: training-free acceleration of diffusion sampling.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The benchmark models we train and ship.", no_args_is_help=True)
@@ -156,8 +156,11 @@ def calibrate(
     def run() -> None:
         pipe(**conditions(pipe, samples), num_inference_steps=n_steps, guidance_scale=scale, generator=gens)
 
-    with console.status(f"recording {samples} full-compute samples of {model}"):
-        pol = fit(method, pipe, run, **_parse_params(param or []))
+    try:
+        with console.status(f"recording {samples} full-compute samples of {model}"):
+            pol = fit(method, pipe, run, **_parse_params(param or []))
+    except (UnsupportedModelError, ValueError) as e:  # e.g. teacache on a U-Net; nothing is written
+        raise typer.BadParameter(str(e), param_hint="METHOD / --model") from None
     meta = {
         "model": model,
         "steps": n_steps,
