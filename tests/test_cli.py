@@ -136,7 +136,10 @@ def test_calibrate_writes_a_policy_that_loads_and_runs(tmp_path, digits_pipe):
         (["calibrate", "fbcache"], "no coefficients to fit"),
         (["calibrate", "magcache", "--model", "nope"], "unknown model"),
         (["calibrate", "linear-ag", "-p", "end=2"], "linear-ag.end"),
-        (["calibrate", "teacache", "--model", "fmnist-unet", "--samples", "1", "--steps", "2"], "block stack"),
+        (
+            ["calibrate", "teacache", "--model", "fmnist-unet", "--samples", "1", "--steps", "2"],
+            "block stack",
+        ),
     ],
 )
 def test_calibrate_bad_arguments_write_nothing(tmp_path, args, message):
