@@ -73,20 +73,14 @@ class _StackRecorder(BlockRule):
         self.residuals.append(residual[0].detach().float().cpu())
 
 
-def record(
-    pipe: Any, run: Callable[[], Any], stack: bool = False
-) -> tuple[_StepRecorder, _PairRecorder, _StackRecorder | None]:
-    """Run ``run()`` (full-compute generations of ``pipe``) with recorders attached; ``stack``
-    also records the block stack (models with a linear block stack only)."""
+def record(pipe: Any, run: Callable[[], Any], recorders: RuleSet) -> None:
+    """Run ``run()`` (full-compute generations of ``pipe``) with the recording rules attached."""
     model = find_denoiser(pipe)
-    steps, pairs = _StepRecorder(), _PairRecorder()
-    blocks = _StackRecorder() if stack else None
-    attach(pipe, model, adapter_for(model), RuleSet(step=steps, block=blocks, guidance=pairs), None)
+    attach(pipe, model, adapter_for(model), recorders, None)
     try:
         run()
     finally:
         detach(model)
-    return steps, pairs, blocks
 
 
 def fit_linear_ag(pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> list[float]:
@@ -142,13 +136,19 @@ def calibrate(method: str, pipe: Any, run: Callable[[], Any], **overrides: Any) 
     """The ``method`` preset with coefficients fitted on the generations ``run()`` makes."""
     if method not in CALIBRATED:
         raise ValueError(f"calibrate: {method!r} has nothing to fit; methods with coefficients: {CALIBRATED}")
-    steps, pairs, stack = record(pipe, run, stack=method == "teacache")
-    if stack is not None:
+    # Each method records only what its fit reads.
+    if method == "teacache":
+        stack = _StackRecorder()
+        record(pipe, run, RuleSet(block=stack))
         return presets.get(method, coefficients=fit_teacache(stack), **overrides)
     if method == "linear-ag":
+        pairs = _PairRecorder()
+        record(pipe, run, RuleSet(guidance=pairs))
         if not pairs.pairs:
             raise ValueError(
                 "calibrate linear-ag: the runs had no batched classifier-free guidance to record"
             )
         return presets.get(method, coefficients=fit_linear_ag(pairs.pairs), **overrides)
+    steps = _StepRecorder()
+    record(pipe, run, RuleSet(step=steps))
     return presets.get(method, ratios=fit_magcache(steps.outputs), **overrides)

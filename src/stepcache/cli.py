@@ -145,7 +145,8 @@ def calibrate(
         )
     _zoo_key(model)
     try:
-        preset_registry.get(method, **_parse_params(param or []))  # check the overrides before the work
+        overrides = _parse_params(param or [])
+        preset_registry.get(method, **overrides)  # check the overrides before the work
     except PolicyError as e:
         raise typer.BadParameter(str(e), param_hint="--param") from None
     pipe = zoo_registry.load(model)
@@ -158,7 +159,7 @@ def calibrate(
 
     try:
         with console.status(f"recording {samples} full-compute samples of {model}"):
-            pol = fit(method, pipe, run, **_parse_params(param or []))
+            pol = fit(method, pipe, run, **overrides)
     except (UnsupportedModelError, ValueError) as e:  # e.g. teacache on a U-Net; nothing is written
         raise typer.BadParameter(str(e), param_hint="METHOD / --model") from None
     meta = {

@@ -276,7 +276,7 @@ class Handle:
             out = self._run(gen, ctx, bound, None, row_actions)
             full = _first(out)
         else:
-            run_rows = torch.nonzero(run).reshape(-1).to(device)
+            run_rows = _global_rows(None, run, device)
             out = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
             part = _first(out)
             full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
@@ -292,7 +292,7 @@ class Handle:
             if step_run is None:
                 rule.observe(ctx, state, full, None)
             else:
-                rows = torch.nonzero(step_run).reshape(-1).to(device)
+                rows = _global_rows(None, step_run, device)
                 rule.observe(ctx, state, full.index_select(0, rows), rows)
         gen.stats.record(row_actions)
         return out if full is _first(out) else _replace_first(out, full)
