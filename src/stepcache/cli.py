@@ -175,6 +175,238 @@ def calibrate(
     print(out)
 
 
+def _bench_progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _print_bench(doc: dict[str, Any], out: Path) -> None:
+    import math
+
+    table = Table(title=f"{doc['model']} on {doc['device']}: {doc['protocol']['num_seeds']} seeds")
+    table.add_column("run", min_width=30, overflow="fold")
+    for col in ("speedup", "FLOP", "PSNR dB", "FD-dom", "acc"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def fmt(v: Any, spec: str) -> str:
+        if v is None:
+            return "-"
+        return "same" if isinstance(v, float) and math.isinf(v) else format(v, spec)
+
+    for r in doc["runs"]:
+        table.add_row(
+            r["name"],
+            fmt(r["speedup"], ".2f") + "x",
+            fmt(r["flop_fraction"], ".2f"),
+            fmt(r["psnr"], ".1f"),
+            fmt(r["fd_domain"], ".1f"),
+            fmt(r["class_acc"], ".0%"),
+        )
+    console.print(table)
+    for u in doc.get("unavailable", []):
+        console.print(f"[yellow]not run[/yellow] {u['name']}: {u['reason']}")
+    print(out / "result.json")
+    print(out / "report.html")
+
+
+def _run_bench(fn: Any, **kwargs: Any) -> dict[str, Any]:
+    with _bench_progress() as bar:
+        task = bar.add_task("measuring", total=None)
+
+        def progress(name: str, i: int, n: int) -> None:
+            bar.update(task, total=n, completed=i, description=f"measuring {name}")
+
+        try:
+            doc = fn(progress=progress, command=_command(), **kwargs)
+        except (ValueError, PolicyError) as e:
+            raise typer.BadParameter(str(e)) from None
+        bar.update(task, completed=len(doc["runs"]), description="done")
+    return doc
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="Zoo model key.")],
+    out: Annotated[Path, typer.Option(help="Folder for result.json, samples and report.html.")],
+    preset: Annotated[
+        list[str] | None, typer.Option("--preset", help="Preset to measure (repeatable).")
+    ] = None,
+    policy: Annotated[
+        list[Path] | None, typer.Option("--policy", help="Policy JSON file (repeatable).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
+    seeds: Annotated[int, typer.Option(help="Evaluation seeds (10000, 10001, ...).")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per run (median reported).")] = 5,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
+) -> None:
+    """Measure policies against full compute: speedup, FLOPs, PSNR/SSIM with CIs, FD, accuracy."""
+    from .bench import bench as run
+    from .bench import policies_from
+
+    if not preset and not policy:
+        raise typer.BadParameter("give at least one --preset or --policy")
+    _zoo_key(model)
+    try:
+        cands = policies_from(preset, [str(p) for p in policy or []])
+    except (ValueError, PolicyError) as e:
+        raise typer.BadParameter(str(e), param_hint="--preset / --policy") from None
+    doc = _run_bench(
+        run,
+        model=model,
+        candidates=cands,
+        out_dir=out,
+        steps=steps,
+        seeds=seeds,
+        repeats=repeats,
+        guidance=guidance,
+    )
+    _print_bench(doc, out)
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Argument(help="Zoo model key.")],
+    out: Annotated[Path, typer.Option(help="Folder for result.json, samples and report.html.")],
+    peers: Annotated[str, typer.Option(help="Comma-separated peers: cache-dit, diffusers ('' for none).")] = (
+        "cache-dit,diffusers"
+    ),
+    policy: Annotated[
+        list[Path] | None,
+        typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
+    seeds: Annotated[int, typer.Option(help="Evaluation seeds (10000, 10001, ...).")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per run (median reported).")] = 5,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
+) -> None:
+    """stepcache's preset sweep vs cache-dit and diffusers' cache hooks, same model, seeds and steps."""
+    from .bench.compare import compare as run
+    from .policy import Policy
+
+    _zoo_key(model)
+    try:
+        pols = [Policy.load(p) for p in policy or []]
+    except PolicyError as e:
+        raise typer.BadParameter(str(e), param_hint="--policy") from None
+    names = [p.strip() for p in peers.split(",") if p.strip()]
+    doc = _run_bench(
+        run,
+        model=model,
+        peers=names,
+        policies=pols,
+        out_dir=out,
+        steps=steps,
+        seeds=seeds,
+        repeats=repeats,
+        guidance=guidance,
+    )
+    _print_bench(doc, out)
+
+
+@app.command()
+def search(
+    model: Annotated[str, typer.Argument(help="Zoo model key.")],
+    out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
+    speedup: Annotated[float | None, typer.Option(help="Target: this measured speedup, best PSNR.")] = None,
+    min_psnr: Annotated[float | None, typer.Option(help="Target: PSNR >= this (dB), fastest.")] = None,
+    budget: Annotated[
+        float, typer.Option(help="Full-generation equivalents of the calibration batch.")
+    ] = 10.0,
+    searcher: Annotated[str, typer.Option(help="tpe, nsga2, cmaes, random, planner or evolution.")] = "tpe",
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default: sqlite file beside --out).")
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="Study name; the same name resumes it.")] = None,
+    calib_seeds: Annotated[int, typer.Option(help="Calibration seeds 0..K-1.")] = 16,
+    heldout_seeds: Annotated[int, typer.Option(help="Held-out seeds 10000..10000+M-1.")] = 16,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+) -> None:
+    """Find the policy that meets a target (--speedup X or --min-psnr Q) without gradients."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .search import SearchError
+    from .search import search as run
+
+    _zoo_key(model)
+    if storage is None and searcher != "evolution":
+        storage = "sqlite:///" + str(out.with_suffix(".optuna.db"))
+    with Progress(
+        TextColumn("budget"),
+        BarColumn(),
+        TextColumn("{task.completed:.2f}/{task.total:g} gen-equiv"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("", total=budget)
+        try:
+            pol = run(
+                model,
+                speedup=speedup,
+                min_psnr=min_psnr,
+                budget=budget,
+                searcher=searcher,
+                storage=storage,
+                study=study,
+                calib_seeds=calib_seeds,
+                heldout_seeds=heldout_seeds,
+                steps=steps,
+                guidance=guidance,
+                out=out,
+                seed=seed,
+                command=_command(),
+                progress=lambda used, total, note: bar.update(task, completed=used, description=note),
+            )
+        except (SearchError, PolicyError) as e:
+            raise typer.BadParameter(str(e)) from None
+    meta = pol.meta
+    cal, held, oracle = meta["calibration"], meta["heldout"], meta["oracle"]
+    table = Table(
+        title=f"{pol.name}: {meta['search']['evaluated']} candidates, {meta['budget_used']:.2f} gen-equiv"
+    )
+    for col in ("", "PSNR dB", "speedup"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row(
+        f"calibration seeds {cal['seeds']}",
+        f"{cal['psnr']:.2f}",
+        f"{cal['predicted_speedup']:.2f}x predicted",
+    )
+    table.add_row(
+        f"held-out seeds {held['seeds']}", f"{held['psnr']:.2f}", f"{held['measured_speedup']:.2f}x measured"
+    )
+    if oracle.get("speedup"):
+        table.add_row(
+            "oracle (planner on held-out)", f"{oracle['psnr']:.2f}", f"{oracle['speedup']:.2f}x predicted"
+        )
+    console.print(table)
+    if not meta["target"]["met_on_calibration"]:
+        console.print(
+            "[yellow]target not met on the calibration seeds: this is the closest policy found[/yellow]"
+        )
+    print(out)
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="A folder written by bench or compare.")]) -> None:
+    """Regenerate DIR/report.html from DIR/result.json."""
+    from .bench import write_report
+
+    try:
+        path = write_report(out)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="DIR") from None
+    print(path)
+
+
 @app.command("presets")
 def presets_cmd() -> None:
     """List the presets with a one-line description each."""

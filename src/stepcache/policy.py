@@ -172,6 +172,8 @@ _META_FIELDS: dict[str, tuple[type, ...]] = {
     "calibration": (dict,),
     "heldout": (dict,),
     "pareto": (list,),
+    "oracle": (dict,),
+    "search": (dict,),
     "notes": (str,),
 }
 

@@ -107,6 +107,14 @@ _add(
     warmup=3,
 )
 _add(
+    "schedule",
+    "schedule",
+    "Planned schedule (what `stepcache search` writes): a per-step compute mask, the rest extrapolated.",
+    mask=[True, True, True, True] + [True, False] * 8,
+    order=1,
+    variable="timestep",
+)
+_add(
     "adams-bashforth",
     "adams-bashforth",
     "AB-Cache: compute every 2nd step; extrapolate the others from the last two outputs (in timestep).",

@@ -33,6 +33,6 @@ def build(policy: Policy) -> RuleSet:
 # Importing a method file registers it.
 from .block import dbcache, deepcache, delta_dit, fbcache, fora, taylorseer_feature, teacache  # noqa: E402,F401
 from .guidance import adaptive_guidance, cfg_cache, guidance_interval, linear_ag  # noqa: E402,F401
-from .step import adams_bashforth, fsampler, magcache, static_interval, taylorseer  # noqa: E402,F401
+from .step import adams_bashforth, fsampler, magcache, schedule, static_interval, taylorseer  # noqa: E402,F401
 
 __all__ = ["build", "register_method"]

@@ -29,6 +29,12 @@ SCHEMA = RuleSchema(
             "int", 2, "compute both passes every interval-th step after warm-up", min=1, max=1000
         ),
         "warmup": Param("int", 2, "steps that always run guidance", min=0, max=100_000),
+        "mask": Param(
+            "bool_list",
+            None,
+            "per-step: true runs both passes; overrides interval/warmup; steps past its end run both",
+            nullable=True,
+        ),
         "max_drift": Param(
             "float",
             None,
@@ -45,11 +51,16 @@ def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class CfgCache(GuidanceRule):
-    def __init__(self, interval: int, warmup: int, max_drift: float | None):
-        self.interval, self.warmup, self.max_drift = interval, warmup, max_drift
+    def __init__(self, interval: int, warmup: int, max_drift: float | None, mask: list[bool] | None = None):
+        self.interval, self.warmup, self.max_drift, self.mask = interval, warmup, max_drift, mask
+
+    def _scheduled(self, step: int) -> bool:
+        if self.mask is not None:
+            return step >= len(self.mask) or self.mask[step]
+        return on_schedule(step, self.interval, self.warmup)
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool | torch.Tensor:
-        if "delta" not in state or on_schedule(ctx.step, self.interval, self.warmup):
+        if "delta" not in state or self._scheduled(ctx.step):
             return True
         return state["need"]  # pairs never cached (their rows were a step rule's) or drifted
 
@@ -78,7 +89,7 @@ class CfgCache(GuidanceRule):
 
 
 def _factory(p: Mapping[str, Any]) -> CfgCache:
-    return CfgCache(p["interval"], p["warmup"], p["max_drift"])
+    return CfgCache(p["interval"], p["warmup"], p["max_drift"], p["mask"])
 
 
 register_method(SCHEMA, _factory)

@@ -1,0 +1,140 @@
+"""Searched policies vs presets, peers and the AutoDiffusion-style baseline, on one zoo model.
+
+For each speedup target: ``stepcache.search`` with TPE (seeded by the planner) and the
+evolutionary timestep baseline, both at the same budget, calibrated on seeds 0..15. Then one
+``compare`` run measures, side by side on the held-out seeds 10000..10015, the preset sweep, the
+peers (cache-dit, diffusers' hooks) and every searched policy. The summary puts each searched
+policy beside the best preset and the best peer at its measured speedup, its calibration vs
+held-out PSNR gap, its budget, and the oracle limit.
+
+Writes benchmarks/results/search-MODEL.json (summary), benchmarks/results/compare-MODEL/
+(result.json, report.html, samples) and the searched policies under benchmarks/results/policies/.
+Run: OMP_NUM_THREADS=1 python benchmarks/search.py --model fmnist-dit [--targets 2,3,4] [--budget 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from stepcache._env import environment
+from stepcache._io import atomic_write_json
+from stepcache.bench.compare import compare
+from stepcache.policy import Policy
+from stepcache.search import search
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def best_at(runs: list[dict], speed: float, kinds: tuple[str, ...], peer: bool) -> dict | None:
+    """The highest-PSNR run of these kinds at least as fast as ``speed`` (5% timing tolerance)."""
+    ok = [
+        r
+        for r in runs
+        if r["kind"] in kinds
+        and (r["kind"] == "peer") == peer
+        and r["speedup"] >= 0.95 * speed
+        and math.isfinite(r["psnr"])
+    ]
+    return max(ok, key=lambda r: r["psnr"]) if ok else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="fmnist-dit")
+    ap.add_argument("--targets", default="2,3,4")
+    ap.add_argument("--budget", type=float, default=10.0)
+    ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peers", default="cache-dit,diffusers")
+    args = ap.parse_args()
+    targets = [float(t) for t in args.targets.split(",")]
+    pol_dir = ROOT / "benchmarks" / "results" / "policies"
+    searched: list[tuple[float, str, Policy]] = []
+    for target in targets:
+        for searcher in ("tpe", "evolution"):
+            out = pol_dir / f"{args.model}-{searcher}-{target:g}x.json"
+            print(f"search {args.model} {searcher} {target}x", flush=True)
+            pol = search(
+                args.model,
+                speedup=target,
+                budget=args.budget,
+                searcher=searcher,
+                calib_seeds=args.seeds,
+                heldout_seeds=args.seeds,
+                oracle=searcher == "tpe",
+                out=out,
+                command="python " + " ".join(sys.argv),
+            )
+            pol = Policy.from_dict({**pol.to_dict(), "name": f"searched {searcher} {target:g}x"})
+            searched.append((target, searcher, pol))
+            print(json.dumps({k: pol.meta[k] for k in ("calibration", "heldout", "budget_used")}), flush=True)
+
+    out_dir = ROOT / "benchmarks" / "results" / f"compare-{args.model}"
+    doc = compare(
+        args.model,
+        out_dir,
+        peers=[p for p in args.peers.split(",") if p],
+        policies=[p for _, _, p in searched],
+        seeds=args.seeds,
+        repeats=args.repeats,
+        command="python " + " ".join(sys.argv),
+        progress=lambda name, i, n: print(f"[{i + 1}/{n}] {name}", flush=True),
+    )
+    runs = {r["name"]: r for r in doc["runs"]}
+    rows = []
+    for target, searcher, pol in searched:
+        r = runs[pol.name]
+        # presets only: the searched policies are stepcache runs too
+        preset = best_at(
+            [x for x in doc["runs"] if not x["name"].startswith("searched")],
+            r["speedup"],
+            ("stepcache",),
+            peer=False,
+        )
+        peer = best_at(doc["runs"], r["speedup"], ("peer",), peer=True)
+        meta = pol.meta
+        rows.append(
+            {
+                "target": target,
+                "searcher": searcher,
+                "measured_speedup": r["speedup"],
+                "heldout_psnr": r["psnr"],
+                "heldout_fd_domain": r["fd_domain"],
+                "calibration_psnr": meta["calibration"]["psnr"],
+                "calibration_minus_heldout_db": meta["calibration"]["psnr"] - meta["heldout"]["psnr"],
+                "budget_used": meta["budget_used"],
+                "best_preset": None
+                if preset is None
+                else {k: preset[k] for k in ("name", "speedup", "psnr")},
+                "best_peer": None if peer is None else {k: peer[k] for k in ("name", "speedup", "psnr")},
+                "oracle": meta.get("oracle") or None,
+            }
+        )
+        print(rows[-1], flush=True)
+    atomic_write_json(
+        ROOT / "benchmarks" / "results" / f"search-{args.model}.json",
+        {
+            "benchmark": "search",
+            "model": args.model,
+            **environment(ROOT),
+            "threads": torch.get_num_threads(),
+            "command": "python " + " ".join(sys.argv),
+            "protocol": {
+                "budget": args.budget,
+                "calib_seeds": [0, args.seeds - 1],
+                "heldout_seeds": [10_000, 10_000 + args.seeds - 1],
+                "repeats": args.repeats,
+            },
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

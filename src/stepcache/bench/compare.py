@@ -1,0 +1,115 @@
+"""``compare``: stepcache's presets and the peers' settings measured in one process on one model.
+
+The stepcache side is a sweep of every preset at its default and at more aggressive settings
+(plus any policy files the user passes, e.g. searched ones); the peer side is
+``bench.peers.peer_runs``. A run that cannot work on the model is reported, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .. import presets, zoo
+from ..api import disable, enable
+from ..errors import UnsupportedModelError
+from ..policy import Policy
+from .harness import Candidate, bench, check_args, peer_candidate, policy_candidate
+
+# (preset, overrides): the default and a faster setting of each method, a mixed policy, and the
+# fixed-schedule extrapolators at the intervals that reach 3x and 4x.
+SWEEP: list[tuple[str, dict[str, Any]]] = [
+    ("static-interval", {}),
+    ("static-interval", {"interval": 3}),
+    ("adams-bashforth", {}),
+    ("adams-bashforth", {"interval": 3}),
+    ("adams-bashforth", {"interval": 4}),
+    ("taylorseer", {}),
+    ("taylorseer", {"interval": 4, "warmup": 2}),
+    ("fsampler", {}),
+    ("magcache", {}),
+    ("magcache", {"threshold": 0.3, "max_consecutive": 3}),
+    ("teacache", {}),
+    ("teacache", {"threshold": 0.4}),
+    ("fbcache", {}),
+    ("fbcache", {"threshold": 0.3, "max_consecutive": 4}),
+    ("dbcache", {}),
+    ("dbcache", {"threshold": 0.3, "max_consecutive": 4}),
+    ("taylorseer-feature", {}),
+    ("fora", {}),
+    ("deepcache", {}),
+    ("deepcache", {"interval": 5}),
+    ("adaptive-guidance", {}),
+    ("cfg-cache", {}),
+]
+
+
+def sweep_name(preset: str, overrides: dict[str, Any]) -> str:
+    if not overrides:
+        return preset
+    return preset + " " + " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def stepcache_candidates(
+    pipe: Any, sweep: list[tuple[str, dict[str, Any]]] | None = None, policies: list[Policy] | None = None
+) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """Candidates for the sweep and the given policies; those the model does not support are
+    returned as unavailable entries instead."""
+    cands, unavailable = [], []
+    items = [(sweep_name(p, o), presets.get(p, **o)) for p, o in (SWEEP if sweep is None else sweep)]
+    items += [(pol.name or f"policy {i}", pol) for i, pol in enumerate(policies or [])]
+    for name, pol in items:
+        try:
+            enable(pipe, pol)
+        except UnsupportedModelError as e:
+            unavailable.append({"name": name, "kind": "stepcache", "reason": str(e)})
+            continue
+        finally:
+            disable(pipe)
+        cands.append(policy_candidate(pol, name))
+    return cands, unavailable
+
+
+def compare(
+    model: str,
+    out_dir: str | os.PathLike,
+    peers: list[str] | None = None,
+    policies: list[Policy] | None = None,
+    sweep: list[tuple[str, dict[str, Any]]] | None = None,
+    steps: int | None = None,
+    seeds: int = 16,
+    repeats: int = 5,
+    guidance: float | None = None,
+    command: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """stepcache's sweep (and ``policies``) vs the named peers on zoo model ``model``."""
+    from .peers import PEERS, Unavailable, peer_runs
+
+    peers = list(PEERS) if peers is None else peers
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise ValueError(
+            f"peers: unknown peer(s) {', '.join(map(repr, bad))}; choose from {', '.join(PEERS)}"
+        )
+    check_args(model, out_dir, steps, seeds, repeats)
+    pipe = zoo.load(model)
+    cands, unavailable = stepcache_candidates(pipe, sweep, policies)
+    for run in peer_runs(pipe, peers) if peers else []:
+        if isinstance(run, Unavailable):
+            unavailable.append({"name": run.name, "kind": "peer", "peer": run.peer, "reason": run.reason})
+        else:
+            cands.append(peer_candidate(run))
+    return bench(
+        model,
+        cands,
+        out_dir,
+        steps=steps,
+        seeds=seeds,
+        repeats=repeats,
+        guidance=guidance,
+        unavailable=unavailable,
+        command=command,
+        progress=progress,
+    )

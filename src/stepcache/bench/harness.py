@@ -1,0 +1,406 @@
+"""Measure accelerations side by side on one model, seeds, steps and guidance (DESIGN.md §5).
+
+Each candidate (the reference itself, a stepcache policy, a peer setting) runs on the same batch
+of evaluation seeds. Per candidate: a warm-up run (excluded from timing) gives its images and its
+per-step actions, one run under torch's FLOP counter gives its FLOPs, then ``repeats`` timed runs
+interleaved with timed reference runs give the median latency of each; the speedup is their ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import zoo
+from .._env import environment
+from ..api import PolicyLike, disable, enable, resolve_policy
+from ..metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
+from ..policy import Policy
+
+EVAL_SEED_BASE = 10_000  # evaluation seeds are 10_000 + i; calibration and search use 0..K-1
+GRID_SAMPLES = 8  # images per run kept for the report's sample grid
+
+
+@dataclass
+class Candidate:
+    """One thing to measure. ``attach`` returns the stepcache handle when there is one."""
+
+    name: str
+    kind: str  # "reference" | "stepcache" | "peer"
+    params: dict[str, Any]
+    attach: Callable[[Any], Any] = lambda pipe: None
+    detach: Callable[[Any], None] = lambda pipe: None
+    generation: Callable[[Any], contextlib.AbstractContextManager] = lambda pipe: contextlib.nullcontext()
+    peer: str | None = None
+
+
+def reference_candidate() -> Candidate:
+    return Candidate("reference", "reference", {})
+
+
+def policy_candidate(policy: PolicyLike, name: str | None = None) -> Candidate:
+    pol = resolve_policy(policy)
+    return Candidate(
+        name or pol.name,
+        "stepcache",
+        pol.to_dict(),
+        attach=lambda pipe: enable(pipe, pol),
+        detach=disable,
+    )
+
+
+def peer_candidate(run: Any) -> Candidate:
+    """A Candidate from a ``bench.peers.PeerRun``."""
+    return Candidate(
+        run.name,
+        "peer",
+        dict(run.params),
+        attach=lambda pipe: run.attach(pipe),
+        detach=run.detach,
+        generation=run.generation,
+        peer=run.peer,
+    )
+
+
+@dataclass
+class Workload:
+    """The batch every candidate generates: conditioning, seeds, steps, guidance."""
+
+    model: str
+    steps: int
+    guidance: float
+    seeds: list[int]
+    cond: dict[str, list]
+    labels: list[int] | None = field(default=None)
+
+    def generate(self, pipe: Any) -> np.ndarray:
+        # One generator per sample, so each seed's noise does not depend on the batch.
+        gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+        out = pipe(**self.cond, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens)
+        return np.asarray(out.images, dtype=np.float32)
+
+
+def make_workload(
+    pipe: Any, model: str, steps: int | None, guidance: float | None, seeds: list[int]
+) -> Workload:
+    from ..demo import conditions
+
+    cond = conditions(pipe, len(seeds))
+    return Workload(
+        model=model,
+        steps=steps or pipe.default_steps,
+        guidance=pipe.default_guidance if guidance is None else guidance,
+        seeds=list(seeds),
+        cond=cond,
+        labels=cond.get("class_labels"),
+    )
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Wall-clock seconds of ``fn``; on CUDA, events around a synchronised call."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return out, start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _compute_leaf(block: torch.nn.Module) -> torch.nn.Module:
+    """The part of a block that only runs when the block really computes: some peers' skip hooks
+    still call a skipped block and return its cached output from inside."""
+    for name in ("ff", "attn1", "attn"):
+        if isinstance(getattr(block, name, None), torch.nn.Module):
+            return getattr(block, name)
+    return block
+
+
+class StepProbe:
+    """Per-step record of how much of the denoiser ran, for runs that are not stepcache's own.
+
+    Forward hooks count calls of the denoiser, of its first block's feed-forward and of its
+    deepest part (the last block's feed-forward, or a U-Net's mid block). A step reads C when the
+    deepest part ran, P when only the front ran, E when nothing ran (the output came from a cache).
+    """
+
+    def __init__(self, denoiser: torch.nn.Module):
+        from ..adapters import adapter_for
+
+        blocks = None
+        with contextlib.suppress(Exception):
+            blocks = adapter_for(denoiser).blocks()
+        self.front = _compute_leaf(blocks[0]) if blocks else getattr(denoiser, "conv_in", None)
+        self.deep = _compute_leaf(blocks[-1]) if blocks else getattr(denoiser, "mid_block", None)
+        self.denoiser = denoiser
+        self.steps: list[dict[str, int]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> StepProbe:
+        def on(key: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                if key == "calls":
+                    self.steps.append({"calls": 0, "front": 0, "deep": 0})
+                if self.steps:
+                    self.steps[-1][key] += 1
+
+            return hook
+
+        self._handles.append(self.denoiser.register_forward_pre_hook(on("calls")))
+        for key, mod in (("front", self.front), ("deep", self.deep)):
+            if mod is not None:
+                self._handles.append(mod.register_forward_pre_hook(on(key)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def actions(self) -> list[str]:
+        return ["C" if s["deep"] else "P" if s["front"] else "E" for s in self.steps]
+
+
+def _flops(fn: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _row_fraction(actions: list[str]) -> float:
+    letters = "".join(actions)
+    return letters.count("C") / len(letters) if letters else 1.0
+
+
+def _mean_or_inf(values: np.ndarray) -> float:
+    """Mean over finite values; +inf when every image is identical to its reference."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("inf")
+
+
+class Judge:
+    """Class accuracy and FD-domain for a zoo model's samples, where the model's data allows."""
+
+    def __init__(self, model: str, n: int):
+        from ..zoo.classifier import classifier_for
+
+        self.clf = None
+        self.real_feats = None
+        with contextlib.suppress(KeyError, FileNotFoundError):
+            self.clf = classifier_for(model)
+        if self.clf is not None and self.clf.feature_net is not None:
+            from ..zoo.data import DataMissingError, load_fashion_mnist
+
+            with contextlib.suppress(DataMissingError, FileNotFoundError):
+                real, _ = load_fashion_mnist("test")
+                # 4x the generated count (at least 1,000) of real images stabilises the real side.
+                real = real[: max(1000, 4 * n)]
+                self.real_feats = self.clf.features(((real + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+    def class_acc(self, images: np.ndarray, labels: list[int] | None) -> float | None:
+        if self.clf is None or labels is None:
+            return None
+        return self.clf.accuracy(images, labels)
+
+    def fd_domain(self, images: np.ndarray) -> float | None:
+        if self.real_feats is None or len(images) < 2:
+            return None
+        return frechet_distance(self.real_feats, self.clf.features(images))
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and prove it is writable before any long work starts."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".stepcache-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"out: cannot write to {out} ({e.strerror or e})") from e
+    return out
+
+
+def check_args(model: str, out_dir: str | os.PathLike, steps: int | None, seeds: int, repeats: int) -> Path:
+    """Check a bench's arguments before anything is loaded or written; returns the out dir."""
+    if model not in zoo.names():
+        raise ValueError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    for name, value in (("seeds", seeds), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    return check_out_dir(out_dir)
+
+
+def measure(
+    pipe: Any,
+    work: Workload,
+    candidates: list[Candidate],
+    repeats: int = 5,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Measure every candidate on ``work``; returns the run rows and each run's first images."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    say = progress or (lambda name, i, n: None)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    judge = Judge(work.model, len(work.seeds))
+
+    work.generate(pipe)  # process warm-up: first-call allocations stay out of every number
+    reference = work.generate(pipe)
+    full_flops = _flops(lambda: work.generate(pipe))
+    rows, samples = [], {}
+    for i, cand in enumerate(candidates):
+        say(cand.name, i, len(candidates))
+        handle = cand.attach(pipe)
+        try:
+            with StepProbe(denoiser) as probe, cand.generation(pipe):
+                images = work.generate(pipe)  # warm-up of this candidate, also its images
+            stats = handle.stats() if handle is not None else None
+            with cand.generation(pipe):
+                flops = _flops(lambda: work.generate(pipe))
+            ref_times, times, deterministic = [], [], True
+            for _ in range(repeats):
+                cand.detach(pipe)
+                ref_times.append(_timed(lambda: work.generate(pipe))[1])
+                cand.attach(pipe)
+                with cand.generation(pipe):
+                    again, seconds = _timed(lambda: work.generate(pipe))
+                times.append(seconds)
+                deterministic &= bool(np.array_equal(again, images))
+        finally:
+            cand.detach(pipe)
+        actions = list(stats["actions"]) if stats is not None else probe.actions()
+        row_actions = stats["row_actions"] if stats is not None else None
+        psnr = psnr_per_image(images, reference)
+        ssim = ssim_per_image(images, reference)
+        speedup = statistics.median(ref_times) / statistics.median(times)
+        flop_fraction = flops / full_flops
+        rows.append(
+            {
+                "name": cand.name,
+                "kind": cand.kind,
+                "peer": cand.peer,
+                "params": cand.params,
+                "speedup": speedup,
+                "nfe_fraction": _row_fraction(row_actions) if row_actions else _row_fraction(actions),
+                "flop_fraction": flop_fraction,
+                "efficiency": speedup * flop_fraction,
+                "psnr": _mean_or_inf(psnr),
+                "psnr_ci": list(bootstrap_ci(psnr)),
+                "psnr_identical": int((~np.isfinite(psnr)).sum()),
+                "ssim": float(ssim.mean()),
+                "ssim_ci": list(bootstrap_ci(ssim)),
+                "fd_domain": judge.fd_domain(images),
+                "class_acc": judge.class_acc(images, work.labels),
+                "latency_s": {
+                    "median": statistics.median(times),
+                    "min": min(times),
+                    "max": max(times),
+                    "all": times,
+                    "reference_median": statistics.median(ref_times),
+                    "reference_all": ref_times,
+                },
+                "actions": "".join(actions),
+                "fallbacks": stats.get("fallbacks", 0) if stats is not None else None,
+                "cache_bytes_per_sample": stats["cache_bytes"] / len(work.seeds) if stats else None,
+                "deterministic": deterministic,
+            }
+        )
+        samples[cand.name] = images[:GRID_SAMPLES]
+    samples["__reference__"] = reference[:GRID_SAMPLES]
+    return rows, samples
+
+
+def bench(
+    model: str,
+    candidates: list[Candidate],
+    out_dir: str | os.PathLike,
+    steps: int | None = None,
+    seeds: int = 16,
+    repeats: int = 5,
+    guidance: float | None = None,
+    unavailable: list[dict[str, str]] | None = None,
+    command: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure ``candidates`` (the reference is added first) on zoo model ``model``.
+
+    Writes ``out_dir/result.json``, ``out_dir/samples.safetensors`` and ``out_dir/report.html``;
+    returns the result document. Arguments are checked before anything is loaded or written.
+    """
+    from .report import write_report
+    from .result import SCHEMA, save_samples, validate_result
+
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs: names must be unique, got {names}")
+    out = check_args(model, out_dir, steps, seeds, repeats)
+
+    pipe = zoo.load(model)
+    work = make_workload(pipe, model, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)])
+    runs = [c for c in candidates if c.kind != "reference"]
+    rows, samples = measure(pipe, work, [reference_candidate(), *runs], repeats, progress)
+    doc = {
+        "schema": SCHEMA,
+        "model": model,
+        **environment(),
+        "command": command or "python " + " ".join(sys.argv),
+        "protocol": {
+            "steps": work.steps,
+            "guidance": work.guidance,
+            "seeds": [work.seeds[0], work.seeds[-1]],
+            "num_seeds": len(work.seeds),
+            "repeats": repeats,
+            "timing": "CUDA events" if torch.cuda.is_available() else "time.perf_counter",
+            "warmup_excluded": True,
+            "ci": "95% percentile bootstrap of the per-image mean",
+        },
+        "runs": rows,
+        "unavailable": list(unavailable or []),
+    }
+    validate_result(doc)
+    save_samples(out / "samples.safetensors", samples)
+    from .._io import atomic_write_json
+
+    atomic_write_json(out / "result.json", doc)
+    write_report(out)
+    return doc
+
+
+def policies_from(presets: list[str] | None, policy_files: list[str] | None) -> list[Candidate]:
+    """Candidates for preset names and policy files, each resolved (and validated) up front."""
+    cands = []
+    for name in presets or []:
+        from .. import presets as registry
+
+        if name not in registry.names():
+            raise ValueError(f"preset: unknown preset {name!r}; available: {', '.join(registry.names())}")
+        cands.append(policy_candidate(name, name))
+    for path in policy_files or []:
+        pol = Policy.load(path)
+        cands.append(policy_candidate(pol, pol.name if pol.name not in {c.name for c in cands} else path))
+    return cands

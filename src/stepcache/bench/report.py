@@ -1,0 +1,297 @@
+"""The bench report: one self-contained HTML page (images embedded) regenerated from result.json.
+
+Sections: Pareto plots (speedup vs PSNR and vs FD-domain, front highlighted, peers in their own
+markers), a per-step action heatmap of every run, reference-vs-run sample grids on the same seeds,
+the table of every number, the peers that could not run and why, and the protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._io import atomic_write_bytes
+from .result import load_samples, validate_result
+
+MARKERS = {"stepcache": "o", "diffusers": "s", "cache-dit": "^"}
+ACTION_CODES = {"C": 0, "P": 1, "G": 2, "E": 3}
+ACTION_LABELS = ["compute", "partial (some blocks)", "cond-only (no uncond pass)", "estimate / reuse"]
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on speed and on quality, sorted by speed."""
+    front = []
+    for i, (s, q) in enumerate(points):
+        dominated = any(
+            (s2 >= s and (q2 >= q if higher_is_better else q2 <= q)) and (s2, q2) != (s, q)
+            for j, (s2, q2) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _family(run: dict[str, Any]) -> str:
+    return run.get("peer") or "stepcache"
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _scatter(
+    runs: list[dict[str, Any]], metric: str, label: str, higher_is_better: bool, title: str
+) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [
+        r for r in runs if r["kind"] != "reference" and r.get(metric) is not None and math.isfinite(r[metric])
+    ]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for fam, marker in MARKERS.items():
+        mine = [r for r in pts if _family(r) == fam]
+        if not mine:
+            continue
+        ax.scatter(
+            [r["speedup"] for r in mine],
+            [r[metric] for r in mine],
+            marker=marker,
+            s=46,
+            label=fam,
+            zorder=3,
+            edgecolor="black",
+            linewidth=0.5,
+        )
+        if metric == "psnr":
+            for r in mine:
+                lo, hi = r["psnr_ci"]
+                if math.isfinite(lo) and math.isfinite(hi):
+                    ax.plot([r["speedup"]] * 2, [lo, hi], color="grey", lw=0.8, zorder=2)
+    front = pareto_front([(r["speedup"], r[metric]) for r in pts], higher_is_better)
+    ax.plot(
+        [pts[i]["speedup"] for i in front],
+        [pts[i][metric] for i in front],
+        color="crimson",
+        lw=1.5,
+        label="Pareto front",
+        zorder=1,
+    )
+    for i in front:
+        ax.annotate(
+            pts[i]["name"],
+            (pts[i]["speedup"], pts[i][metric]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ref = next((r for r in runs if r["kind"] == "reference"), None)
+    if metric == "fd_domain" and ref is not None and ref.get("fd_domain") is not None:
+        ax.axhline(ref["fd_domain"], color="black", ls="--", lw=0.8, label="reference FD")
+    ax.axvline(1.0, color="black", lw=0.6, alpha=0.4)
+    ax.set_xlabel("measured wall-clock speedup vs reference")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _heatmap(runs: list[dict[str, Any]]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    rows = [r for r in runs if r.get("actions")]
+    if not rows:
+        return None
+    width = max(len(r["actions"]) for r in rows)
+    grid = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        for j, a in enumerate(r["actions"]):
+            grid[i, j] = ACTION_CODES.get(a, np.nan)
+    colours = ["#1b5e20", "#81c784", "#ffb74d", "#e0e0e0"]
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.3 * width), 1 + 0.28 * len(rows)), dpi=100)
+    ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
+    ax.set_xticks(range(width), [str(j) for j in range(width)], fontsize=6)
+    ax.set_xlabel("denoising step")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
+    ax.legend(
+        handles,
+        ACTION_LABELS,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12 - 0.6 / len(rows)),
+        ncol=4,
+    )
+    return _png(fig)
+
+
+def _grid(reference: np.ndarray, images: np.ndarray) -> str:
+    from ..demo import grid_png
+
+    diff = np.clip(np.abs(images - reference) * 4, 0, 1)
+    return base64.b64encode(grid_png([reference, images, diff], scale=4)).decode("ascii")
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "identical"
+    return format(value, spec)
+
+
+def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
+    """The report page for a validated result document and its samples."""
+    runs = doc["runs"]
+    title = f"stepcache bench: {doc['model']}"
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    proto = doc.get("protocol", {})
+    parts.append(
+        f"<p>{len(runs) - 1} runs vs full compute on <b>{html.escape(doc['device'])}</b>; "
+        f"{proto.get('steps')} steps, guidance {proto.get('guidance')}, {proto.get('num_seeds')} seeds, "
+        f"median of {proto.get('repeats')} timed repeats.</p>"
+    )
+    figures = [
+        (
+            "Speed vs fidelity",
+            _scatter(
+                runs,
+                "psnr",
+                "PSNR vs reference (dB), 95% CI",
+                True,
+                "speedup vs PSNR (higher right is better)",
+            ),
+        ),
+        (
+            "Speed vs distribution",
+            _scatter(runs, "fd_domain", "FD-domain (lower is better)", False, "speedup vs FD-domain"),
+        ),
+        ("What each run did per step", _heatmap(runs)),
+    ]
+    for caption, png in figures:
+        if png is not None:
+            parts.append(
+                f'<h2>{caption}</h2><img class="plot" alt="{caption}" src="data:image/png;base64,{png}">'
+            )
+
+    head = [
+        "run",
+        "kind",
+        "speedup",
+        "latency (s)",
+        "NFE frac",
+        "FLOP frac",
+        "efficiency",
+        "PSNR (dB)",
+        "PSNR 95% CI",
+        "SSIM",
+        "FD-domain",
+        "class acc",
+    ]
+    table = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for r in runs:
+        lo, hi = r["psnr_ci"]
+        ci = "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.1f}, {hi:.1f}]"
+        cells = [
+            html.escape(r["name"]),
+            html.escape(_family(r) if r["kind"] != "reference" else "reference"),
+            _fmt(r["speedup"]) + "×",
+            _fmt(r["latency_s"]["median"], ".3f"),
+            _fmt(r["nfe_fraction"]),
+            _fmt(r["flop_fraction"]),
+            _fmt(r["efficiency"]),
+            _fmt(r["psnr"], ".1f"),
+            ci,
+            _fmt(r["ssim"], ".3f"),
+            _fmt(r["fd_domain"], ".1f"),
+            _fmt(r["class_acc"], ".1%"),
+        ]
+        table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table.append("</table>")
+    parts.append("<h2>Every number</h2>" + "".join(table))
+    parts.append(
+        "<p>efficiency = measured speedup × FLOP fraction (1.0: the FLOPs saved all became time "
+        "saved). PSNR averages the images that changed; a run that changed none reads identical.</p>"
+    )
+
+    if doc.get("unavailable"):
+        items = "".join(
+            f"<li><b>{html.escape(u['name'])}</b>: {html.escape(u['reason'])}</li>"
+            for u in doc["unavailable"]
+        )
+        parts.append(f"<h2>Could not run</h2><ul>{items}</ul>")
+
+    reference = samples.get("__reference__")
+    if reference is not None:
+        parts.append("<h2>Samples on the same seeds</h2><p>Rows: reference, run, 4× absolute difference.</p>")
+        for r in runs[1:]:
+            if r["name"] in samples:
+                png = _grid(reference, samples[r["name"]])
+                parts.append(
+                    f"<figure><figcaption>{html.escape(r['name'])}</figcaption>"
+                    f'<img class="grid" alt="samples {html.escape(r["name"])}" '
+                    f'src="data:image/png;base64,{png}"></figure>'
+                )
+
+    env = {k: doc.get(k) for k in ("device", "torch", "diffusers", "stepcache", "commit", "command")}
+    parts.append(
+        "<h2>Protocol and environment</h2><pre>"
+        + html.escape(json.dumps({"protocol": proto, **env}, indent=2))
+        + "</pre>"
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "text-align:right}td:first-child{text-align:left}img.plot{max-width:100%}"
+        "figure{display:inline-block;margin:6px}figcaption{font-size:12px}"
+    )
+    # Records how many images decoded, so a headless browser test can read it from the DOM.
+    script = (
+        "window.addEventListener('load',function(){var n=0;document.querySelectorAll('img')"
+        ".forEach(function(i){if(i.complete&&i.naturalWidth>0)n++});"
+        "document.body.setAttribute('data-images-loaded',n);});"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}<script>{script}</script></body></html>\n"
+    )
+
+
+def write_report(out_dir: str | os.PathLike) -> Path:
+    """(Re)write ``out_dir/report.html`` from ``out_dir/result.json`` and its samples."""
+    out = Path(out_dir)
+    path = out / "result.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `stepcache bench` or `stepcache compare` first")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    validate_result(doc)
+    samples_path = out / "samples.safetensors"
+    samples = load_samples(samples_path) if samples_path.is_file() else {}
+    return atomic_write_bytes(out / "report.html", render(doc, samples).encode("utf-8"))

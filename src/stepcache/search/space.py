@@ -1,0 +1,65 @@
+"""One point of the search space, and the policy it stands for.
+
+A candidate fixes, jointly: how many steps run the network (``computed``) and which (the planner's
+answer for that count), the extrapolation order of the others, and per step the guidance mode:
+full guidance for the first ``cfg_full`` fraction of the steps, then either the cached guidance
+direction refreshed every ``cfg_interval``-th computed step (``estimated``) or the conditional
+pass alone (``cond-only``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import presets
+from ..policy import Policy, compose
+
+CFG_MODES = ("estimated", "cond-only")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    computed: int
+    order: int
+    cfg_full: float = 1.0
+    cfg_mode: str = "estimated"
+    cfg_interval: int = 2
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def full_until(self, num_steps: int) -> int:
+        """Steps from the start with full guidance: at least step 0, whose pass the cache reuses."""
+        return max(1, round(self.cfg_full * num_steps))
+
+    def guidance_mask(self, mask: list[bool]) -> list[bool]:
+        """Per step: True where both passes run. Counted over computed steps for ``cfg_interval``."""
+        full_until = self.full_until(len(mask))
+        out, seen = [], 0
+        for s, computed in enumerate(mask):
+            if s < full_until or self.cfg_mode == "cond-only":
+                out.append(s < full_until)
+                continue
+            out.append(computed and seen % self.cfg_interval == 0)
+            seen += computed
+        return out
+
+    def actions(self, mask: list[bool], cfg: bool) -> str:
+        """The per-step actions this candidate takes: C, E (estimated), G (conditional pass only)."""
+        if not cfg:
+            return "".join("C" if m else "E" for m in mask)
+        g = self.guidance_mask(mask)
+        return "".join(("C" if gs else "G") if m else "E" for m, gs in zip(mask, g, strict=True))
+
+    def policy(self, mask: list[bool], cfg: bool, name: str = "searched") -> Policy:
+        step = presets.get("schedule", mask=list(mask), order=self.order)
+        g = self.guidance_mask(mask)
+        if not cfg or all(g):
+            return Policy.from_dict({**step.to_dict(), "name": name})
+        if self.cfg_mode == "cond-only":
+            end = self.full_until(len(mask)) / len(mask)
+            guide = presets.get("guidance-interval", start=0.0, end=end)
+        else:
+            guide = presets.get("cfg-cache", mask=g, warmup=0)
+        return compose(step, guide, name=name)

@@ -1,0 +1,555 @@
+"""Target-driven policy search: "3x faster at the best PSNR" or "the fastest at PSNR >= 30 dB".
+
+1. Record full-compute reference trajectories on the calibration seeds (cost: 1 generation).
+2. Time each action once (full step, estimated step, conditional-only step): a cost model that
+   predicts a candidate's measured latency from its per-step actions.
+3. Search the joint space of ``space.Candidate`` with an Optuna sampler, seeded with the
+   planner's answers, or with the planner alone, or with an AutoDiffusion-style evolutionary
+   baseline. A candidate's evaluation costs its computed fraction of one calibration generation;
+   the budget is counted in those full-generation equivalents.
+4. Score the chosen policy on held-out seeds (disjoint from calibration), and the *limit*: the
+   planner given the held-out seeds' own trajectories (an oracle), at the same held-out PSNR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import zoo
+from ..api import disable, enable
+from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _timed, make_workload
+from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
+from ..policy import Policy
+from .planner import SegmentErrors, plan
+from .space import CFG_MODES, Candidate
+from .trajectory import record
+
+SEARCHERS = ("tpe", "nsga2", "cmaes", "random", "planner", "evolution")
+PSNR_CAP = 100.0  # dB given to an image identical to its reference, so means stay finite
+
+
+class SearchError(ValueError):
+    """A search request that cannot be carried out; the message names the argument."""
+
+
+@dataclass(frozen=True)
+class Target:
+    speedup: float | None = None
+    min_psnr: float | None = None
+
+    def check(self) -> None:
+        if (self.speedup is None) == (self.min_psnr is None):
+            raise SearchError("target: give exactly one of speedup or min_psnr")
+        if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
+            raise SearchError(f"speedup: must be a finite number > 1, got {self.speedup}")
+        if self.min_psnr is not None and not (math.isfinite(self.min_psnr) and self.min_psnr > 0):
+            raise SearchError(f"min_psnr: must be a positive number of dB, got {self.min_psnr}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"speedup": self.speedup} if self.speedup is not None else {"min_psnr_db": self.min_psnr}
+
+    def slug(self) -> str:
+        return f"speedup{self.speedup:g}" if self.speedup is not None else f"psnr{self.min_psnr:g}"
+
+
+class Evaluator:
+    """A seed set's reference (trajectory and images) and the evaluation of candidate policies."""
+
+    def __init__(self, pipe: Any, work: Workload):
+        self.pipe, self.work = pipe, work
+        self.traj = record(pipe, lambda: work.generate(pipe))
+        self.cfg = work.guidance > 1.0
+        self._errors = {order: SegmentErrors(self.traj, order) for order in (0, 1)}
+        self._masks: dict[tuple[int, int], list[bool]] = {}
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return self.traj.num_steps
+
+    def mask(self, computed: int, order: int) -> list[bool]:
+        """The planner's schedule for ``computed`` steps (exact for order <= 1, reused above)."""
+        key = (computed, min(order, 1))
+        if key not in self._masks:
+            self._masks[key] = plan(self._errors[key[1]], self.num_steps, computed)[0]
+        return self._masks[key]
+
+    def evaluate(self, policy: Policy) -> dict[str, Any]:
+        """Fidelity of ``policy`` on this seed set; ``cost`` is the fraction of network rows it
+        ran (0 when the same policy was evaluated before: its result is reused)."""
+        key = str(sorted(policy.to_dict()["rules"].items()))
+        if key in self._cache:
+            return {**self._cache[key], "cost": 0.0}
+        handle = enable(self.pipe, policy)
+        try:
+            images = self.work.generate(self.pipe)
+            stats = handle.stats()
+        finally:
+            disable(self.pipe)
+        psnr = psnr_per_image(images, self.traj.images)
+        letters = "".join(stats["row_actions"])
+        result = {
+            "psnr": float(np.minimum(psnr, PSNR_CAP).mean()),
+            "psnr_ci": list(bootstrap_ci(np.minimum(psnr, PSNR_CAP))),
+            "ssim": float(ssim_per_image(images, self.traj.images).mean()),
+            "actions": "".join(stats["actions"]),
+            "cost": letters.count("C") / len(letters),
+            "images": images,
+        }
+        self._cache[key] = result
+        return result
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency of a generation from its per-step actions: ``full`` minus what each estimated
+    step (E) and each conditional-only step (G) saves, timed once each on this device."""
+
+    full: float
+    save_estimated: float
+    save_cond_only: float
+
+    @classmethod
+    def calibrate(cls, ev: Evaluator) -> CostModel:
+        n = ev.num_steps
+        only_first = [True] + [False] * (n - 1)
+
+        def seconds(policy: Policy | None) -> float:
+            if policy is not None:
+                enable(ev.pipe, policy)
+            try:
+                return min(_timed(lambda: ev.work.generate(ev.pipe))[1] for _ in range(2))
+            finally:
+                disable(ev.pipe)
+
+        full = seconds(None)
+        estimated = seconds(Candidate(1, 1).policy(only_first, cfg=False))
+        save_g = 0.0
+        if ev.cfg and n > 1:
+            cond_only = seconds(
+                Candidate(n, 0, cfg_full=0.0, cfg_interval=10**6).policy([True] * n, cfg=True)
+            )
+            save_g = max(0.0, (full - cond_only) / (n - 1))
+        save_e = max(0.0, (full - estimated) / max(1, n - 1))
+        return cls(full=full, save_estimated=save_e, save_cond_only=save_g)
+
+    def speedup(self, actions: str) -> float:
+        latency = (
+            self.full - actions.count("E") * self.save_estimated - actions.count("G") * self.save_cond_only
+        )
+        return self.full / max(latency, 1e-9)
+
+
+def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from ..bench.report import pareto_front
+
+    front = pareto_front([(p["speedup"], p["psnr"]) for p in points])
+    return [points[i] for i in front]
+
+
+class _Run:
+    """One search: the evaluator, the cost model, the budget, and every evaluated candidate."""
+
+    def __init__(
+        self,
+        ev: Evaluator,
+        cost: CostModel,
+        target: Target,
+        budget: float,
+        used: float,
+        progress: Callable[[float, float, str], None],
+    ):
+        self.ev, self.cost, self.target, self.budget, self.used = ev, cost, target, budget, used
+        self.progress = progress
+        self.evaluated: list[dict[str, Any]] = []
+
+    def predict(self, cand: Candidate) -> tuple[list[bool], str, float]:
+        mask = self.ev.mask(cand.computed, cand.order)
+        actions = cand.actions(mask, self.ev.cfg)
+        return mask, actions, self.cost.speedup(actions)
+
+    def feasible_speed(self, speed: float) -> bool:
+        return self.target.speedup is None or speed >= self.target.speedup - 1e-9
+
+    def affordable(self, actions: str) -> bool:
+        return self.used + actions.count("C") / len(actions) <= self.budget + 1e-9
+
+    def run(self, cand: Candidate) -> dict[str, Any]:
+        mask, actions, speed = self.predict(cand)
+        res = self.ev.evaluate(cand.policy(mask, self.ev.cfg))
+        self.used += res["cost"]
+        point = {
+            "candidate": cand.as_dict(),
+            "psnr": res["psnr"],
+            "speedup": speed,
+            "actions": res["actions"],
+            "mask": mask,
+        }
+        self.evaluated.append(point)
+        best = self.best()
+        self.progress(
+            self.used, self.budget, f"best {best['psnr']:.1f} dB at {best['speedup']:.2f}x" if best else ""
+        )
+        return point
+
+    def score(self, point: dict[str, Any]) -> float:
+        """One number to maximise: PSNR for a speed target; predicted speedup for a PSNR target
+        (negative, by the PSNR shortfall, when the PSNR target is missed)."""
+        if self.target.speedup is not None:
+            return point["psnr"]
+        shortfall = self.target.min_psnr - point["psnr"]
+        return point["speedup"] if shortfall <= 0 else -shortfall
+
+    def meets(self, point: dict[str, Any]) -> bool:
+        if self.target.speedup is not None:
+            return self.feasible_speed(point["speedup"])
+        return point["psnr"] >= self.target.min_psnr
+
+    def best(self) -> dict[str, Any] | None:
+        ok = [p for p in self.evaluated if self.meets(p)]
+        return max(ok, key=self.score) if ok else None
+
+    def largest_feasible(self, order: int, **cfg: Any) -> Candidate | None:
+        """The candidate with the most computed steps that still meets the speed target."""
+        for k in range(self.ev.num_steps, 0, -1):
+            cand = Candidate(k, order, **cfg)
+            if self.feasible_speed(self.predict(cand)[2]):
+                return cand
+        return None
+
+    def planner_seeds(self) -> list[Candidate]:
+        n = self.ev.num_steps
+        cfgs: list[dict[str, Any]] = [{}]
+        if self.ev.cfg:
+            cfgs.append({"cfg_full": 0.3, "cfg_mode": "estimated", "cfg_interval": 2})
+        seeds: list[Candidate] = []
+        if self.target.min_psnr is not None:  # no speed to aim at: a safe and a bolder schedule
+            for k in (max(2, (3 * n) // 4), max(2, n // 2)):
+                seeds += [Candidate(k, order) for order in (0, 1) if Candidate(k, order) not in seeds]
+            return seeds
+        for order in (0, 1):
+            for cfg in cfgs:
+                cand = self.largest_feasible(order, **cfg)
+                if cand is not None and cand not in seeds:
+                    seeds.append(cand)
+        return seeds
+
+
+def _suggest(trial: Any, n: int, cfg: bool) -> Candidate:
+    order = trial.suggest_int("order", 0, 2)
+    computed = trial.suggest_int("computed", 2, n)
+    if not cfg:
+        return Candidate(computed, order)
+    return Candidate(
+        computed,
+        order,
+        cfg_full=trial.suggest_float("cfg_full", 0.0, 1.0),
+        cfg_mode=trial.suggest_categorical("cfg_mode", list(CFG_MODES)),
+        cfg_interval=trial.suggest_int("cfg_interval", 1, 6),
+    )
+
+
+def _params(cand: Candidate, cfg: bool) -> dict[str, Any]:
+    d = {"order": cand.order, "computed": cand.computed}
+    if cfg:
+        d.update(cfg_full=cand.cfg_full, cfg_mode=cand.cfg_mode, cfg_interval=cand.cfg_interval)
+    return d
+
+
+def _optuna_search(
+    r: _Run, searcher: str, storage: str | None, study_name: str, seed: int, config: dict[str, Any]
+) -> dict[str, Any]:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "planner": lambda: optuna.samplers.RandomSampler(seed=seed),  # only the enqueued seeds run
+    }
+    multi = searcher == "nsga2"
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        sampler=samplers[searcher](),
+        directions=["maximize", "maximize"] if multi else ["maximize"],
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config)
+        for cand in r.planner_seeds():
+            study.enqueue_trial(_params(cand, r.ev.cfg), user_attrs={"source": "planner"})
+    elif stored != config:
+        diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        raise SearchError(
+            f"study: {study_name!r} in this storage was run with other settings ({', '.join(diff)}); "
+            "pass another --study name or the same settings"
+        )
+    resumed = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING:  # left by a process that was killed mid-trial
+            study.tell(t.number, state=TrialState.FAIL)
+        elif t.state == TrialState.COMPLETE and "point" in t.user_attrs:
+            r.evaluated.append(t.user_attrs["point"])
+            r.used += t.user_attrs.get("cost", 0.0)
+            resumed += 1
+    r.progress(r.used, r.budget, "resumed" if resumed else "")
+    for _ in range(max(200, int(100 * r.budget))):  # infeasible proposals cost nothing; bound them
+        waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+        if searcher == "planner" and not waiting:
+            break
+        trial = study.ask()
+        cand = _suggest(trial, r.ev.num_steps, r.ev.cfg)
+        _, actions, speed = r.predict(cand)
+        if not r.feasible_speed(speed):
+            study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
+            continue
+        if not r.affordable(actions):
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        before = r.used
+        point = r.run(cand)
+        trial.set_user_attr("point", point)
+        trial.set_user_attr("cost", r.used - before)
+        study.tell(trial, [point["psnr"], point["speedup"]] if multi else r.score(point))
+    return {"searcher": searcher, "study": study_name, "trials": len(study.trials), "resumed_trials": resumed}
+
+
+def _evolution(r: _Run, seed: int) -> dict[str, Any]:
+    """AutoDiffusion-style baseline: evolve which K timesteps run (order 0 reuse, which on an
+    Euler sampler equals sampling on the shortened schedule), fitness = calibration PSNR."""
+    rng = random.Random(seed)
+    start = r.largest_feasible(0)
+    if start is None:
+        raise SearchError("speedup: no timestep subset reaches this target")
+    n, k = r.ev.num_steps, start.computed
+
+    def evaluate(steps: frozenset[int]) -> dict[str, Any] | None:
+        mask = [s in steps for s in range(n)]
+        actions = Candidate(k, 0).actions(mask, False)
+        if not r.affordable(actions):
+            return None
+        res = r.ev.evaluate(Candidate(k, 0).policy(mask, cfg=False))
+        r.used += res["cost"]
+        point = {
+            "candidate": {"computed": k, "order": 0, "timesteps": sorted(steps)},
+            "psnr": res["psnr"],
+            "speedup": r.cost.speedup(actions),
+            "actions": res["actions"],
+            "mask": mask,
+        }
+        r.evaluated.append(point)
+        r.progress(r.used, r.budget, f"best {max(p['psnr'] for p in r.evaluated):.1f} dB")
+        return point
+
+    def mutate(steps: frozenset[int]) -> frozenset[int]:
+        out = set(steps)
+        out.remove(rng.choice(sorted(out - {0})) if len(out) > 1 else 0)
+        out.add(rng.choice([s for s in range(1, n) if s not in out]))
+        return frozenset(out)
+
+    def crossover(a: frozenset[int], b: frozenset[int]) -> frozenset[int]:
+        pool = sorted((a | b) - {0})
+        return frozenset({0, *rng.sample(pool, k - 1)})
+
+    population = [frozenset(s for s, m in enumerate(r.ev.mask(k, 0)) if m)]
+    while len(population) < 8:
+        population.append(frozenset({0, *rng.sample(range(1, n), k - 1)}))
+    scored: dict[frozenset[int], float] = {}
+    generations = 0
+    while True:
+        for steps in population:
+            if steps not in scored:
+                point = evaluate(steps)
+                if point is None:
+                    return {"searcher": "evolution", "generations": generations}
+                scored[steps] = point["psnr"]
+        generations += 1
+        parents = sorted(scored, key=scored.get, reverse=True)[:4]
+        population = [*parents]
+        while len(population) < 8:
+            child = crossover(*rng.sample(parents, 2)) if rng.random() < 0.5 else mutate(rng.choice(parents))
+            population.append(mutate(child) if child in scored else child)
+
+
+def _model_hash(model: str) -> str:
+    path = zoo.model_dir(model) / "model.safetensors"
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def heldout_metrics(pipe: Any, ev: Evaluator, policy: Policy, repeats: int = 3) -> dict[str, Any]:
+    """Held-out fidelity (PSNR, SSIM, class accuracy) and measured speedup of ``policy``."""
+    res = ev.evaluate(policy)
+    judge = Judge(ev.work.model, len(ev.work.seeds))
+    ref_t, acc_t = [], []
+    for _ in range(repeats):
+        ref_t.append(_timed(lambda: ev.work.generate(pipe))[1])
+        enable(pipe, policy)
+        try:
+            acc_t.append(_timed(lambda: ev.work.generate(pipe))[1])
+        finally:
+            disable(pipe)
+    return {
+        "seeds": [ev.work.seeds[0], ev.work.seeds[-1]],
+        "psnr": res["psnr"],
+        "psnr_ci": res["psnr_ci"],
+        "ssim": res["ssim"],
+        "class_acc": judge.class_acc(res["images"], ev.work.labels),
+        "measured_speedup": statistics.median(ref_t) / statistics.median(acc_t),
+        "actions": res["actions"],
+    }
+
+
+def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: float) -> dict[str, Any]:
+    """The planner with the held-out seeds' own trajectories (same estimator and guidance
+    settings), at the fewest computed steps whose held-out PSNR reaches ``psnr_goal``."""
+    n = ev_ho.num_steps
+    for k in range(2, n + 1):  # ascending: the first that reaches the goal is the fastest
+        cand = Candidate(k, chosen.order, chosen.cfg_full, chosen.cfg_mode, chosen.cfg_interval)
+        mask = ev_ho.mask(k, cand.order)
+        res = ev_ho.evaluate(cand.policy(mask, ev_ho.cfg))
+        if res["psnr"] >= psnr_goal - 1e-9:
+            actions = cand.actions(mask, ev_ho.cfg)
+            return {"computed": k, "psnr": res["psnr"], "speedup": cost.speedup(actions), "actions": actions}
+    return {"computed": n, "note": "only full compute reaches the searched PSNR"}
+
+
+def search(
+    model: str,
+    *,
+    speedup: float | None = None,
+    min_psnr: float | None = None,
+    budget: float = 10.0,
+    searcher: str = "tpe",
+    storage: str | None = None,
+    study: str | None = None,
+    calib_seeds: int = 16,
+    heldout_seeds: int = 16,
+    steps: int | None = None,
+    guidance: float | None = None,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    oracle: bool = True,
+    command: str | None = None,
+    progress: Callable[[float, float, str], None] | None = None,
+) -> Policy:
+    """Find a policy for zoo model ``model`` that meets the target; see the module docstring."""
+    target = Target(speedup, min_psnr)
+    target.check()
+    if model not in zoo.names():
+        raise SearchError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    if searcher not in SEARCHERS:
+        raise SearchError(f"searcher: unknown {searcher!r}; choose from {', '.join(SEARCHERS)}")
+    if searcher == "evolution" and target.speedup is None:
+        raise SearchError("searcher: the evolutionary timestep baseline takes a speedup target")
+    for name, value in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SearchError(f"{name}: must be a positive integer, got {value!r}")
+    if calib_seeds > EVAL_SEED_BASE:
+        raise SearchError(
+            f"calib_seeds: at most {EVAL_SEED_BASE}, so calibration and held-out seeds stay disjoint"
+        )
+    # A candidate that meets the target costs about 1/speedup of a generation; with the reference
+    # (1 generation), the budget must cover at least one.
+    least = 1.0 + (1.0 / target.speedup if target.speedup is not None else 0.1)
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= least):
+        raise SearchError(
+            f"budget: {budget} full-generation equivalents cannot pay for the reference (1) and one "
+            f"candidate (~{least - 1:.2f}); give at least {least:.2f}"
+        )
+    if out is not None:
+        from ..bench.harness import check_out_dir
+
+        check_out_dir(os.path.dirname(os.path.abspath(out)))
+    say = progress or (lambda used, total, note: None)
+
+    pipe = zoo.load(model)
+    calib = make_workload(pipe, model, steps, guidance, list(range(calib_seeds)))
+    say(0.0, budget, "recording reference trajectories")
+    ev = Evaluator(pipe, calib)
+    cost = CostModel.calibrate(ev)
+    r = _Run(ev, cost, target, float(budget), 1.0, say)
+    config = {
+        "model": model,
+        "steps": calib.steps,
+        "guidance": calib.guidance,
+        "calib_seeds": calib_seeds,
+        "target": target.as_dict(),
+        "searcher": searcher,
+        "seed": seed,
+    }
+    study_name = study or f"stepcache-{model}-{target.slug()}-{searcher}"
+    if searcher == "evolution":
+        info = _evolution(r, seed)
+    else:
+        info = _optuna_search(r, searcher, storage, study_name, seed, config)
+    best = r.best()
+    target_met = best is not None
+    if best is None:  # report the closest, and say so
+        best = max(r.evaluated, key=r.score) if r.evaluated else None
+    if best is None:
+        raise SearchError("budget: exhausted before any candidate could be evaluated")
+
+    chosen_mask = best["mask"]
+    cdict = {k: v for k, v in best["candidate"].items() if k != "timesteps"}
+    chosen = Candidate(**cdict)
+    policy = chosen.policy(chosen_mask, ev.cfg, name=f"searched {model} {target.slug()}")
+    say(r.used, budget, "held-out evaluation")
+    heldout_work = make_workload(
+        pipe, model, calib.steps, calib.guidance, [EVAL_SEED_BASE + i for i in range(heldout_seeds)]
+    )
+    ev_ho = Evaluator(pipe, heldout_work)
+    held = heldout_metrics(pipe, ev_ho, policy)
+    held["predicted_speedup"] = best["speedup"]
+    limit = _oracle(ev_ho, cost, chosen, held["psnr"]) if oracle else None
+    if limit and limit.get("speedup"):
+        limit["searched_over_oracle_speedup"] = best["speedup"] / limit["speedup"]
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    meta = {
+        "model": model,
+        "model_hash": _model_hash(model),
+        "scheduler": type(pipe.scheduler).__name__,
+        "steps": calib.steps,
+        "guidance_scale": calib.guidance,
+        "resolution": int(denoiser.config.sample_size),
+        "found_by": command or "python " + " ".join(sys.argv),
+        "target": {**target.as_dict(), "met_on_calibration": target_met},
+        "budget_used": round(r.used, 4),
+        "calibration": {
+            "seeds": [0, calib_seeds - 1],
+            "psnr": best["psnr"],
+            "predicted_speedup": best["speedup"],
+            "actions": best["actions"],
+        },
+        "heldout": held,
+        "pareto": [
+            {"psnr": p["psnr"], "speedup": p["speedup"], "candidate": p["candidate"]}
+            for p in _pareto(r.evaluated)
+        ],
+        "oracle": limit or {},
+        "search": {
+            **info,
+            "budget": budget,
+            "evaluated": len(r.evaluated),
+            "cost_model": asdict(cost),
+            "candidate": best["candidate"],
+        },
+    }
+    policy = Policy.from_dict({**policy.to_dict(), "meta": meta})
+    if out is not None:
+        policy.save(out)
+    return policy

@@ -1,0 +1,172 @@
+"""The harness: result schema, reference vs itself, the report in a real browser, bad arguments."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stepcache.bench import ResultError, bench, policies_from, validate_result, write_report
+from stepcache.bench.report import pareto_front
+from stepcache.cli import app
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    bench(
+        "digits-dit", policies_from(["adams-bashforth", "fbcache"], None), out, seeds=4, repeats=2, steps=10
+    )
+    return out
+
+
+def test_result_follows_schema_and_reference_matches_itself(bench_dir: Path) -> None:
+    doc = json.loads((bench_dir / "result.json").read_text())
+    validate_result(doc)
+    assert [r["name"] for r in doc["runs"]] == ["reference", "adams-bashforth", "fbcache"]
+    ref = doc["runs"][0]
+    assert ref["kind"] == "reference" and math.isinf(ref["psnr"]) and ref["psnr_identical"] == 4
+    assert ref["flop_fraction"] == 1.0 and ref["nfe_fraction"] == 1.0 and ref["actions"] == "C" * 10
+    assert 0.5 < ref["speedup"] < 2.0  # timed against itself: 1 up to the machine's noise
+    ab = doc["runs"][1]
+    assert ab["actions"].count("E") > 0 and ab["flop_fraction"] < 0.8 and math.isfinite(ab["psnr"])
+    assert ab["efficiency"] == pytest.approx(ab["speedup"] * ab["flop_fraction"])
+    assert ab["deterministic"] is True and ab["class_acc"] is not None
+    assert doc["protocol"]["seeds"] == [10_000, 10_003] and doc["protocol"]["repeats"] == 2
+    for key in ("model", "device", "torch", "diffusers", "command", "commit"):
+        assert key in doc
+
+
+def test_validate_result_names_the_bad_field(bench_dir: Path) -> None:
+    doc = json.loads((bench_dir / "result.json").read_text())
+    cases = [
+        (lambda d: d.pop("device"), "device"),
+        (lambda d: d["runs"][1].pop("speedup"), r"runs\[1\]\.speedup"),
+        (lambda d: d["runs"][1].update(kind="magic"), r"runs\[1\]\.kind"),
+        (lambda d: d["runs"].reverse(), r"runs\[0\]\.kind"),
+        (lambda d: d["runs"][2].update(name="reference"), "appears twice"),
+        (lambda d: d["runs"][1].update(psnr=float("nan")), "NaN"),
+        (lambda d: d.update(schema="other/1"), "schema"),
+        (lambda d: d.update(runs=[]), "runs"),
+    ]
+    for edit, pattern in cases:
+        bad = copy.deepcopy(doc)
+        edit(bad)
+        with pytest.raises(ResultError, match=pattern):
+            validate_result(bad)
+
+
+def test_report_has_plots_heatmap_and_grids(bench_dir: Path) -> None:
+    page = (bench_dir / "report.html").read_text()
+    assert 'alt="Speed vs fidelity"' in page and 'alt="What each run did per step"' in page
+    assert page.count('class="grid"') == 2  # one sample grid per accelerated run
+    assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
+
+
+def test_report_command_regenerates_and_rejects_bad_dirs(bench_dir: Path, tmp_path: Path) -> None:
+    (bench_dir / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(bench_dir)])
+    assert res.exit_code == 0, res.output
+    assert (bench_dir / "report.html").is_file()
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code != 0 and "result.json" in res.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "result.json").write_text('{"schema": "stepcache.bench/1"}')
+    with pytest.raises(ResultError, match="model"):
+        write_report(broken)
+    assert not (broken / "report.html").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian chromium not installed (scripts/setup-test.sh installs it)"
+)
+def test_report_renders_in_headless_chromium(bench_dir: Path, tmp_path: Path) -> None:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = (bench_dir / "report.html").resolve().as_uri()
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    assert loaded is not None, "the page's load handler did not run"
+    # Every image decoded with a real size: the PSNR plot and the heatmap (digits-dit has no
+    # FD-domain plot) and one sample grid per accelerated run.
+    assert int(loaded.group(1)) == dom.count("<img") == 4
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    pts = [(1.0, 40.0), (2.0, 35.0), (1.5, 30.0), (3.0, 20.0), (2.0, 36.0), (0.9, 50.0)]
+    front = pareto_front(pts)
+    assert [pts[i] for i in front] == [(0.9, 50.0), (1.0, 40.0), (2.0, 36.0), (3.0, 20.0)]
+    lower = pareto_front([(1.0, 5.0), (2.0, 4.0), (2.5, 9.0)], higher_is_better=False)
+    assert lower == [1, 2]  # (2, 4) is faster and better than (1, 5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "no-such-model", "--preset", "fbcache"], "unknown model"),
+        (["bench", "digits-dit", "--preset", "no-such-preset"], "unknown preset"),
+        (["bench", "digits-dit", "--preset", "fbcache", "--seeds", "0"], "seeds"),
+        (["bench", "digits-dit"], "--preset or --policy"),
+        (["bench", "digits-dit", "--policy", "missing.json"], "missing.json"),
+        (["compare", "digits-dit", "--peers", "nobody"], "unknown peer"),
+    ],
+)
+def test_bad_arguments_fail_clearly_and_write_nothing(args: list[str], message: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code != 0
+    assert message in " ".join(res.output.split()).replace("│", "")
+    assert not (out / "result.json").exists() and not (out / "report.html").exists()
+
+
+def test_unwritable_out_dir_is_refused_before_work(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="out: "):
+        bench("digits-dit", policies_from(["fbcache"], None), blocker / "sub", seeds=1, repeats=1)
+    with pytest.raises(ValueError, match="not a directory"):
+        bench("digits-dit", policies_from(["fbcache"], None), blocker, seeds=1, repeats=1)
+
+
+def test_missing_peer_is_reported_with_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stepcache.bench.compare import compare
+
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit now raises ImportError
+    doc = compare(
+        "digits-dit",
+        tmp_path,
+        peers=["cache-dit"],
+        sweep=[("adams-bashforth", {})],
+        seeds=2,
+        repeats=1,
+        steps=6,
+    )
+    assert [r["name"] for r in doc["runs"]] == ["reference", "adams-bashforth"]
+    assert doc["unavailable"] and all("stepcache[peers]" in u["reason"] for u in doc["unavailable"])
+    assert "stepcache[peers]" in (tmp_path / "report.html").read_text()

@@ -1,0 +1,249 @@
+"""The search: planner optimality, targets met on digits-dit, resume after SIGKILL, bad targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stepcache import Policy, zoo
+from stepcache.bench.harness import EVAL_SEED_BASE, make_workload
+from stepcache.cli import app
+from stepcache.search import SearchError, SegmentErrors, brute_force, plan, search
+from stepcache.search.space import Candidate
+from stepcache.search.study import Evaluator
+from stepcache.search.trajectory import NotFirstOrderError, record
+
+pytest.importorskip("optuna")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_planner_is_optimal_on_synthetic_error_tables(seed: int) -> None:
+    rng = random.Random(seed)
+    table: dict[tuple[int, int, int], float] = {}
+
+    def errors(p: int, i: int, j: int) -> float:
+        return table.setdefault((p, i, j), rng.random())
+
+    for n in (1, 5, 8):
+        for k in range(1, n + 1):
+            mask, total = plan(errors, n, k)
+            best_mask, best_total = brute_force(errors, n, k)
+            assert sum(mask) == k and mask[0]
+            assert total == pytest.approx(best_total) and mask == best_mask
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple:
+    pipe = zoo.load("digits-dit")
+    work = make_workload(pipe, "digits-dit", 8, None, [0, 1, 2])
+    return pipe, Evaluator(pipe, work)
+
+
+def test_planner_is_optimal_on_real_trajectories(digits: tuple) -> None:
+    _, ev = digits
+    for order in (0, 1):
+        errors = SegmentErrors(ev.traj, order)
+        for k in (2, 4, 6):
+            assert plan(errors, 8, k)[1] == pytest.approx(brute_force(errors, 8, k)[1])
+
+
+def test_trajectory_replays_the_sampler_exactly(digits: tuple) -> None:
+    _, ev = digits
+    # Computing every step reproduces the reference: every one-step span error is float32 rounding
+    # (the sampler steps in float32, the replay in float64), while skipping a step is not.
+    errors = SegmentErrors(ev.traj, 0)
+    assert all(errors(-1, i, i + 1) < 1e-12 for i in range(ev.num_steps))
+    assert errors(-1, 0, 2) > 1e-6
+    # The all-computed schedule as a policy gives the reference images back.
+    res = ev.evaluate(Candidate(8, 0).policy([True] * 8, cfg=False))
+    assert res["cost"] == 1.0 and res["psnr"] == 100.0
+
+
+def test_recording_refuses_a_non_euler_scheduler() -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = zoo.load("digits-dit")
+    pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)
+    work = make_workload(pipe, "digits-dit", 6, None, [0, 1])
+    with pytest.raises(NotFirstOrderError, match="DPMSolverMultistepScheduler"):
+        record(pipe, lambda: work.generate(pipe))
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Policy]:
+    out = tmp_path_factory.mktemp("search") / "policy.json"
+    pol = search("digits-dit", speedup=2.0, budget=5, calib_seeds=4, heldout_seeds=4, out=out, steps=12)
+    return out, pol
+
+
+def test_speed_target_is_met_and_recorded(searched: tuple[Path, Policy]) -> None:
+    out, pol = searched
+    meta = Policy.load(out).meta
+    assert meta["target"] == {"speedup": 2.0, "met_on_calibration": True}
+    assert meta["calibration"]["predicted_speedup"] >= 2.0
+    assert meta["heldout"]["seeds"] == [EVAL_SEED_BASE, EVAL_SEED_BASE + 3]
+    assert meta["calibration"]["seeds"] == [0, 3]
+    assert meta["budget_used"] <= 5.0 and meta["search"]["evaluated"] >= 2
+    assert meta["steps"] == 12 and meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert meta["model_hash"].startswith("sha256:") and meta["pareto"]
+    assert meta["heldout"]["actions"].count("E") >= 6  # half or more of the 12 steps estimated
+    assert meta["oracle"]["computed"] is not None
+
+
+def test_saved_policy_reproduces_its_heldout_metrics(searched: tuple[Path, Policy]) -> None:
+    out, _ = searched
+    pol = Policy.load(out)
+    pipe = zoo.load("digits-dit")
+    work = make_workload(pipe, "digits-dit", 12, None, [EVAL_SEED_BASE + i for i in range(4)])
+    res = Evaluator(pipe, work).evaluate(pol)
+    assert res["psnr"] == pytest.approx(pol.meta["heldout"]["psnr"], abs=1e-9)
+    assert res["actions"] == pol.meta["heldout"]["actions"]
+
+
+def test_psnr_target_and_evolution_baseline(tmp_path: Path) -> None:
+    pol = search(
+        "digits-dit", min_psnr=35.0, budget=4, calib_seeds=3, heldout_seeds=2, steps=10, oracle=False
+    )
+    assert pol.meta["calibration"]["psnr"] >= 35.0 and pol.meta["calibration"]["predicted_speedup"] > 1.0
+    evo = search(
+        "digits-dit",
+        speedup=2.0,
+        budget=3,
+        calib_seeds=3,
+        heldout_seeds=2,
+        steps=10,
+        searcher="evolution",
+        oracle=False,
+    )
+    assert evo.rules["step"].params["order"] == 0  # timestep selection: reuse, no extrapolation
+    assert evo.meta["budget_used"] <= 3.0 and evo.meta["calibration"]["predicted_speedup"] >= 2.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"speedup": 1.0}, "speedup: must be"),
+        ({"speedup": float("nan")}, "speedup: must be"),
+        ({"min_psnr": 0.0}, "min_psnr: must be"),
+        ({"min_psnr": -5.0}, "min_psnr: must be"),
+        ({}, "exactly one"),
+        ({"speedup": 2.0, "min_psnr": 30.0}, "exactly one"),
+        ({"speedup": 2.0, "budget": 1.2}, "budget"),
+        ({"speedup": 2.0, "searcher": "genius"}, "searcher"),
+        ({"speedup": 2.0, "calib_seeds": 0}, "calib_seeds"),
+        ({"min_psnr": 30.0, "searcher": "evolution"}, "speedup target"),
+    ],
+)
+def test_bad_requests_fail_before_any_work(kwargs: dict, message: str, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    t0 = time.perf_counter()
+    with pytest.raises(SearchError, match=message):
+        search("digits-dit", out=out, **kwargs)
+    assert time.perf_counter() - t0 < 5 and not out.exists()
+
+
+def test_cli_reports_bad_target_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(app, ["search", "digits-dit", "--speedup", "0.5", "--out", str(out)])
+    assert res.exit_code != 0 and "speedup" in res.output and not out.exists()
+
+
+def _completed_trials(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_search_resumes_after_sigkill(tmp_path: Path) -> None:
+    db, out = tmp_path / "study.db", tmp_path / "policy.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "stepcache.cli",
+        "search",
+        "digits-dit",
+        "--speedup",
+        "2",
+        "--out",
+        str(out),
+        "--storage",
+        f"sqlite:///{db}",
+        "--study",
+        "resume-test",
+        "--calib-seeds",
+        "8",
+        "--heldout-seeds",
+        "2",
+        "--steps",
+        "16",
+        "--budget",
+        "40",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 240
+    while _completed_trials(db) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, (
+        "the search ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _completed_trials(db)
+    assert killed_at >= 3 and not out.exists()
+
+    # The same study again with a budget just above what was spent: it continues, not restarts.
+    with sqlite3.connect(db) as con:
+        spent = sum(
+            json.loads(v)
+            for (v,) in con.execute("select value_json from trial_user_attributes where key = 'cost'")
+        )
+    resumed = cmd[:-1] + [f"{1 + spent + 0.5:.3f}"]
+    done = subprocess.run(resumed, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = Policy.load(out).meta
+    assert meta["search"]["resumed_trials"] == killed_at
+    assert meta["search"]["evaluated"] > killed_at  # new candidates were evaluated after the resume
+    assert meta["budget_used"] <= 1 + spent + 0.5 + 1e-6
+    with sqlite3.connect(db) as con:
+        states = dict(con.execute("select state, count(*) from trials group by state").fetchall())
+    assert states.get("RUNNING", 0) == 0  # the trial in flight at the kill was closed as failed
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    common = {
+        "budget": 2.0,
+        "calib_seeds": 2,
+        "heldout_seeds": 1,
+        "steps": 6,
+        "storage": storage,
+        "study": "x",
+        "oracle": False,
+        "searcher": "planner",
+    }
+    search("digits-dit", speedup=2.0, **common)
+    with pytest.raises(SearchError, match="other settings"):
+        search("digits-dit", speedup=2.0, **{**common, "steps": 8})
+
+
+def test_images_are_deterministic_per_seed(digits: tuple) -> None:
+    pipe, ev = digits
+    again = ev.work.generate(pipe)
+    assert np.array_equal(again, ev.traj.images) and torch.is_tensor(ev.traj.v)
