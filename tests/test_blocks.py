@@ -304,3 +304,34 @@ def test_fora_interval_one_is_bit_exact_and_unets_are_refused(digits_pipe):
     assert (out == reference).all()
     with pytest.raises(stepcache.UnsupportedModelError, match="attention and MLP"):
         stepcache.enable(tiny.make("unet"), "fora")
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_dbcache_forecast_is_exact_on_polynomial_residuals_per_row(order):
+    from stepcache.methods.block.dbcache import DBCache
+    from stepcache.runtime import CallContext
+
+    gen = torch.Generator().manual_seed(order)
+    coeffs = [torch.randn(3, 4, 5, generator=gen, dtype=torch.float64) for _ in range(order + 1)]
+
+    def residual(step: float) -> torch.Tensor:
+        return sum(c * step**i for i, c in enumerate(coeffs))
+
+    rule = DBCache(1, 1, 0.1, 3, 0, None, forecast=order)
+    state: dict = {}
+
+    def observe(step: int, rows: torch.Tensor | None) -> None:
+        ctx = CallContext(step=step, branch=0, num_steps=10, batch=3, timestep=step, rows=rows)
+        value = residual(step) if rows is None else residual(step).index_select(0, rows)
+        rule.plan(ctx, state, (value,))  # records the head residual observe keeps
+        rule.observe(ctx, state, (value,), rows)
+
+    for step in range(order + 1):  # every row, steps 0..order
+        observe(step, None)
+    observe(order + 2, torch.tensor([0]))  # row 0 alone once more, as a per-sample cache would
+    ctx = CallContext(step=7, branch=0, num_steps=10, batch=3, timestep=7)
+    forecast = rule.estimate(ctx, state, None)[0]
+    assert torch.allclose(forecast, residual(7.0), atol=1e-8)
+    assert state["history"][0].shape[0] == order + 1  # memory: order + 1 residuals per span
+    reuse = DBCache(1, 1, 0.1, 3, 0, None, forecast=0)
+    assert reuse.forecast == 0 and "forecast" in stepcache.presets.get("dbcache").rules["block"].params

@@ -247,3 +247,14 @@ def test_images_are_deterministic_per_seed(digits: tuple) -> None:
     pipe, ev = digits
     again = ev.work.generate(pipe)
     assert np.array_equal(again, ev.traj.images) and torch.is_tensor(ev.traj.v)
+
+
+def test_two_studies_share_a_storage_without_interfering(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = {"calib_seeds": 2, "heldout_seeds": 1, "steps": 6, "storage": storage, "oracle": False}
+    a = search("digits-dit", speedup=2.0, budget=2.5, study="a", searcher="planner", **common)
+    b = search("digits-dit", speedup=3.0, budget=2.5, study="b", searcher="random", **common)
+    again = search("digits-dit", speedup=2.0, budget=2.5, study="a", searcher="planner", **common)
+    assert a.meta["search"]["resumed_trials"] == 0 and b.meta["search"]["resumed_trials"] == 0
+    assert again.meta["search"]["resumed_trials"] == a.meta["search"]["evaluated"]  # only a's own
+    assert again.to_dict()["rules"] == a.to_dict()["rules"]

@@ -62,6 +62,24 @@ def _replace_first(template: Any, tensor: torch.Tensor) -> Any:
     return type(template)(**{k: (tensor if k == keys[0] else template[k]) for k in keys})
 
 
+def _warn_if_model_not_finite(gen: Generation) -> None:
+    """The guard replaces bad estimates, but the model's own non-finite output is the model's:
+    left as is, and said once per generation with the steps where it happened."""
+    if not gen.finite:
+        return
+    ok = torch.stack([flag for _, flag in gen.finite]).cpu().tolist()  # the one host sync
+    bad = sorted({step for (step, _), fine in zip(gen.finite, ok, strict=True) if not fine})
+    gen.finite.clear()
+    if bad:
+        warnings.warn(
+            f"stepcache: the model's own output was not finite at step {bad[0]}"
+            + (f" (and steps {bad[1:]})" if len(bad) > 1 else "")
+            + "; stepcache leaves it as it is (it only replaces its own estimates)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _finite(streams: tuple) -> bool:
     return all(s is None or bool(torch.isfinite(s).all()) for s in streams)
 
@@ -179,6 +197,7 @@ class Handle:
             gen.stats.cache_bytes = tensor_bytes(gen.rule_states)
             self._last_stats = gen.stats.as_dict()
             stack.remove(gen)
+            _warn_if_model_not_finite(gen)
         gen.rule_states.clear()
         gen.templates.clear()
         gen.call = None
@@ -274,13 +293,15 @@ class Handle:
         # 3. Run the rows that run (all of them, or gather -> run -> scatter).
         if bool(run.all()):
             out = self._run(gen, ctx, bound, None, row_actions)
-            full = _first(out)
+            full = part = _first(out)
         else:
             run_rows = _global_rows(None, run, device)
             out = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
             part = _first(out)
             full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
             full.index_copy_(0, run_rows, part)
+        if self.rules.guard:  # on the device, no sync: read once when the generation ends
+            gen.finite.append((step, torch.isfinite(part).all()))
         if est_rows is not None:
             full.index_copy_(0, est_rows, est.to(full.dtype))
             for r in est_rows.tolist():

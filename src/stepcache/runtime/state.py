@@ -97,6 +97,8 @@ class Generation:
         self.signature: dict[int, tuple] = {}  # batch shape per branch, to catch a changed input
         self.stats = Stats()
         self.call: CallScratch | None = None
+        # (step, device bool "the network's own output was finite"), read once at the end
+        self.finite: list[tuple[int, torch.Tensor]] = []
 
     def next_call(self) -> tuple[int, int]:
         if self.calls_per_step is not None:

@@ -245,9 +245,9 @@ class _Run:
         return seeds
 
 
-def _suggest(trial: Any, n: int, cfg: bool) -> Candidate:
+def _suggest(trial: Any, k_max: int, cfg: bool) -> Candidate:
     order = trial.suggest_int("order", 0, 2)
-    computed = trial.suggest_int("computed", 2, n)
+    computed = trial.suggest_int("computed", 1, k_max)
     if not cfg:
         return Candidate(computed, order)
     return Candidate(
@@ -308,12 +308,15 @@ def _optuna_search(
             r.used += t.user_attrs.get("cost", 0.0)
             resumed += 1
     r.progress(r.used, r.budget, "resumed" if resumed else "")
+    # No candidate computing more steps than this meets a speed target, whatever its guidance.
+    fastest_cfg = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if r.ev.cfg else {}
+    k_max = max(1, (r.largest_feasible(0, **fastest_cfg) or Candidate(1, 0)).computed)
     for _ in range(max(200, int(100 * r.budget))):  # infeasible proposals cost nothing; bound them
         waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
         if searcher == "planner" and not waiting:
             break
         trial = study.ask()
-        cand = _suggest(trial, r.ev.num_steps, r.ev.cfg)
+        cand = _suggest(trial, k_max, r.ev.cfg)
         _, actions, speed = r.predict(cand)
         if not r.feasible_speed(speed):
             study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free

@@ -5,6 +5,9 @@ cached residual instead of running them.
 
 ``fn`` keeps the indicator and the early features live; ``bn`` lets the last blocks correct the
 reused middle. ``fn=1, bn=0`` is ``fbcache``. ``mask`` forces computing (true) per step.
+``forecast`` > 0 is cache-dit's TaylorSeer calibrator: instead of reusing the middle residual,
+extrapolate it per sample through its last ``forecast`` + 1 computed values (in step index), so
+the cache holds ``forecast`` + 1 residuals per span.
 """
 
 from __future__ import annotations
@@ -38,16 +41,64 @@ SCHEMA = RuleSchema(
             "per-step: true forces the middle to run (steps past its end follow the rule)",
             nullable=True,
         ),
+        "forecast": Param(
+            "int", 0, "0 reuses the middle residual; 1-2 extrapolates it (TaylorSeer)", min=0, max=2
+        ),
     },
 )
 
 
 class DBCache(FBCache):
     def __init__(
-        self, fn: int, bn: int, threshold: float, max_consecutive: int, warmup: int, mask: list[bool] | None
+        self,
+        fn: int,
+        bn: int,
+        threshold: float,
+        max_consecutive: int,
+        warmup: int,
+        mask: list[bool] | None,
+        forecast: int = 0,
     ):
         super().__init__(threshold, max_consecutive, warmup)
-        self.fn, self.bn, self.mask = fn, bn, mask
+        self.fn, self.bn, self.mask, self.forecast = fn, bn, mask, forecast
+
+    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
+        if self.forecast == 0:
+            return super().estimate(ctx, state, rows)
+        xs = state["xs"] if rows is None else state["xs"].index_select(1, rows)  # (K, R), NaN = empty
+        weights = row_lagrange_weights(xs, float(ctx.step))
+        out = []
+        for hist in state["history"]:
+            if hist is None:
+                out.append(None)
+                continue
+            h = hist if rows is None else hist.index_select(1, rows)
+            w = weights.view(*weights.shape, *[1] * (h.dim() - 2)).to(torch.float32)
+            out.append((w * h.float()).sum(0).to(h.dtype))
+        return tuple(out)
+
+    def observe(
+        self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
+    ) -> None:
+        super().observe(ctx, state, residual, rows)
+        if self.forecast == 0:
+            return
+        k = self.forecast + 1
+        idx = rows if rows is not None else torch.arange(ctx.batch, device=residual[0].device)
+        if "history" not in state:
+            state["history"] = [
+                None
+                if r is None
+                else torch.zeros((k, ctx.batch, *r.shape[1:]), dtype=r.dtype, device=r.device)
+                for r in residual
+            ]
+            state["xs"] = torch.full((k, ctx.batch), float("nan"), device=residual[0].device)
+        # Shift these rows' histories by one and append the new residual and its step.
+        for hist, r in zip(state["history"], residual, strict=True):
+            if hist is not None:
+                hist[:, idx] = torch.cat([hist[1:, idx], r.detach().unsqueeze(0).to(hist.dtype)])
+        new_x = torch.full((1, idx.numel()), float(ctx.step), device=state["xs"].device)
+        state["xs"][:, idx] = torch.cat([state["xs"][1:, idx], new_x])
 
     def span(self, num_blocks: int) -> tuple[int, int]:
         head_end = min(self.fn, num_blocks)
@@ -62,12 +113,30 @@ class DBCache(FBCache):
         return run
 
 
+def row_lagrange_weights(xs: torch.Tensor, x: float) -> torch.Tensor:
+    """Per column, the Lagrange weights at ``x`` over that column's known abscissae (NaN rows of
+    ``xs`` are unknown and get weight 0): with one known point this is plain reuse."""
+    known = ~torch.isnan(xs)
+    weights = known.to(torch.float64)
+    filled = torch.where(known, xs, torch.zeros_like(xs)).double()
+    for i in range(xs.shape[0]):
+        for j in range(xs.shape[0]):
+            if i != j:
+                factor = (x - filled[j]) / torch.where(
+                    known[j], filled[i] - filled[j], torch.ones_like(filled[j])
+                )
+                weights[i] = weights[i] * torch.where(known[j], factor, torch.ones_like(factor))
+    return torch.where(known, weights, torch.zeros_like(weights))
+
+
 def _rows(ctx: CallContext, run: torch.Tensor) -> torch.Tensor:
     return ctx.rows if ctx.rows is not None else torch.arange(run.numel(), device=run.device)
 
 
 def _factory(p: Mapping[str, Any]) -> DBCache:
-    return DBCache(p["fn"], p["bn"], p["threshold"], p["max_consecutive"], p["warmup"], p["mask"])
+    return DBCache(
+        p["fn"], p["bn"], p["threshold"], p["max_consecutive"], p["warmup"], p["mask"], p["forecast"]
+    )
 
 
 register_method(SCHEMA, _factory)
