@@ -18,10 +18,11 @@ def methods_table(doc: dict) -> str:
     ref = doc["reference"]
     has_acc = ref.get("class_acc") is not None
     has_fd = "fd_domain" in ref
-    head = ["preset", "setting", "FLOPs", "uncond rows skipped", "speedup", "PSNR dB (95% CI)", "SSIM"]
+    head = ["preset", "setting", "FLOPs", "uncond rows skipped", "cache KiB/sample", "speedup"]
+    head += ["PSNR dB (95% CI)", "SSIM"]
     head += ["class acc"] * has_acc + ["FD-domain"] * has_fd
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref_cells = ["full compute", "", "100%", "0", "1.00×", "—", "1"]
+    ref_cells = ["full compute", "", "100%", "0", "0", "1.00×", "—", "1"]
     ref_cells += ([f"{ref['class_acc']:.1%}"] if has_acc else []) + (
         [f"{ref['fd_domain']:.2f}"] if has_fd else []
     )
@@ -34,6 +35,7 @@ def methods_table(doc: dict) -> str:
             r["setting"],
             f"{r['flop_fraction']:.0%}",
             str(r.get("cfg_skipped", 0)),
+            f"{r['cache_bytes_per_sample'] / 1024:.1f}",
             f"{r['speedup']:.2f}×",
             psnr,
             f"{r['ssim']:.3f}",

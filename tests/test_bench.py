@@ -73,9 +73,11 @@ def test_report_has_plots_heatmap_and_grids(bench_dir: Path) -> None:
 
 def test_report_command_regenerates_and_rejects_bad_dirs(bench_dir: Path, tmp_path: Path) -> None:
     (bench_dir / "report.html").unlink()
-    res = CliRunner().invoke(app, ["report", str(bench_dir)])
+    figure = tmp_path / "fig.png"
+    res = CliRunner().invoke(app, ["report", str(bench_dir), "--figure", str(figure)])
     assert res.exit_code == 0, res.output
     assert (bench_dir / "report.html").is_file()
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code != 0 and "result.json" in res.output
     broken = tmp_path / "broken"

@@ -568,3 +568,27 @@ def test_no_state_survives_a_change_of_steps_batch_guidance_or_scheduler(digits_
     finally:
         stepcache.disable(digits_pipe)
         digits_pipe.scheduler = original
+
+
+def test_no_state_survives_a_change_of_resolution():
+    import tiny
+
+    model = tiny.make("unet")
+
+    @torch.no_grad()
+    def generate(size: int) -> torch.Tensor:
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with handle.generation(num_steps=6):
+            for i in range(6):
+                x = x - model(x, timestep=torch.full((2,), 1000.0 * (1 - i / 6))).sample / 6
+        return x
+
+    policy = stepcache.presets.get("deepcache", interval=3)
+    handle = stepcache.enable(model, policy)
+    alone = {size: generate(size) for size in (16,)}
+    stepcache.disable(model)
+    handle = stepcache.enable(model, policy)
+    generate(8)  # a generation at another resolution first: its deep features must not leak
+    assert torch.equal(generate(16), alone[16])
+    assert handle.stats()["actions"] == ["C", "C", "P", "P", "C", "P"]  # the cache really worked
+    stepcache.disable(model)

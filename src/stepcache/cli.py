@@ -396,12 +396,20 @@ def search(
 
 
 @app.command()
-def report(out: Annotated[Path, typer.Argument(help="A folder written by bench or compare.")]) -> None:
+def report(
+    out: Annotated[Path, typer.Argument(help="A folder written by bench or compare.")],
+    figure: Annotated[
+        Path | None, typer.Option(help="Also write the speed-vs-PSNR plot to this PNG.")
+    ] = None,
+) -> None:
     """Regenerate DIR/report.html from DIR/result.json."""
     from .bench import write_report
+    from .bench.report import write_figure
 
     try:
         path = write_report(out)
+        if figure is not None:
+            print(write_figure(out, figure))
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="DIR") from None
     print(path)

@@ -281,10 +281,9 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
     )
 
 
-def write_report(out_dir: str | os.PathLike) -> Path:
-    """(Re)write ``out_dir/report.html`` from ``out_dir/result.json`` and its samples."""
-    out = Path(out_dir)
-    path = out / "result.json"
+def load_result(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``result.json`` of a bench or compare folder."""
+    path = Path(out_dir) / "result.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `stepcache bench` or `stepcache compare` first")
     try:
@@ -292,6 +291,28 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     validate_result(doc)
+    return doc
+
+
+def write_figure(out_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The speed-vs-PSNR plot of a bench or compare folder as a PNG file (for a README)."""
+    doc = load_result(out_dir)
+    png = _scatter(
+        doc["runs"],
+        "psnr",
+        "PSNR vs reference (dB), 95% CI",
+        True,
+        f"{doc['model']}: speedup vs PSNR ({doc['device']})",
+    )
+    if png is None:
+        raise ValueError(f"{out_dir}: no run with a finite PSNR to plot")
+    return atomic_write_bytes(path, base64.b64decode(png))
+
+
+def write_report(out_dir: str | os.PathLike) -> Path:
+    """(Re)write ``out_dir/report.html`` from ``out_dir/result.json`` and its samples."""
+    out = Path(out_dir)
+    doc = load_result(out)
     samples_path = out / "samples.safetensors"
     samples = load_samples(samples_path) if samples_path.is_file() else {}
     return atomic_write_bytes(out / "report.html", render(doc, samples).encode("utf-8"))

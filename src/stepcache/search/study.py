@@ -182,7 +182,9 @@ class _Run:
         return self.target.speedup is None or speed >= self.target.speedup - 1e-9
 
     def affordable(self, actions: str) -> bool:
-        return self.used + actions.count("C") / len(actions) <= self.budget + 1e-9
+        # A conditional-only step (G) runs half of the batch's rows.
+        cost = (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
+        return self.used + cost <= self.budget + 1e-9
 
     def run(self, cand: Candidate) -> dict[str, Any]:
         mask, actions, speed = self.predict(cand)
