@@ -9,7 +9,7 @@ held-out PSNR gap, its budget, and the oracle limit.
 
 Writes benchmarks/results/search-MODEL.json (summary), benchmarks/results/compare-MODEL/
 (result.json, report.html, samples) and the searched policies under benchmarks/results/policies/.
-Run: OMP_NUM_THREADS=1 python benchmarks/search.py --model fmnist-dit [--targets 2,3,4] [--budget 10]
+Run: OMP_NUM_THREADS=1 python benchmarks/search.py --model fmnist-dit [--targets 2,3,4] [--tag T]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peers", default="cache-dit,diffusers")
+    ap.add_argument("--tag", default="", help="suffix for the output names, e.g. low for --targets 1.25,1.5")
     args = ap.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     pol_dir = ROOT / "benchmarks" / "results" / "policies"
@@ -75,7 +76,8 @@ def main() -> None:
             searched.append((target, searcher, pol))
             print(json.dumps({k: pol.meta[k] for k in ("calibration", "heldout", "budget_used")}), flush=True)
 
-    out_dir = ROOT / "benchmarks" / "results" / f"compare-{args.model}"
+    suffix = f"-{args.tag}" if args.tag else ""
+    out_dir = ROOT / "benchmarks" / "results" / f"compare-{args.model}{suffix}"
     doc = compare(
         args.model,
         out_dir,
@@ -118,7 +120,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     atomic_write_json(
-        ROOT / "benchmarks" / "results" / f"search-{args.model}.json",
+        ROOT / "benchmarks" / "results" / f"search-{args.model}{suffix}.json",
         {
             "benchmark": "search",
             "model": args.model,
