@@ -258,3 +258,31 @@ def test_two_studies_share_a_storage_without_interfering(tmp_path: Path) -> None
     assert a.meta["search"]["resumed_trials"] == 0 and b.meta["search"]["resumed_trials"] == 0
     assert again.meta["search"]["resumed_trials"] == a.meta["search"]["evaluated"]  # only a's own
     assert again.to_dict()["rules"] == a.to_dict()["rules"]
+
+
+def test_search_on_a_local_ray_cluster_scores_like_a_local_run(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    try:
+        pol = search(
+            "digits-dit",
+            speedup=2.0,
+            budget=3.0,
+            calib_seeds=3,
+            heldout_seeds=2,
+            steps=8,
+            engine="ray",
+            workers=2,
+            oracle=False,
+            storage=f"sqlite:///{tmp_path / 'r.db'}",
+        )
+    finally:
+        ray.shutdown()
+    meta = pol.meta
+    assert meta["search"]["engine"] == "ray (2 workers)" and meta["search"]["evaluated"] >= 2
+    assert meta["budget_used"] <= 3.0
+    # The workers scored against the driver's reference: the same policy scores the same here.
+    pipe = zoo.load("digits-dit")
+    local = Evaluator(pipe, make_workload(pipe, "digits-dit", 8, None, [0, 1, 2])).evaluate(pol)
+    assert local["psnr"] == pytest.approx(meta["calibration"]["psnr"], abs=1e-9)

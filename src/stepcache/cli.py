@@ -329,6 +329,11 @@ def search(
     steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    engine: Annotated[str, typer.Option(help="local, or ray: evaluate candidates on Ray workers.")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray workers (with --engine ray).")] = 2,
+    ray_address: Annotated[
+        str | None, typer.Option(help="A Ray cluster to join (default: start a local one).")
+    ] = None,
 ) -> None:
     """Find the policy that meets a target (--speedup X or --min-psnr Q) without gradients."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -363,6 +368,9 @@ def search(
                 guidance=guidance,
                 out=out,
                 seed=seed,
+                engine=engine,
+                workers=workers,
+                ray_address=ray_address,
                 command=_command(),
                 progress=lambda used, total, note: bar.update(task, completed=used, description=note),
             )

@@ -65,11 +65,14 @@ class Target:
 class Evaluator:
     """A seed set's reference (trajectory and images) and the evaluation of candidate policies."""
 
-    def __init__(self, pipe: Any, work: Workload):
+    def __init__(self, pipe: Any, work: Workload, reference: np.ndarray | None = None):
+        """Records the reference trajectory, or, given ``reference`` images (a remote worker
+        that only scores candidates), takes them as they are."""
         self.pipe, self.work = pipe, work
-        self.traj = record(pipe, lambda: work.generate(pipe))
+        self.traj = record(pipe, lambda: work.generate(pipe)) if reference is None else None
+        self.reference = self.traj.images if self.traj is not None else reference
         self.cfg = work.guidance > 1.0
-        self._errors = {order: SegmentErrors(self.traj, order) for order in (0, 1)}
+        self._errors = {order: SegmentErrors(self.traj, order) for order in (0, 1)} if self.traj else {}
         self._masks: dict[tuple[int, int], list[bool]] = {}
         self._cache: dict[str, dict[str, Any]] = {}
 
@@ -96,12 +99,12 @@ class Evaluator:
             stats = handle.stats()
         finally:
             disable(self.pipe)
-        psnr = psnr_per_image(images, self.traj.images)
+        psnr = psnr_per_image(images, self.reference)
         letters = "".join(stats["row_actions"])
         result = {
             "psnr": float(np.minimum(psnr, PSNR_CAP).mean()),
             "psnr_ci": list(bootstrap_ci(np.minimum(psnr, PSNR_CAP))),
-            "ssim": float(ssim_per_image(images, self.traj.images).mean()),
+            "ssim": float(ssim_per_image(images, self.reference).mean()),
             "actions": "".join(stats["actions"]),
             "cost": letters.count("C") / len(letters),
             "images": images,
@@ -172,6 +175,7 @@ class _Run:
         self.ev, self.cost, self.target, self.budget, self.used = ev, cost, target, budget, used
         self.progress = progress
         self.evaluated: list[dict[str, Any]] = []
+        self.pool: Any = None  # a remote pool (``remote.RayPool``), or None: evaluate here
 
     def predict(self, cand: Candidate) -> tuple[list[bool], str, float]:
         mask = self.ev.mask(cand.computed, cand.order)
@@ -187,22 +191,33 @@ class _Run:
         return self.used + cost <= self.budget + 1e-9
 
     def run(self, cand: Candidate) -> dict[str, Any]:
-        mask, actions, speed = self.predict(cand)
-        res = self.ev.evaluate(cand.policy(mask, self.ev.cfg))
-        self.used += res["cost"]
-        point = {
-            "candidate": cand.as_dict(),
-            "psnr": res["psnr"],
-            "speedup": speed,
-            "actions": res["actions"],
-            "mask": mask,
-        }
-        self.evaluated.append(point)
+        return self.run_many([cand])[0]
+
+    def run_many(self, cands: list[Candidate]) -> list[dict[str, Any]]:
+        """Evaluate candidates (on the pool's workers, in parallel when it has several)."""
+        prepared = [(cand, *self.predict(cand)) for cand in cands]
+        policies = [cand.policy(mask, self.ev.cfg) for cand, mask, _, _ in prepared]
+        results = (
+            self.pool.evaluate(policies) if self.pool is not None else [self.ev.evaluate(p) for p in policies]
+        )
+        points = []
+        for (cand, mask, _, speed), res in zip(prepared, results, strict=True):
+            self.used += res["cost"]
+            point = {
+                "candidate": cand.as_dict(),
+                "psnr": res["psnr"],
+                "speedup": speed,
+                "actions": res["actions"],
+                "mask": mask,
+                "cost": res["cost"],
+            }
+            self.evaluated.append(point)
+            points.append(point)
         best = self.best()
         self.progress(
             self.used, self.budget, f"best {best['psnr']:.1f} dB at {best['speedup']:.2f}x" if best else ""
         )
-        return point
+        return points
 
     def score(self, point: dict[str, Any]) -> float:
         """One number to maximise: PSNR for a speed target; predicted speedup for a PSNR target
@@ -313,24 +328,40 @@ def _optuna_search(
     # No candidate computing more steps than this meets a speed target, whatever its guidance.
     fastest_cfg = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if r.ev.cfg else {}
     k_max = max(1, (r.largest_feasible(0, **fastest_cfg) or Candidate(1, 0)).computed)
-    for _ in range(max(200, int(100 * r.budget))):  # infeasible proposals cost nothing; bound them
-        waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    width = r.pool.size if r.pool is not None else 1
+    proposals = 0
+    while proposals < max(200, int(100 * r.budget)):  # infeasible proposals cost nothing; bound them
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if searcher == "planner" and not waiting:
             break
-        trial = study.ask()
-        cand = _suggest(trial, k_max, r.ev.cfg)
-        _, actions, speed = r.predict(cand)
-        if not r.feasible_speed(speed):
-            study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
-            continue
-        if not r.affordable(actions):
-            study.tell(trial, state=TrialState.FAIL)
+        batch: list[tuple[Any, Candidate]] = []
+        reserved = r.used
+        exhausted = False
+        while len(batch) < width and proposals < max(200, int(100 * r.budget)):
+            if searcher == "planner" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                break
+            proposals += 1
+            trial = study.ask()
+            cand = _suggest(trial, k_max, r.ev.cfg)
+            _, actions, speed = r.predict(cand)
+            if not r.feasible_speed(speed):
+                study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
+                continue
+            cost = (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
+            if reserved + cost > r.budget + 1e-9:
+                study.tell(trial, state=TrialState.FAIL)
+                exhausted = True
+                break
+            reserved += cost
+            batch.append((trial, cand))
+        if batch:
+            points = r.run_many([cand for _, cand in batch])
+            for (trial, _), point in zip(batch, points, strict=True):
+                trial.set_user_attr("point", point)
+                trial.set_user_attr("cost", point["cost"])
+                study.tell(trial, [point["psnr"], point["speedup"]] if multi else r.score(point))
+        if exhausted or not batch:
             break
-        before = r.used
-        point = r.run(cand)
-        trial.set_user_attr("point", point)
-        trial.set_user_attr("cost", r.used - before)
-        study.tell(trial, [point["psnr"], point["speedup"]] if multi else r.score(point))
     return {"searcher": searcher, "study": study_name, "trials": len(study.trials), "resumed_trials": resumed}
 
 
@@ -449,6 +480,9 @@ def search(
     out: str | os.PathLike | None = None,
     seed: int = 0,
     oracle: bool = True,
+    engine: str = "local",
+    workers: int = 2,
+    ray_address: str | None = None,
     command: str | None = None,
     progress: Callable[[float, float, str], None] | None = None,
 ) -> Policy:
@@ -459,6 +493,17 @@ def search(
         raise SearchError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
     if searcher not in SEARCHERS:
         raise SearchError(f"searcher: unknown {searcher!r}; choose from {', '.join(SEARCHERS)}")
+    if engine not in ("local", "ray"):
+        raise SearchError(f"engine: choose local or ray, got {engine!r}")
+    if engine == "ray" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SearchError(f"workers: must be a positive integer, got {workers!r}")
+    if engine == "ray" and searcher == "evolution":
+        raise SearchError("engine: the evolutionary baseline runs locally only")
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SearchError('engine: ray is not installed; pip install "stepcache[ray]"') from None
     if searcher == "evolution" and target.speedup is None:
         raise SearchError("searcher: the evolutionary timestep baseline takes a speedup target")
     for name, value in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)):
@@ -501,7 +546,17 @@ def search(
     if searcher == "evolution":
         info = _evolution(r, seed)
     else:
-        info = _optuna_search(r, searcher, storage, study_name, seed, config)
+        if engine == "ray":
+            from .remote import RayPool
+
+            say(r.used, budget, f"starting {workers} Ray workers")
+            r.pool = RayPool(model, calib, ev.reference, workers, ray_address)
+        try:
+            info = _optuna_search(r, searcher, storage, study_name, seed, config)
+        finally:
+            if r.pool is not None:
+                r.pool.close()
+        info["engine"] = engine if engine == "local" else f"ray ({workers} workers)"
     best = r.best()
     target_met = best is not None
     if best is None:  # report the closest, and say so

@@ -1,0 +1,70 @@
+"""Candidate evaluations on Ray workers (the optional ``ray`` extra).
+
+Each worker is a Ray actor that loads the same zoo model and scores policies against the
+reference images the driver recorded (sent once, so workers spend no budget on references).
+``address=None`` starts a local cluster on this machine; a real cluster's address joins it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..policy import Policy
+
+
+class _Worker:
+    """Lives in a Ray worker process: one pipeline, one evaluator, many policies."""
+
+    def __init__(self, model: str, steps: int, guidance: float, seeds: list[int], reference: np.ndarray):
+        from .. import zoo
+        from ..bench.harness import make_workload
+        from .study import Evaluator
+
+        pipe = zoo.load(model)
+        self.ev = Evaluator(pipe, make_workload(pipe, model, steps, guidance, seeds), reference=reference)
+
+    def evaluate(self, policy: dict[str, Any]) -> dict[str, Any]:
+        res = self.ev.evaluate(Policy.from_dict(policy))
+        return {k: v for k, v in res.items() if k != "images"}  # images stay on the worker
+
+
+class RayPool:
+    """``size`` workers; ``evaluate`` scores a list of policies, one per worker at a time."""
+
+    def __init__(
+        self, model: str, work: Any, reference: np.ndarray, workers: int, address: str | None = None
+    ):
+        try:
+            import ray
+        except ImportError as e:
+            raise ImportError('the ray engine needs Ray: pip install "stepcache[ray]"') from e
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reporting home from a search
+            if address is None:
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    object_store_memory=200 * 2**20,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False)
+        # Ray gives each 1-CPU actor OMP_NUM_THREADS=1 itself; a runtime_env would cost a setup agent.
+        actor = ray.remote(num_cpus=1)(_Worker)
+        self._ray = ray
+        self.size = workers
+        self.actors = [
+            actor.remote(model, work.steps, work.guidance, list(work.seeds), reference)
+            for _ in range(workers)
+        ]
+
+    def evaluate(self, policies: list[Policy]) -> list[dict[str, Any]]:
+        futures = [self.actors[i % self.size].evaluate.remote(p.to_dict()) for i, p in enumerate(policies)]
+        return self._ray.get(futures)
+
+    def close(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
