@@ -286,3 +286,35 @@ def test_search_on_a_local_ray_cluster_scores_like_a_local_run(tmp_path: Path) -
     pipe = zoo.load("digits-dit")
     local = Evaluator(pipe, make_workload(pipe, "digits-dit", 8, None, [0, 1, 2])).evaluate(pol)
     assert local["psnr"] == pytest.approx(meta["calibration"]["psnr"], abs=1e-9)
+
+
+def test_cli_search_writes_policy_and_a_heldout_report(tmp_path: Path) -> None:
+    out, report = tmp_path / "p.json", tmp_path / "report"
+    args = [
+        "search",
+        "digits-dit",
+        "--speedup",
+        "2",
+        "--budget",
+        "2.5",
+        "--calib-seeds",
+        "2",
+        "--heldout-seeds",
+        "2",
+        "--steps",
+        "8",
+        "--searcher",
+        "planner",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    pol = Policy.load(out)
+    doc = json.loads((report / "result.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["reference", pol.name]
+    # The report measures the same held-out seeds the search scored: the same PSNR.
+    assert doc["runs"][1]["psnr"] == pytest.approx(pol.meta["heldout"]["psnr"], abs=1e-6)
+    assert (tmp_path / "p.optuna.db").exists() and (report / "report.html").exists()

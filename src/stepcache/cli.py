@@ -334,6 +334,9 @@ def search(
     ray_address: Annotated[
         str | None, typer.Option(help="A Ray cluster to join (default: start a local one).")
     ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also bench the found policy on the held-out seeds into this folder.")
+    ] = None,
 ) -> None:
     """Find the policy that meets a target (--speedup X or --min-psnr Q) without gradients."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -342,6 +345,13 @@ def search(
     from .search import search as run
 
     _zoo_key(model)
+    if report is not None:
+        from .bench.harness import check_out_dir
+
+        try:
+            check_out_dir(report)  # before the search, not after an hour of it
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--report") from None
     if storage is None and searcher != "evolution":
         storage = "sqlite:///" + str(out.with_suffix(".optuna.db"))
     with Progress(
@@ -400,6 +410,21 @@ def search(
         console.print(
             "[yellow]target not met on the calibration seeds: this is the closest policy found[/yellow]"
         )
+    if report is not None:
+        from .bench import bench as run_bench
+        from .bench import policy_candidate
+
+        doc = _run_bench(
+            run_bench,
+            model=model,
+            candidates=[policy_candidate(pol, pol.name)],
+            out_dir=report,
+            steps=meta["steps"],
+            seeds=heldout_seeds,
+            repeats=5,
+            guidance=meta["guidance_scale"],
+        )
+        _print_bench(doc, report)
     print(out)
 
 
