@@ -282,10 +282,12 @@ def test_search_on_a_local_ray_cluster_scores_like_a_local_run(tmp_path: Path) -
     meta = pol.meta
     assert meta["search"]["engine"] == "ray (2 workers)" and meta["search"]["evaluated"] >= 2
     assert meta["budget_used"] <= 3.0
-    # The workers scored against the driver's reference: the same policy scores the same here.
+    # The workers scored against the driver's reference: the same policy scores the same here, up
+    # to float32 rounding (a 1-CPU Ray actor runs one thread, this process may run more, and
+    # matmuls split over threads sum in another order).
     pipe = zoo.load("digits-dit")
     local = Evaluator(pipe, make_workload(pipe, "digits-dit", 8, None, [0, 1, 2])).evaluate(pol)
-    assert local["psnr"] == pytest.approx(meta["calibration"]["psnr"], abs=1e-9)
+    assert local["psnr"] == pytest.approx(meta["calibration"]["psnr"], abs=1e-3)
 
 
 def test_cli_search_writes_policy_and_a_heldout_report(tmp_path: Path) -> None:
