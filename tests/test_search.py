@@ -320,3 +320,37 @@ def test_cli_search_writes_policy_and_a_heldout_report(tmp_path: Path) -> None:
     # The report measures the same held-out seeds the search scored: the same PSNR.
     assert doc["runs"][1]["psnr"] == pytest.approx(pol.meta["heldout"]["psnr"], abs=1e-6)
     assert (tmp_path / "p.optuna.db").exists() and (report / "report.html").exists()
+
+
+def test_block_level_search_composes_dbcache_and_measures_partial_steps() -> None:
+    pol = search(
+        "digits-dit",
+        speedup=1.5,
+        budget=4.0,
+        calib_seeds=3,
+        heldout_seeds=2,
+        steps=10,
+        blocks=True,
+        oracle=False,
+        seed=1,
+    )
+    meta = pol.meta
+    assert (
+        meta["search"]["cost_model"]["num_blocks"] >= 2 and meta["search"]["cost_model"]["save_partial"] > 0
+    )
+    tried = [p["candidate"] for p in meta["pareto"]] + [meta["search"]["candidate"]]
+    assert all("block_fn" in c for c in tried)
+    assert meta["calibration"]["predicted_speedup"] >= 1.5
+    if pol.rules.get("block") is not None:  # when the winner uses the block level, it is dbcache
+        assert pol.rules["block"].method == "dbcache"
+
+
+def test_cost_model_counts_partial_rows_and_left_out_rows() -> None:
+    from stepcache.search import CostModel
+
+    cost = CostModel(full=10.0, save_estimated=0.5, save_cond_only=0.2, save_partial=0.3, num_blocks=6)
+    assert cost.speedup_rows(["CCCC", "EEEE"], 0.0) == pytest.approx(10 / 9.5)
+    assert cost.speedup_rows(["CCCC", "CCGG"], 0.0) == pytest.approx(10 / 9.8)  # uncond rows left out
+    assert cost.speedup_rows(["CCCC", "PPPP"], 0.6) == pytest.approx(10 / (10 - 0.3 * 0.6))
+    assert cost.speedup_rows(["CCCC", "PCCC"], 1.0) == pytest.approx(10 / (10 - 0.3 / 4))
+    assert cost.speedup("CEGC") == pytest.approx(cost.speedup_rows(["CCCC", "EEEE", "CCGG", "CCCC"], 0.0))

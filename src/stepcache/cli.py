@@ -337,6 +337,9 @@ def search(
     report: Annotated[
         Path | None, typer.Option(help="Also bench the found policy on the held-out seeds into this folder.")
     ] = None,
+    blocks: Annotated[
+        bool, typer.Option("--blocks", help="Also search the block level (dbcache span and threshold).")
+    ] = False,
 ) -> None:
     """Find the policy that meets a target (--speedup X or --min-psnr Q) without gradients."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -378,6 +381,7 @@ def search(
                 guidance=guidance,
                 out=out,
                 seed=seed,
+                blocks=blocks,
                 engine=engine,
                 workers=workers,
                 ray_address=ray_address,

@@ -4,7 +4,9 @@ A candidate fixes, jointly: how many steps run the network (``computed``) and wh
 answer for that count), the extrapolation order of the others, and per step the guidance mode:
 full guidance for the first ``cfg_full`` fraction of the steps, then either the cached guidance
 direction refreshed every ``cfg_interval``-th computed step (``estimated``) or the conditional
-pass alone (``cond-only``).
+pass alone (``cond-only``); and, on models with a block stack, a block level on the computed
+steps: dbcache's span (``block_fn`` leading and ``block_bn`` trailing blocks always run; 0 leading
+blocks means no block rule) and its threshold.
 """
 
 from __future__ import annotations
@@ -25,9 +27,18 @@ class Candidate:
     cfg_full: float = 1.0
     cfg_mode: str = "estimated"
     cfg_interval: int = 2
+    block_fn: int = 0
+    block_bn: int = 0
+    block_threshold: float = 0.1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def middle_fraction(self, num_blocks: int) -> float:
+        """The share of the blocks a partial step skips, relative to skipping all but the first."""
+        if self.block_fn == 0 or num_blocks < 2:
+            return 0.0
+        return max(0, num_blocks - self.block_fn - self.block_bn) / (num_blocks - 1)
 
     def full_until(self, num_steps: int) -> int:
         """Steps from the start with full guidance: at least step 0, whose pass the cache reuses."""
@@ -53,13 +64,18 @@ class Candidate:
         return "".join(("C" if gs else "G") if m else "E" for m, gs in zip(mask, g, strict=True))
 
     def policy(self, mask: list[bool], cfg: bool, name: str = "searched") -> Policy:
-        step = presets.get("schedule", mask=list(mask), order=self.order)
+        parts = [presets.get("schedule", mask=list(mask), order=self.order)]
+        if self.block_fn > 0:
+            parts.append(
+                presets.get("dbcache", fn=self.block_fn, bn=self.block_bn, threshold=self.block_threshold)
+            )
         g = self.guidance_mask(mask)
-        if not cfg or all(g):
-            return Policy.from_dict({**step.to_dict(), "name": name})
-        if self.cfg_mode == "cond-only":
-            end = self.full_until(len(mask)) / len(mask)
-            guide = presets.get("guidance-interval", start=0.0, end=end)
-        else:
-            guide = presets.get("cfg-cache", mask=g, warmup=0)
-        return compose(step, guide, name=name)
+        if cfg and not all(g):
+            if self.cfg_mode == "cond-only":
+                end = self.full_until(len(mask)) / len(mask)
+                parts.append(presets.get("guidance-interval", start=0.0, end=end))
+            else:
+                parts.append(presets.get("cfg-cache", mask=g, warmup=0))
+        if len(parts) == 1:
+            return Policy.from_dict({**parts[0].to_dict(), "name": name})
+        return compose(*parts, name=name)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -25,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import zoo
+from .. import presets, zoo
 from ..api import disable, enable
 from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _timed, make_workload
+from ..errors import UnsupportedModelError
 from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
 from ..policy import Policy
 from .planner import SegmentErrors, plan
@@ -106,7 +108,9 @@ class Evaluator:
             "psnr_ci": list(bootstrap_ci(np.minimum(psnr, PSNR_CAP))),
             "ssim": float(ssim_per_image(images, self.reference).mean()),
             "actions": "".join(stats["actions"]),
-            "cost": letters.count("C") / len(letters),
+            "row_actions": list(stats["row_actions"]),
+            # Partial rows ran the span's ends; counted as half a row, a rough share.
+            "cost": (letters.count("C") + 0.5 * letters.count("P")) / len(letters),
             "images": images,
         }
         self._cache[key] = result
@@ -121,9 +125,11 @@ class CostModel:
     full: float
     save_estimated: float
     save_cond_only: float
+    save_partial: float = 0.0  # per step whose every row skips all blocks but the first
+    num_blocks: int = 0
 
     @classmethod
-    def calibrate(cls, ev: Evaluator) -> CostModel:
+    def calibrate(cls, ev: Evaluator, blocks: bool = False) -> CostModel:
         n = ev.num_steps
         only_first = [True] + [False] * (n - 1)
 
@@ -144,13 +150,47 @@ class CostModel:
             )
             save_g = max(0.0, (full - cond_only) / (n - 1))
         save_e = max(0.0, (full - estimated) / max(1, n - 1))
-        return cls(full=full, save_estimated=save_e, save_cond_only=save_g)
+        save_p, num_blocks = 0.0, _num_blocks(ev.pipe) if blocks else 0
+        if num_blocks >= 2 and n > 1:
+            skip_middle = presets.get("dbcache", fn=1, bn=0, threshold=1e9, max_consecutive=100_000, warmup=1)
+            save_p = max(0.0, (full - seconds(skip_middle)) / (n - 1))
+        return cls(
+            full=full, save_estimated=save_e, save_cond_only=save_g, save_partial=save_p, num_blocks=num_blocks
+        )
 
     def speedup(self, actions: str) -> float:
         latency = (
             self.full - actions.count("E") * self.save_estimated - actions.count("G") * self.save_cond_only
         )
         return self.full / max(latency, 1e-9)
+
+    def speedup_rows(self, row_actions: list[str], middle_fraction: float) -> float:
+        """Speedup from what each row did per step (as ``stats()["row_actions"]`` reports it):
+        estimated steps, left-out unconditional rows, and rows whose middle blocks were skipped."""
+        latency = self.full
+        for rows in row_actions:
+            if set(rows) == {"E"}:
+                latency -= self.save_estimated
+                continue
+            latency -= self.save_cond_only * min(1.0, 2 * rows.count("G") / len(rows))
+            latency -= self.save_partial * middle_fraction * rows.count("P") / len(rows)
+        return self.full / max(latency, 1e-9)
+
+    def optimistic(self, actions: str, middle_fraction: float) -> float:
+        """Upper bound before running: every computed step after the first also partial."""
+        partial = sum(1 for i, a in enumerate(actions) if a in "CG" and i > 0)
+        latency = self.full / self.speedup(actions) - partial * self.save_partial * middle_fraction
+        return self.full / max(latency, 1e-9)
+
+
+def _num_blocks(pipe: Any) -> int:
+    """Blocks in the denoiser's stack; 0 (no block level to search) for a model without one."""
+    from ..adapters import adapter_for, find_denoiser
+
+    try:
+        return len(adapter_for(find_denoiser(pipe)).blocks() or [])
+    except UnsupportedModelError:
+        return 0
 
 
 def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,8 +218,13 @@ class _Run:
         self.pool: Any = None  # a remote pool (``remote.RayPool``), or None: evaluate here
 
     def predict(self, cand: Candidate) -> tuple[list[bool], str, float]:
+        """Mask, step actions and predicted speedup; with a block rule, whose partial steps depend
+        on the data, the speedup is an upper bound and the evaluation gives the real one."""
         mask = self.ev.mask(cand.computed, cand.order)
         actions = cand.actions(mask, self.ev.cfg)
+        fraction = cand.middle_fraction(self.cost.num_blocks)
+        if fraction > 0:
+            return mask, actions, self.cost.optimistic(actions, fraction)
         return mask, actions, self.cost.speedup(actions)
 
     def feasible_speed(self, speed: float) -> bool:
@@ -201,8 +246,9 @@ class _Run:
             self.pool.evaluate(policies) if self.pool is not None else [self.ev.evaluate(p) for p in policies]
         )
         points = []
-        for (cand, mask, _, speed), res in zip(prepared, results, strict=True):
+        for (cand, mask, _, _), res in zip(prepared, results, strict=True):
             self.used += res["cost"]
+            speed = self.cost.speedup_rows(res["row_actions"], cand.middle_fraction(self.cost.num_blocks))
             point = {
                 "candidate": cand.as_dict(),
                 "psnr": res["psnr"],
@@ -222,8 +268,8 @@ class _Run:
     def score(self, point: dict[str, Any]) -> float:
         """One number to maximise: PSNR for a speed target; predicted speedup for a PSNR target
         (negative, by the PSNR shortfall, when the PSNR target is missed)."""
-        if self.target.speedup is not None:
-            return point["psnr"]
+        if self.target.speedup is not None:  # too slow once measured: ranked below every fast one
+            return point["psnr"] if self.meets(point) else -100.0 + point["speedup"]
         shortfall = self.target.min_psnr - point["psnr"]
         return point["speedup"] if shortfall <= 0 else -shortfall
 
@@ -262,24 +308,31 @@ class _Run:
         return seeds
 
 
-def _suggest(trial: Any, k_max: int, cfg: bool) -> Candidate:
-    order = trial.suggest_int("order", 0, 2)
-    computed = trial.suggest_int("computed", 1, k_max)
-    if not cfg:
-        return Candidate(computed, order)
-    return Candidate(
-        computed,
-        order,
-        cfg_full=trial.suggest_float("cfg_full", 0.0, 1.0),
-        cfg_mode=trial.suggest_categorical("cfg_mode", list(CFG_MODES)),
-        cfg_interval=trial.suggest_int("cfg_interval", 1, 6),
-    )
+def _suggest(trial: Any, k_max: int, cfg: bool, num_blocks: int) -> Candidate:
+    kw: dict[str, Any] = {
+        "order": trial.suggest_int("order", 0, 2),
+        "computed": trial.suggest_int("computed", 1, k_max),
+    }
+    if cfg:
+        kw["cfg_full"] = trial.suggest_float("cfg_full", 0.0, 1.0)
+        kw["cfg_mode"] = trial.suggest_categorical("cfg_mode", list(CFG_MODES))
+        kw["cfg_interval"] = trial.suggest_int("cfg_interval", 1, 6)
+    if num_blocks >= 2:  # the block level: none (0), or dbcache's span and threshold
+        kw["block_fn"] = trial.suggest_int("block_fn", 0, min(2, num_blocks - 1))
+        if kw["block_fn"] > 0:
+            kw["block_bn"] = trial.suggest_int("block_bn", 0, 1)
+            kw["block_threshold"] = trial.suggest_float("block_threshold", 0.03, 0.5, log=True)
+    return Candidate(**kw)
 
 
-def _params(cand: Candidate, cfg: bool) -> dict[str, Any]:
-    d = {"order": cand.order, "computed": cand.computed}
+def _params(cand: Candidate, cfg: bool, num_blocks: int) -> dict[str, Any]:
+    d: dict[str, Any] = {"order": cand.order, "computed": cand.computed}
     if cfg:
         d.update(cfg_full=cand.cfg_full, cfg_mode=cand.cfg_mode, cfg_interval=cand.cfg_interval)
+    if num_blocks >= 2:
+        d["block_fn"] = cand.block_fn
+        if cand.block_fn > 0:
+            d.update(block_bn=cand.block_bn, block_threshold=cand.block_threshold)
     return d
 
 
@@ -309,7 +362,7 @@ def _optuna_search(
     if stored is None:
         study.set_user_attr("config", config)
         for cand in r.planner_seeds():
-            study.enqueue_trial(_params(cand, r.ev.cfg), user_attrs={"source": "planner"})
+            study.enqueue_trial(_params(cand, r.ev.cfg, r.cost.num_blocks), user_attrs={"source": "planner"})
     elif stored != config:
         diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
         raise SearchError(
@@ -326,7 +379,9 @@ def _optuna_search(
             resumed += 1
     r.progress(r.used, r.budget, "resumed" if resumed else "")
     # No candidate computing more steps than this meets a speed target, whatever its guidance.
-    fastest_cfg = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if r.ev.cfg else {}
+    fastest_cfg: dict[str, Any] = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if r.ev.cfg else {}
+    if r.cost.num_blocks >= 2:
+        fastest_cfg["block_fn"] = 1
     k_max = max(1, (r.largest_feasible(0, **fastest_cfg) or Candidate(1, 0)).computed)
     width = r.pool.size if r.pool is not None else 1
     proposals = 0
@@ -342,16 +397,18 @@ def _optuna_search(
                 break
             proposals += 1
             trial = study.ask()
-            cand = _suggest(trial, k_max, r.ev.cfg)
+            cand = _suggest(trial, k_max, r.ev.cfg, r.cost.num_blocks)
             _, actions, speed = r.predict(cand)
             if not r.feasible_speed(speed):
                 study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
                 continue
             cost = (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
             if reserved + cost > r.budget + 1e-9:
-                study.tell(trial, state=TrialState.FAIL)
-                exhausted = True
-                break
+                study.tell(trial, state=TrialState.FAIL)  # too dear for what is left; cheaper may fit
+                exhausted = r.budget - reserved < 1.0 / r.ev.num_steps  # not even one computed step
+                if exhausted:
+                    break
+                continue
             reserved += cost
             batch.append((trial, cand))
         if batch:
@@ -455,12 +512,12 @@ def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: flo
     settings), at the fewest computed steps whose held-out PSNR reaches ``psnr_goal``."""
     n = ev_ho.num_steps
     for k in range(2, n + 1):  # ascending: the first that reaches the goal is the fastest
-        cand = Candidate(k, chosen.order, chosen.cfg_full, chosen.cfg_mode, chosen.cfg_interval)
+        cand = dataclasses.replace(chosen, computed=k)
         mask = ev_ho.mask(k, cand.order)
         res = ev_ho.evaluate(cand.policy(mask, ev_ho.cfg))
         if res["psnr"] >= psnr_goal - 1e-9:
-            actions = cand.actions(mask, ev_ho.cfg)
-            return {"computed": k, "psnr": res["psnr"], "speedup": cost.speedup(actions), "actions": actions}
+            speed = cost.speedup_rows(res["row_actions"], cand.middle_fraction(cost.num_blocks))
+            return {"computed": k, "psnr": res["psnr"], "speedup": speed, "actions": res["actions"]}
     return {"computed": n, "note": "only full compute reaches the searched PSNR"}
 
 
@@ -480,6 +537,7 @@ def search(
     out: str | os.PathLike | None = None,
     seed: int = 0,
     oracle: bool = True,
+    blocks: bool = False,
     engine: str = "local",
     workers: int = 2,
     ray_address: str | None = None,
@@ -531,13 +589,14 @@ def search(
     calib = make_workload(pipe, model, steps, guidance, list(range(calib_seeds)))
     say(0.0, budget, "recording reference trajectories")
     ev = Evaluator(pipe, calib)
-    cost = CostModel.calibrate(ev)
+    cost = CostModel.calibrate(ev, blocks=blocks)
     r = _Run(ev, cost, target, float(budget), 1.0, say)
     config = {
         "model": model,
         "steps": calib.steps,
         "guidance": calib.guidance,
         "calib_seeds": calib_seeds,
+        "blocks": blocks,
         "target": target.as_dict(),
         "searcher": searcher,
         "seed": seed,
