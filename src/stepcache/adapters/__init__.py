@@ -20,6 +20,11 @@ def supported() -> str:
 
 
 def adapter_for(model: Any) -> Adapter:
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a torch.compile wrapper of {type(model._orig_mod).__name__}: "
+            "enable stepcache on the module first, then compile it"
+        )
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls(model)

@@ -155,7 +155,11 @@ class CostModel:
             skip_middle = presets.get("dbcache", fn=1, bn=0, threshold=1e9, max_consecutive=100_000, warmup=1)
             save_p = max(0.0, (full - seconds(skip_middle)) / (n - 1))
         return cls(
-            full=full, save_estimated=save_e, save_cond_only=save_g, save_partial=save_p, num_blocks=num_blocks
+            full=full,
+            save_estimated=save_e,
+            save_cond_only=save_g,
+            save_partial=save_p,
+            num_blocks=num_blocks,
         )
 
     def speedup(self, actions: str) -> float:

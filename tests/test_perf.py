@@ -1,0 +1,110 @@
+"""The GPU benchmark script at tiny size on the CPU, the host-sync counter, and torch.compile."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import stepcache
+from stepcache.bench.syncs import HostSyncCounter
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _perf():
+    spec = importlib.util.spec_from_file_location("perf", ROOT / "benchmarks" / "gpu" / "perf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["flux", "dit"])
+def test_perf_script_runs_end_to_end_at_tiny_size(arch: str, tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    _perf().main(["--arch", arch, "--size", "tiny", "--steps", "4", "--repeats", "1", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in doc["rows"]}
+    assert {"no stepcache", "always compute", "static interval 2", "fbcache skips all it can"} <= set(rows)
+    assert rows["always compute"]["ideal_speedup"] == pytest.approx(1.0)
+    # static interval 2 over 4 steps computes steps 0, 1 and 3: the FLOP ideal is 4/3 exactly
+    assert rows["static interval 2"]["ideal_speedup"] == pytest.approx(4 / 3, rel=1e-3)
+    assert (
+        rows["static interval 2"]["host_syncs_per_step"] < rows["fbcache never skips"]["host_syncs_per_step"]
+    )
+    assert all(r["step_ms"] > 0 for r in doc["rows"]) and doc["device"] and doc["commit"] is not None
+    assert ("diffusers FirstBlockCache never skips" in rows) == (arch == "flux")  # only FLUX has CacheMixin
+
+
+def test_host_sync_counter_catches_a_deliberate_item() -> None:
+    x = torch.randn(4, device="meta")
+    host = torch.ones(4, dtype=torch.bool)  # a host-side mask is not a sync
+    with HostSyncCounter() as counter:
+        value = (x * 2).sum().item()
+        flag = bool(host.all())
+        if (x > 0).any():
+            pass
+    assert counter.calls == {"item": 1, "__bool__": 1} and value == 0 and flag
+
+
+def _meta_syncs(policy) -> int:
+    model = tiny.make("dit").to("meta")
+    handle = stepcache.enable(model, policy)
+    hidden_arg, x, kw = tiny.inputs("dit", 2)
+    kw = {k: v.to("meta") for k, v in kw.items()}
+    with HostSyncCounter() as counter, handle.generation(num_steps=6):
+        for i in range(6):
+            model(
+                **{hidden_arg: x.to("meta")},
+                timestep=torch.full((2,), 1000.0 * (1 - i / 6), device="meta"),
+                **kw,
+            )
+    stepcache.disable(model)
+    return counter.count
+
+
+def test_fixed_schedules_read_the_device_once_per_generation_when_they_compute_everything() -> None:
+    # The one read: the guard's "was the model's own output finite" flags, at the end.
+    assert _meta_syncs(stepcache.presets.get("static-interval", interval=1)) == 1
+    without_guard = stepcache.Policy.from_dict(
+        {**stepcache.presets.get("static-interval", interval=1).to_dict(), "guard": False}
+    )
+    assert _meta_syncs(without_guard) == 0
+    # Per-sample indicators read their decision every call (documented in the README).
+    assert _meta_syncs(stepcache.presets.get("fbcache")) > 6
+
+
+def test_compiled_model_keeps_working_with_a_policy() -> None:
+    model = tiny.make("dit")
+    hidden_arg, x, kw = tiny.inputs("dit", 2)
+
+    def run(m: torch.nn.Module, compile_it: bool = False) -> torch.Tensor:
+        handle = stepcache.enable(m, stepcache.presets.get("static-interval"))  # before compiling
+        m = torch.compile(m) if compile_it else m
+        with torch.no_grad(), handle.generation(num_steps=4):
+            out = x
+            for i in range(4):
+                out = (
+                    out
+                    - m(**{hidden_arg: out}, timestep=torch.full((2,), 1000.0 * (1 - i / 4)), **kw)[0][
+                        :, : out.shape[1]
+                    ]
+                    / 4
+                )
+        stats = handle.stats()
+        stepcache.disable(model)
+        return out, stats
+
+    eager, eager_stats = run(model)
+    compiled, compiled_stats = run(model, compile_it=True)
+    assert compiled_stats["actions"] == eager_stats["actions"] == ["C", "C", "E", "C"]
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    with pytest.raises(stepcache.UnsupportedModelError, match="enable stepcache on the module first"):
+        stepcache.enable(torch.compile(model), "fbcache")
