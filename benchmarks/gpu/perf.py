@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps
 
     def generate(handle: Any = None, context: Callable = contextlib.nullcontext) -> torch.Tensor:
+        if getattr(model, "is_cache_enabled", False):
+            # diffusers' hooks keep their cache across calls of a hand-written loop; a generation
+            # must start fresh, as its pipelines do, or its first step answers from the last run.
+            model._reset_stateful_cache()
         return euler(
             model,
             lambda d, i: {
