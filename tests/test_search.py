@@ -354,3 +354,64 @@ def test_cost_model_counts_partial_rows_and_left_out_rows() -> None:
     assert cost.speedup_rows(["CCCC", "PPPP"], 0.6) == pytest.approx(10 / (10 - 0.3 * 0.6))
     assert cost.speedup_rows(["CCCC", "PCCC"], 1.0) == pytest.approx(10 / (10 - 0.3 / 4))
     assert cost.speedup("CEGC") == pytest.approx(cost.speedup_rows(["CCCC", "EEEE", "CCGG", "CCCC"], 0.0))
+
+
+def test_evolution_stops_when_every_subset_is_scored_and_handles_one_step() -> None:
+    # 6 steps at 2x: k = 2 computed steps, so only 5 subsets exist; budget enough for more
+    pol = search(
+        "digits-dit",
+        speedup=2.0,
+        budget=6,
+        calib_seeds=2,
+        heldout_seeds=1,
+        steps=6,
+        searcher="evolution",
+        oracle=False,
+    )
+    assert pol.meta["search"]["exhausted_subsets"] is True and pol.meta["search"]["evaluated"] <= 5
+    one = search(
+        "digits-dit",
+        speedup=3.0,
+        budget=3,
+        calib_seeds=2,
+        heldout_seeds=1,
+        steps=6,
+        searcher="evolution",
+        oracle=False,
+    )
+    assert one.rules["step"].params["mask"][0] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"speedup": 50.0, "steps": 6}, "at most"),
+        ({"speedup": 2.0, "steps": 1}, "steps"),
+        ({"speedup": 2.0, "steps": 0}, "steps"),
+    ],
+)
+def test_unreachable_or_malformed_targets_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(SearchError, match=message):
+        search("digits-dit", budget=3, calib_seeds=2, heldout_seeds=1, oracle=False, **kwargs)
+
+
+def test_bench_refuses_a_method_the_model_cannot_run(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "fmnist-unet",
+            "--preset",
+            "fbcache",
+            "--seeds",
+            "1",
+            "--repeats",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
+    assert res.exit_code != 0 and "fbcache" in res.output and "UNet" in " ".join(res.output.split())
+    assert not (tmp_path / "b" / "result.json").exists()

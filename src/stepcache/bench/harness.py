@@ -24,6 +24,7 @@ import torch
 from .. import zoo
 from .._env import environment
 from ..api import PolicyLike, disable, enable, resolve_policy
+from ..errors import UnsupportedModelError
 from ..metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
 from ..policy import Policy
 
@@ -361,6 +362,14 @@ def bench(
     out = check_args(model, out_dir, steps, seeds, repeats)
 
     pipe = zoo.load(model)
+    for cand in candidates:  # a method the model cannot run fails here, before any generation
+        if cand.kind == "stepcache":
+            try:
+                cand.attach(pipe)
+            except UnsupportedModelError as e:
+                raise ValueError(f"{cand.name}: {e}") from None
+            finally:
+                cand.detach(pipe)
     work = make_workload(pipe, model, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)])
     runs = [c for c in candidates if c.kind != "reference"]
     rows, samples = measure(pipe, work, [reference_candidate(), *runs], repeats, progress)

@@ -41,7 +41,8 @@ class RayPool:
             import ray
         except ImportError as e:
             raise ImportError('the ray engine needs Ray: pip install "stepcache[ray]"') from e
-        if not ray.is_initialized():
+        self._started = not ray.is_initialized()
+        if self._started:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reporting home from a search
             if address is None:
                 ray.init(
@@ -68,3 +69,5 @@ class RayPool:
     def close(self) -> None:
         for a in self.actors:
             self._ray.kill(a)
+        if self._started:  # a local cluster this pool started ends with it
+            self._ray.shutdown()

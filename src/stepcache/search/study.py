@@ -145,8 +145,9 @@ class CostModel:
         estimated = seconds(Candidate(1, 1).policy(only_first, cfg=False))
         save_g = 0.0
         if ev.cfg and n > 1:
+            # step 0 with guidance (full_until is at least 1), the other n - 1 conditional only
             cond_only = seconds(
-                Candidate(n, 0, cfg_full=0.0, cfg_interval=10**6).policy([True] * n, cfg=True)
+                Candidate(n, 0, cfg_full=0.0, cfg_mode="cond-only").policy([True] * n, cfg=True)
             )
             save_g = max(0.0, (full - cond_only) / (n - 1))
         save_e = max(0.0, (full - estimated) / max(1, n - 1))
@@ -301,7 +302,7 @@ class _Run:
             cfgs.append({"cfg_full": 0.3, "cfg_mode": "estimated", "cfg_interval": 2})
         seeds: list[Candidate] = []
         if self.target.min_psnr is not None:  # no speed to aim at: a safe and a bolder schedule
-            for k in (max(2, (3 * n) // 4), max(2, n // 2)):
+            for k in sorted({min(n, max(2, (3 * n) // 4)), min(n, max(2, n // 2))}, reverse=True):
                 seeds += [Candidate(k, order) for order in (0, 1) if Candidate(k, order) not in seeds]
             return seeds
         for order in (0, 1):
@@ -454,8 +455,8 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
         return point
 
     def mutate(steps: frozenset[int]) -> frozenset[int]:
-        out = set(steps)
-        out.remove(rng.choice(sorted(out - {0})) if len(out) > 1 else 0)
+        out = set(steps)  # move one computed step (never step 0) to a step not computed
+        out.remove(rng.choice(sorted(out - {0})))
         out.add(rng.choice([s for s in range(1, n) if s not in out]))
         return frozenset(out)
 
@@ -463,24 +464,36 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
         pool = sorted((a | b) - {0})
         return frozenset({0, *rng.sample(pool, k - 1)})
 
+    subsets = math.comb(n - 1, k - 1)  # step 0 always computes
     population = [frozenset(s for s, m in enumerate(r.ev.mask(k, 0)) if m)]
-    while len(population) < 8:
+    while len(population) < min(8, subsets):
         population.append(frozenset({0, *rng.sample(range(1, n), k - 1)}))
     scored: dict[frozenset[int], float] = {}
     generations = 0
     while True:
-        for steps in population:
-            if steps not in scored:
-                point = evaluate(steps)
-                if point is None:
-                    return {"searcher": "evolution", "generations": generations}
-                scored[steps] = point["psnr"]
+        fresh = [steps for steps in dict.fromkeys(population) if steps not in scored]
+        if not fresh:  # every subset it can reach is scored: nothing left to learn
+            break
+        for steps in fresh:
+            point = evaluate(steps)
+            if point is None:
+                return {"searcher": "evolution", "generations": generations}
+            scored[steps] = point["psnr"]
         generations += 1
+        if len(scored) >= subsets or k == 1:
+            break
         parents = sorted(scored, key=scored.get, reverse=True)[:4]
         population = [*parents]
-        while len(population) < 8:
-            child = crossover(*rng.sample(parents, 2)) if rng.random() < 0.5 else mutate(rng.choice(parents))
-            population.append(mutate(child) if child in scored else child)
+        for _ in range(64):  # offspring; a few tries each for one not yet scored
+            if len(population) >= 8:
+                break
+            if len(parents) > 1 and rng.random() < 0.5:
+                child = crossover(*rng.sample(parents, 2))
+            else:
+                child = mutate(rng.choice(parents))
+            if child not in scored and child not in population:
+                population.append(child)
+    return {"searcher": "evolution", "generations": generations, "exhausted_subsets": len(scored) >= subsets}
 
 
 def _model_hash(model: str) -> str:
@@ -515,7 +528,7 @@ def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: flo
     """The planner with the held-out seeds' own trajectories (same estimator and guidance
     settings), at the fewest computed steps whose held-out PSNR reaches ``psnr_goal``."""
     n = ev_ho.num_steps
-    for k in range(2, n + 1):  # ascending: the first that reaches the goal is the fastest
+    for k in range(1, n + 1):  # ascending: the first that reaches the goal is the fastest
         cand = dataclasses.replace(chosen, computed=k)
         mask = ev_ho.mask(k, cand.order)
         res = ev_ho.evaluate(cand.policy(mask, ev_ho.cfg))
@@ -571,6 +584,8 @@ def search(
     for name, value in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SearchError(f"{name}: must be a positive integer, got {value!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
+        raise SearchError(f"steps: must be an integer >= 2 (one step leaves nothing to skip), got {steps!r}")
     if calib_seeds > EVAL_SEED_BASE:
         raise SearchError(
             f"calib_seeds: at most {EVAL_SEED_BASE}, so calibration and held-out seeds stay disjoint"
@@ -595,6 +610,16 @@ def search(
     ev = Evaluator(pipe, calib)
     cost = CostModel.calibrate(ev, blocks=blocks)
     r = _Run(ev, cost, target, float(budget), 1.0, say)
+    if target.speedup is not None:
+        fastest = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if ev.cfg else {}
+        if cost.num_blocks >= 2:
+            fastest["block_fn"] = 1
+        reachable = r.predict(Candidate(1, 0, **fastest))[2]
+        if reachable < target.speedup:
+            raise SearchError(
+                f"speedup: at most {reachable:.2f}x is reachable on this device with {ev.num_steps} steps "
+                "(computing only the first); lower the target or sample with more steps"
+            )
     config = {
         "model": model,
         "steps": calib.steps,
