@@ -74,6 +74,19 @@ def by_name(pipe, peer: str, name: str) -> PeerRun | Unavailable:
     return next(r for r in peer_runs(pipe, [peer]) if r.name == name)
 
 
+def two_generations(pipe, run: PeerRun) -> tuple[Counter, np.ndarray, np.ndarray]:
+    """Attach ``run``, generate twice (counting calls in the first), detach whatever happens."""
+    run.attach(pipe)
+    try:
+        with Counter(pipe) as c, run.generation(pipe):
+            first = generate(pipe)
+        with run.generation(pipe):
+            second = generate(pipe)
+    finally:
+        run.detach(pipe)
+    return c, first, second
+
+
 def test_unknown_peer_is_an_error(pipe):
     with pytest.raises(ValueError, match=r"'nope'.*cache-dit, diffusers"):
         peer_runs(pipe, ["diffusers", "nope"])
@@ -102,14 +115,7 @@ def test_diffusers_run(pipe, reference, name):
         assert run.reason.strip()
         return
     method = run.params["method"]
-    run.attach(pipe)
-    try:
-        with Counter(pipe) as c, run.generation(pipe):
-            first = generate(pipe)
-        with run.generation(pipe):
-            second = generate(pipe)
-    finally:
-        run.detach(pipe)
+    c, first, second = two_generations(pipe, run)
     after = generate(pipe)
 
     assert np.isfinite(first).all()
@@ -155,14 +161,7 @@ def test_cache_dit_dbcache_runs_and_skips(pipe, reference):
     keys_before = set(pipe.transformer.state_dict())
     run = by_name(pipe, "cache-dit", "cache-dit DBCache F1B0 rdt=0.24")
     assert isinstance(run, PeerRun), getattr(run, "reason", "")
-    run.attach(pipe)
-    try:
-        with Counter(pipe) as c, run.generation(pipe):
-            first = generate(pipe)
-        with run.generation(pipe):
-            second = generate(pipe)
-    finally:
-        run.detach(pipe)
+    c, first, second = two_generations(pipe, run)
     assert np.isfinite(first).all()
     assert c.last < pipe.default_steps
     np.testing.assert_array_equal(first, second)

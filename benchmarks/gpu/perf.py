@@ -31,7 +31,7 @@ import torch
 import stepcache
 from stepcache._env import environment
 from stepcache._io import atomic_write_json
-from stepcache.bench.harness import _timed
+from stepcache.bench.harness import _flops, _timed
 from stepcache.bench.syncs import HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,14 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             stepcache.disable(model)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     for run in runs:  # FLOPs and host syncs, untimed
         handle, ctx = attach(run)
         generate(handle, ctx)  # warm-up
-        with FlopCounterMode(display=False) as fc:
-            generate(handle, ctx)
-        run["flops"] = float(fc.get_total_flops())
+        run["flops"] = _flops(lambda h=handle, c=ctx: generate(h, c))
         detach(run)
         if run.get("peer") is None:
             meta_model = build(args.arch, args.size)[0].to("meta")

@@ -12,10 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import presets, zoo
-from ..api import disable, enable
-from ..errors import UnsupportedModelError
 from ..policy import Policy
-from .harness import Candidate, bench, check_args, peer_candidate, policy_candidate
+from .harness import Candidate, bench, check_args, peer_candidate, policy_candidate, unsupported
 
 # (preset, overrides): the default and a faster setting of each method, a mixed policy, and the
 # fixed-schedule extrapolators at the intervals that reach 3x and 4x.
@@ -60,14 +58,12 @@ def stepcache_candidates(
     items = [(sweep_name(p, o), presets.get(p, **o)) for p, o in (SWEEP if sweep is None else sweep)]
     items += [(pol.name or f"policy {i}", pol) for i, pol in enumerate(policies or [])]
     for name, pol in items:
-        try:
-            enable(pipe, pol)
-        except UnsupportedModelError as e:
-            unavailable.append({"name": name, "kind": "stepcache", "reason": str(e)})
-            continue
-        finally:
-            disable(pipe)
-        cands.append(policy_candidate(pol, name))
+        cand = policy_candidate(pol, name)
+        reason = unsupported(pipe, cand)
+        if reason is None:
+            cands.append(cand)
+        else:
+            unavailable.append({"name": name, "kind": "stepcache", "reason": reason})
     return cands, unavailable
 
 

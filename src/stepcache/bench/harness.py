@@ -73,6 +73,17 @@ def peer_candidate(run: Any) -> Candidate:
     )
 
 
+def unsupported(pipe: Any, cand: Candidate) -> str | None:
+    """Why ``cand`` cannot run on ``pipe`` (attached and detached again to find out), or None."""
+    try:
+        cand.attach(pipe)
+    except UnsupportedModelError as e:
+        return str(e)
+    finally:
+        cand.detach(pipe)
+    return None
+
+
 @dataclass
 class Workload:
     """The batch every candidate generates: conditioning, seeds, steps, guidance."""
@@ -363,13 +374,9 @@ def bench(
 
     pipe = zoo.load(model)
     for cand in candidates:  # a method the model cannot run fails here, before any generation
-        if cand.kind == "stepcache":
-            try:
-                cand.attach(pipe)
-            except UnsupportedModelError as e:
-                raise ValueError(f"{cand.name}: {e}") from None
-            finally:
-                cand.detach(pipe)
+        reason = unsupported(pipe, cand) if cand.kind == "stepcache" else None
+        if reason is not None:
+            raise ValueError(f"{cand.name}: {reason}")
     work = make_workload(pipe, model, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)])
     runs = [c for c in candidates if c.kind != "reference"]
     rows, samples = measure(pipe, work, [reference_candidate(), *runs], repeats, progress)

@@ -235,13 +235,21 @@ class _Run:
     def feasible_speed(self, speed: float) -> bool:
         return self.target.speedup is None or speed >= self.target.speedup - 1e-9
 
-    def affordable(self, actions: str) -> bool:
-        # A conditional-only step (G) runs half of the batch's rows.
-        cost = (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
-        return self.used + cost <= self.budget + 1e-9
+    @staticmethod
+    def eval_cost(actions: str) -> float:
+        """What evaluating these step actions costs, in generations: a conditional-only step (G)
+        runs half of the batch's rows."""
+        return (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
 
-    def run(self, cand: Candidate) -> dict[str, Any]:
-        return self.run_many([cand])[0]
+    def affordable(self, actions: str) -> bool:
+        return self.used + self.eval_cost(actions) <= self.budget + 1e-9
+
+    def fastest_settings(self) -> dict[str, Any]:
+        """The guidance and block settings that save the most time per computed step."""
+        fastest: dict[str, Any] = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if self.ev.cfg else {}
+        if self.cost.num_blocks >= 2:
+            fastest["block_fn"] = 1
+        return fastest
 
     def run_many(self, cands: list[Candidate]) -> list[dict[str, Any]]:
         """Evaluate candidates (on the pool's workers, in parallel when it has several)."""
@@ -384,10 +392,7 @@ def _optuna_search(
             resumed += 1
     r.progress(r.used, r.budget, "resumed" if resumed else "")
     # No candidate computing more steps than this meets a speed target, whatever its guidance.
-    fastest_cfg: dict[str, Any] = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if r.ev.cfg else {}
-    if r.cost.num_blocks >= 2:
-        fastest_cfg["block_fn"] = 1
-    k_max = max(1, (r.largest_feasible(0, **fastest_cfg) or Candidate(1, 0)).computed)
+    k_max = max(1, (r.largest_feasible(0, **r.fastest_settings()) or Candidate(1, 0)).computed)
     width = r.pool.size if r.pool is not None else 1
     proposals = 0
     while proposals < max(200, int(100 * r.budget)):  # infeasible proposals cost nothing; bound them
@@ -407,7 +412,7 @@ def _optuna_search(
             if not r.feasible_speed(speed):
                 study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
                 continue
-            cost = (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
+            cost = r.eval_cost(actions)
             if reserved + cost > r.budget + 1e-9:
                 study.tell(trial, state=TrialState.FAIL)  # too dear for what is left; cheaper may fit
                 exhausted = r.budget - reserved < 1.0 / r.ev.num_steps  # not even one computed step
@@ -611,10 +616,7 @@ def search(
     cost = CostModel.calibrate(ev, blocks=blocks)
     r = _Run(ev, cost, target, float(budget), 1.0, say)
     if target.speedup is not None:
-        fastest = {"cfg_full": 0.0, "cfg_mode": "cond-only"} if ev.cfg else {}
-        if cost.num_blocks >= 2:
-            fastest["block_fn"] = 1
-        reachable = r.predict(Candidate(1, 0, **fastest))[2]
+        reachable = r.predict(Candidate(1, 0, **r.fastest_settings()))[2]
         if reachable < target.speedup:
             raise SearchError(
                 f"speedup: at most {reachable:.2f}x is reachable on this device with {ev.num_steps} steps "

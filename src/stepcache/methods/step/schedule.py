@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ...policy import Param, RuleSchema
-from ...runtime import CallContext, StepRule
+from ...runtime import CallContext
 from .. import register_method
-from .extrapolation import History
+from .taylorseer import TaylorSeer
 
 
 def _check(p: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -44,25 +42,15 @@ SCHEMA = RuleSchema(
 )
 
 
-class Schedule(StepRule):
-    def __init__(self, mask: list[bool], order: int, variable: str):
-        self.mask, self.order, self.variable = list(mask), order, variable
+class Schedule(TaylorSeer):
+    """TaylorSeer's history and polynomial forecast (order 0 reuses), on a per-step mask."""
 
-    def _x(self, ctx: CallContext) -> float:
-        return float(ctx.step) if self.variable == "step" else ctx.timestep_value()
+    def __init__(self, mask: list[bool], order: int, variable: str):
+        super().__init__(interval=1, order=order, warmup=0, variable=variable)
+        self.mask = list(mask)
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
         return ctx.step >= len(self.mask) or self.mask[ctx.step] or not state.get("outputs")
-
-    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
-        out = History(state, self.order + 1).forecast(self._x(ctx), self.order)
-        return out if rows is None else out.index_select(0, rows)
-
-    def observe(
-        self, ctx: CallContext, state: dict[str, Any], output: torch.Tensor, rows: torch.Tensor | None
-    ) -> None:
-        if rows is None:  # a fixed schedule decides for the whole batch
-            History(state, self.order + 1).add(self._x(ctx), output)
 
 
 def _factory(p: Mapping[str, Any]) -> Schedule:
