@@ -167,3 +167,24 @@ def test_cache_dit_dbcache_runs_and_skips(pipe, reference):
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(generate(pipe), ref)
     assert set(pipe.transformer.state_dict()) == keys_before  # cache-dit's DiT patch is undone
+
+
+def test_cache_dit_detach_restores_the_order_of_flux_block_lists():
+    # cache-dit re-adds FLUX's two block lists the other way round; diffusers' FirstBlockCache
+    # then took a single-stream block as its head and failed on the next generation.
+    pytest.importorskip("cache_dit")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import tiny
+
+    from stepcache.bench.peers import _CacheDitPeer
+
+    model = tiny.make("flux")
+    hidden_arg, x, kw = tiny.inputs("flux", 1)
+    order = list(model._modules)
+    peer = _CacheDitPeer(1, 0, 1e9, taylorseer=False, warmup=1)
+    peer.attach(model, "cache-dit")
+    with torch.no_grad(), peer.generation(model, "cache-dit"):
+        for t in (1.0, 0.5):
+            model(**{hidden_arg: x}, timestep=torch.full((1,), t), **kw)
+    peer.detach(model)
+    assert list(model._modules) == order

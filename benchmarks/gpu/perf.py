@@ -23,6 +23,7 @@ import contextlib
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,106 @@ import stepcache
 from stepcache._env import environment
 from stepcache._io import atomic_write_json
 from stepcache.bench.harness import _flops, _timed
+from stepcache.bench.peers import _CacheDitPeer
 from stepcache.bench.syncs import HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def build(arch: str, size: str) -> tuple[torch.nn.Module, Callable[[str, int], dict[str, Any]]]:
-    """The model and a function giving one call's inputs on a device (batch 1) at step i."""
-    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: its diffusers class, configs per size, and its call's inputs."""
 
-    if arch == "flux":
-        cfg = {
+    cls: str
+    configs: dict[str, dict[str, Any]]
+    inputs: Callable[[Any, str], dict[str, torch.Tensor]]  # (config, size) -> batch-1 inputs
+    hidden: str = "hidden_states"
+    timestep_scale: float = 1000.0  # FLUX takes sigma itself
+
+
+def _flux_inputs(c: Any, size: str) -> dict[str, torch.Tensor]:
+    tokens, text = {"full": (4096, 512), "medium": (256, 64), "tiny": (16, 8)}[size]
+    side = int(tokens**0.5)
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
+    return {
+        "hidden_states": _randn(1, tokens, c.in_channels),
+        "encoder_hidden_states": _randn(1, text, c.joint_attention_dim),
+        "pooled_projections": _randn(1, c.pooled_projection_dim),
+        "img_ids": torch.stack(grid, -1).reshape(-1, 3),
+        "txt_ids": torch.zeros(text, 3),
+        "guidance": torch.full((1,), 3.5),
+    }
+
+
+def _dit_inputs(c: Any, size: str) -> dict[str, torch.Tensor]:
+    return {
+        "hidden_states": _randn(1, c.in_channels, c.sample_size, c.sample_size),
+        "class_labels": torch.tensor([207 % c.num_embeds_ada_norm]),
+    }
+
+
+def _sd3_inputs(c: Any, size: str) -> dict[str, torch.Tensor]:
+    latent, text = {"full": (128, 333), "medium": (32, 64), "tiny": (8, 5)}[size]  # 333 = 77 CLIP + 256 T5
+    return {
+        "hidden_states": _randn(1, c.in_channels, latent, latent),
+        "encoder_hidden_states": _randn(1, text, c.joint_attention_dim),
+        "pooled_projections": _randn(1, c.pooled_projection_dim),
+    }
+
+
+def _pixart_inputs(c: Any, size: str) -> dict[str, Any]:
+    text = {"full": 120, "medium": 64, "tiny": 5}[size]
+    extra = None
+    if c.use_additional_conditions:  # PixArt-alpha 1024 conditions on resolution and aspect ratio
+        side = 8.0 * c.sample_size
+        extra = {"resolution": torch.tensor([[side, side]]), "aspect_ratio": torch.tensor([[1.0]])}
+    return {
+        "hidden_states": _randn(1, c.in_channels, c.sample_size, c.sample_size),
+        "encoder_hidden_states": _randn(1, text, c.caption_channels),
+        "added_cond_kwargs": extra or {"resolution": None, "aspect_ratio": None},
+    }
+
+
+def _unet_inputs(c: Any, size: str) -> dict[str, torch.Tensor]:
+    return {
+        "sample": _randn(1, c.in_channels, c.sample_size, c.sample_size),
+        "encoder_hidden_states": _randn(1, 77 if size != "tiny" else 5, c.cross_attention_dim),
+    }
+
+
+def _wan_inputs(c: Any, size: str) -> dict[str, torch.Tensor]:
+    # full: 17 frames of 480x832 -> latent 5 x 60 x 104 (VAE 4x temporal, 8x spatial)
+    frames, height, width = {"full": (5, 60, 104), "medium": (3, 16, 16), "tiny": (2, 4, 4)}[size]
+    text = {"full": 512, "medium": 64, "tiny": 5}[size]
+    return {
+        "hidden_states": _randn(1, c.in_channels, frames, height, width),
+        "encoder_hidden_states": _randn(1, text, c.text_dim),
+    }
+
+
+ARCHS: dict[str, Arch] = {
+    "flux": Arch(  # FLUX.1-dev; medium = 3 double + 6 single blocks at width 1024
+        "FluxTransformer2DModel",
+        {
             "full": dict(
-                num_layers=19, num_single_layers=38, num_attention_heads=24, joint_attention_dim=4096
+                num_layers=19,
+                num_single_layers=38,
+                num_attention_heads=24,
+                joint_attention_dim=4096,
+                in_channels=64,
+                guidance_embeds=True,
             ),
             "medium": dict(
-                num_layers=3, num_single_layers=6, num_attention_heads=8, joint_attention_dim=1024
+                num_layers=3,
+                num_single_layers=6,
+                num_attention_heads=8,
+                joint_attention_dim=1024,
+                in_channels=64,
+                guidance_embeds=True,
             ),
             "tiny": dict(
+                in_channels=64,
+                guidance_embeds=True,
                 num_layers=1,
                 num_single_layers=2,
                 num_attention_heads=2,
@@ -58,73 +141,193 @@ def build(arch: str, size: str) -> tuple[torch.nn.Module, Callable[[str, int], d
                 pooled_projection_dim=16,
                 axes_dims_rope=(4, 6, 6),
             ),
-        }[size]
-        tokens, text = {"full": (4096, 512), "medium": (256, 64), "tiny": (16, 8)}[size]
-        model = FluxTransformer2DModel(in_channels=64, guidance_embeds=True, **cfg)
-        c = model.config
+        },
+        _flux_inputs,
+        timestep_scale=1.0,
+    ),
+    "dit": Arch(  # DiT-XL/2 at 256 (latent 32); medium is the real model
+        "DiTTransformer2DModel",
+        {
+            size: dict(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **cfg)
+            for size, cfg in {
+                "full": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
+                "medium": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
+                "tiny": dict(num_layers=3, num_attention_heads=2, attention_head_dim=8, sample_size=8),
+            }.items()
+        },
+        _dit_inputs,
+    ),
+    "sd3": Arch(  # SD3-medium at 1024 (latent 128); medium = 6 blocks at width 1024, latent 32
+        "SD3Transformer2DModel",
+        {
+            "full": dict(
+                num_layers=24,
+                attention_head_dim=64,
+                num_attention_heads=24,
+                caption_projection_dim=1536,
+                pos_embed_max_size=192,
+            ),
+            "medium": dict(
+                num_layers=6,
+                attention_head_dim=64,
+                num_attention_heads=16,
+                caption_projection_dim=1024,
+                joint_attention_dim=1024,
+            ),
+            "tiny": dict(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                joint_attention_dim=16,
+                caption_projection_dim=16,
+                pooled_projection_dim=12,
+                pos_embed_max_size=16,
+            ),
+        },
+        _sd3_inputs,
+    ),
+    "pixart": Arch(  # PixArt-alpha at 1024 (latent 128); medium = 6 blocks at width 1152, latent 32
+        "PixArtTransformer2DModel",
+        {
+            "full": dict(
+                num_layers=28,
+                num_attention_heads=16,
+                attention_head_dim=72,
+                sample_size=128,
+                caption_channels=4096,
+                cross_attention_dim=1152,
+                use_additional_conditions=True,
+            ),
+            "medium": dict(
+                num_layers=6,
+                num_attention_heads=16,
+                attention_head_dim=72,
+                sample_size=32,
+                caption_channels=1024,
+                cross_attention_dim=1152,
+                use_additional_conditions=False,
+            ),
+            "tiny": dict(
+                num_layers=2,
+                num_attention_heads=2,
+                attention_head_dim=8,
+                sample_size=8,
+                caption_channels=12,
+                cross_attention_dim=16,
+                use_additional_conditions=False,
+            ),
+        },
+        _pixart_inputs,
+    ),
+    "unet": Arch(  # Stable Diffusion 1.5's U-Net at 512 (latent 64); medium = half width, latent 32
+        "UNet2DConditionModel",
+        {
+            "full": dict(sample_size=64, cross_attention_dim=768),
+            "medium": dict(sample_size=32, cross_attention_dim=768, block_out_channels=(160, 320, 640, 640)),
+            "tiny": dict(
+                sample_size=8,
+                cross_attention_dim=16,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                attention_head_dim=4,
+                norm_num_groups=8,
+            ),
+        },
+        _unet_inputs,
+        hidden="sample",
+    ),
+    "wan": Arch(  # Wan 2.1 T2V 1.3B, a 17-frame 480x832 clip; medium = 4 blocks, 3 x 16 x 16 latent
+        "WanTransformer3DModel",
+        {
+            "full": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+            "medium": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=4),
+            "tiny": dict(
+                num_attention_heads=2,
+                attention_head_dim=8,
+                in_channels=4,
+                out_channels=4,
+                text_dim=12,
+                freq_dim=16,
+                ffn_dim=32,
+                num_layers=2,
+                rope_max_seq_len=32,
+            ),
+        },
+        _wan_inputs,
+    ),
+}
 
-        def inputs(device: str, i: int) -> dict[str, Any]:
-            g = torch.Generator().manual_seed(0)
-            side = int(tokens**0.5)
-            ids = torch.stack(
-                torch.meshgrid(
-                    torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij"
-                ),
-                -1,
-            ).reshape(-1, 3)
-            return {
-                "hidden_states": torch.randn(1, tokens, c.in_channels, generator=g),
-                "encoder_hidden_states": torch.randn(1, text, c.joint_attention_dim, generator=g),
-                "pooled_projections": torch.randn(1, c.pooled_projection_dim, generator=g),
-                "img_ids": ids,
-                "txt_ids": torch.zeros(text, 3),
-                "guidance": torch.full((1,), 3.5),
-            }
 
-        return model, inputs
-    if arch == "dit":
-        cfg = {
-            "full": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
-            "medium": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
-            "tiny": dict(num_layers=3, num_attention_heads=2, attention_head_dim=8, sample_size=8),
-        }[size]
-        model = DiTTransformer2DModel(
-            in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **cfg
-        )
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=_GEN)
 
-        def inputs(device: str, i: int) -> dict[str, Any]:
-            g = torch.Generator().manual_seed(0)
-            s = model.config.sample_size
-            return {
-                "hidden_states": torch.randn(1, 4, s, s, generator=g),
-                "class_labels": torch.tensor([207]),
-            }
 
-        return model, inputs
-    raise SystemExit(f"unknown arch {arch!r}: flux or dit")
+_GEN = torch.Generator()
+
+
+def build(
+    arch: str, size: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Callable[[], dict[str, Any]]]:
+    """The model, built on ``device`` in ``dtype``, and a function giving one call's inputs."""
+    import diffusers
+
+    if arch not in ARCHS:
+        raise SystemExit(f"unknown arch {arch!r}: one of {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:  # built where it runs: full FLUX in float32 on the host first would need 48 GB
+        with torch.device(device):
+            model = getattr(diffusers, spec.cls)(**spec.configs[size]).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    if device != "meta":
+        with torch.no_grad():  # some output layers start at zero; timing wants real arithmetic
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+
+    def inputs() -> dict[str, Any]:
+        _GEN.manual_seed(0)
+        return spec.inputs(model.config, size)
+
+    return model, inputs
 
 
 def euler(
     model: torch.nn.Module,
-    inputs: Callable,
+    arch: str,
+    inputs: Callable[[], dict[str, Any]],
     steps: int,
     device: str,
+    dtype: torch.dtype = torch.float32,
     handle: Any = None,
     context: Callable[[], Any] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs(device, 0).items()}
-    x = kw.pop("hidden_states")
+    spec = ARCHS[arch]
+    kw = {k: _to(v, device, dtype) for k, v in inputs().items()}
+    x = kw.pop(spec.hidden)
     scope = handle.generation(num_steps=steps) if handle is not None else contextlib.nullcontext()
-    flux = "img_ids" in kw
     with torch.no_grad(), scope:
         for i in range(steps):
             sigma = 1 - i / steps
-            t = torch.full((x.shape[0],), sigma if flux else sigma * 1000, device=device)
+            t = torch.full((x.shape[0],), sigma * spec.timestep_scale, device=device)
             with context():
-                out = model(hidden_states=x, timestep=t, **kw)[0]
-            out = out[:, : x.shape[1]] if not flux else out  # DiT predicts mean and variance
-            x = x - out / steps
+                out = model(**{spec.hidden: x}, timestep=t, **kw)[0]
+            x = x - out[:, : x.shape[1]] / steps  # DiT and PixArt also predict a variance
     return x
+
+
+def _to(v: Any, device: str, dtype: torch.dtype) -> Any:
+    if isinstance(v, dict):
+        return {k: _to(u, device, dtype) for k, u in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.to(device, dtype) if torch.is_floating_point(v) else v.to(device)
+    return v
 
 
 def policies(steps: int) -> list[tuple[str, Any]]:
@@ -140,6 +343,108 @@ def policies(steps: int) -> list[tuple[str, Any]]:
     ]
 
 
+def peer_runs(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The peers' first-block caches beside ours: never skipping (pure overhead) and skipping
+    every step they may (efficiency), each checking from the second step as ours does."""
+    runs: list[dict[str, Any]] = []
+    if hasattr(model, "enable_cache"):  # diffusers' own FirstBlockCache (models with CacheMixin)
+        for name, threshold in (("never skips", 0.0), ("skips all it can", 1e9)):
+            runs.append(
+                {"policy": f"diffusers FirstBlockCache {name}", "peer": "diffusers", "threshold": threshold}
+            )
+    for name, rdt in (("never skips", 0.0), ("skips all it can", 1e9)):
+        runs.append({"policy": f"cache-dit DBCache F1B0 {name}", "peer": "cache-dit", "rdt": rdt})
+    return runs
+
+
+def attach(model: torch.nn.Module, run: dict[str, Any]) -> tuple[Any, Callable[[], Any], Callable[[], Any]]:
+    """Attach one run's method; returns (stepcache handle or None, per-call context,
+    per-generation context)."""
+    none = contextlib.nullcontext
+    if run["peer"] == "diffusers":
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        model.enable_cache(FirstBlockCacheConfig(threshold=run["threshold"]))
+        return None, lambda: model.cache_context("cond"), none
+    if run["peer"] == "cache-dit":
+        import cache_dit
+
+        if not cache_dit.BlockAdapterRegister.is_supported(model):
+            raise ValueError(
+                f"cache-dit {cache_dit.__version__} has no block adapter for {type(model).__name__}"
+            )
+        peer = run.setdefault("impl", _CacheDitPeer(1, 0, run["rdt"], taylorseer=False, warmup=1))
+        peer.attach(model, run["policy"])
+        return None, none, lambda: peer.generation(model, run["policy"])
+    handle = stepcache.enable(model, run["pol"]) if run["pol"] is not None else None
+    return handle, none, none
+
+
+def detach(model: torch.nn.Module, run: dict[str, Any]) -> None:
+    if run["peer"] == "diffusers":
+        model.disable_cache()
+    elif run["peer"] == "cache-dit":
+        run["impl"].detach(model)
+    else:
+        stepcache.disable(model)
+
+
+def compiled_rows(
+    model: torch.nn.Module, generate: Callable, eager_rows: list[dict[str, Any]], repeats: int, steps: int
+) -> list[dict[str, Any]]:
+    """Compiled without stepcache (``torch.compile(model)``) against compiled with a policy
+    (``handle.compile()``: the network compiles, the runtime's decisions stay eager), interleaved.
+    ``kept`` is the compiled speedup over the eager speedup of the same policy."""
+    compiled_plain = torch.compile(model)
+    cases: list[tuple[str, Any, str]] = [("compiled, no stepcache", None, "no stepcache")]
+    cases += [
+        (
+            "compiled, static interval 2",
+            stepcache.presets.get("static-interval", interval=2),
+            "static interval 2",
+        ),
+        (
+            "compiled, fbcache skips all it can",
+            stepcache.presets.get("fbcache", threshold=10.0, max_consecutive=10**4),
+            "fbcache skips all it can",
+        ),
+    ]
+
+    def run(case: tuple[str, Any, str]) -> float:
+        name, pol, _ = case
+        if pol is None:
+            return _timed(lambda: generate(model_override=compiled_plain))[1]
+        handle = stepcache.enable(model, pol).compile()
+        try:
+            return _timed(lambda: generate(handle))[1]
+        finally:
+            stepcache.disable(model)
+
+    times: dict[str, list[float]] = {c[0]: [] for c in cases}
+    for case in cases:
+        run(case)  # compiles; the inductor cache makes later attaches cheap
+    for _ in range(repeats):
+        for case in cases:
+            times[case[0]].append(run(case))
+    plain = statistics.median(times[cases[0][0]])
+    eager = {r["policy"]: r for r in eager_rows}
+    out = []
+    for name, pol, eager_name in cases:
+        med = statistics.median(times[name])
+        row: dict[str, Any] = {"policy": name, "peer": None, "compiled": True, "step_ms": 1000 * med / steps}
+        if pol is not None:
+            speedup = plain / med
+            row.update(
+                speedup=speedup,
+                ideal_speedup=eager[eager_name]["ideal_speedup"],
+                efficiency=speedup / eager[eager_name]["ideal_speedup"],
+                eager_speedup=eager[eager_name]["speedup"],
+                kept=speedup / eager[eager_name]["speedup"],
+            )
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", default="flux")
@@ -151,70 +456,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and args.size == "full" else torch.float32
-    model, inputs = build(args.arch, args.size)
-    model = model.to(device, dtype).eval()
+    model, inputs = build(args.arch, args.size, device, dtype)
     steps = args.steps
 
-    def generate(handle: Any = None, context: Callable = contextlib.nullcontext) -> torch.Tensor:
+    def generate(
+        handle: Any = None,
+        context: Callable = contextlib.nullcontext,
+        scope: Callable = contextlib.nullcontext,
+        model_override: Any = None,
+    ) -> torch.Tensor:
         if getattr(model, "is_cache_enabled", False):
             # diffusers' hooks keep their cache across calls of a hand-written loop; a generation
             # must start fresh, as its pipelines do, or its first step answers from the last run.
             model._reset_stateful_cache()
-        return euler(
-            model,
-            lambda d, i: {
-                k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs(d, i).items()
-            },
-            steps,
-            device,
-            handle,
-            context,
-        )
+        runner = model if model_override is None else model_override
+        with scope():  # cache-dit: a fresh cache context per generation
+            return euler(runner, args.arch, inputs, steps, device, dtype, handle, context)
 
-    runs: list[dict[str, Any]] = []
-    for name, pol in policies(steps):
-        runs.append({"policy": name, "peer": None, "pol": pol})
-    if hasattr(model, "enable_cache"):  # diffusers' own FirstBlockCache, same loop, same process
-        for name, threshold in (
-            ("diffusers FirstBlockCache never skips", 0.0),
-            ("diffusers FirstBlockCache skips all it can", 1e9),
-        ):
-            runs.append({"policy": name, "peer": "diffusers", "threshold": threshold})
-
-    def attach(run: dict[str, Any]) -> tuple[Any, Callable]:
-        if run.get("peer") == "diffusers":
-            from diffusers.hooks import FirstBlockCacheConfig
-
-            model.enable_cache(FirstBlockCacheConfig(threshold=run["threshold"]))
-            return None, lambda: model.cache_context("cond")
-        handle = stepcache.enable(model, run["pol"]) if run["pol"] is not None else None
-        return handle, contextlib.nullcontext
-
-    def detach(run: dict[str, Any]) -> None:
-        if run.get("peer") == "diffusers":
-            model.disable_cache()
-        else:
-            stepcache.disable(model)
-
-    for run in runs:  # FLOPs and host syncs, untimed
-        handle, ctx = attach(run)
-        generate(handle, ctx)  # warm-up
-        run["flops"] = _flops(lambda h=handle, c=ctx: generate(h, c))
-        detach(run)
-        if run.get("peer") is None:
-            meta_model = build(args.arch, args.size)[0].to("meta")
+    runs = [{"policy": name, "peer": None, "pol": pol} for name, pol in policies(steps)] + peer_runs(model)
+    unavailable: list[dict[str, str]] = []
+    for run in list(runs):  # FLOPs and host syncs, untimed
+        try:
+            handle, ctx, scope = attach(model, run)
+        except (stepcache.UnsupportedModelError, ImportError, ValueError) as e:
+            runs.remove(run)
+            unavailable.append({"policy": run["policy"], "reason": str(e)})
+            continue
+        generate(handle, ctx, scope)  # warm-up
+        run["flops"] = _flops(lambda h=handle, c=ctx, g=scope: generate(h, c, g))
+        detach(model, run)
+        if run["peer"] is None:
+            meta_model = build(args.arch, args.size, "meta")[0]
             h = stepcache.enable(meta_model, run["pol"]) if run["pol"] is not None else None
             with HostSyncCounter() as counter:
-                euler(meta_model, inputs, steps, "meta", h)
+                euler(meta_model, args.arch, inputs, steps, "meta", torch.float32, h)
             run["host_syncs_per_step"] = counter.count / steps
             if h is not None:
                 stepcache.disable(meta_model)
     times: dict[str, list[float]] = {r["policy"]: [] for r in runs}
     for _ in range(args.repeats):  # interleaved, so drift hits every policy alike
         for run in runs:
-            handle, ctx = attach(run)
-            times[run["policy"]].append(_timed(lambda h=handle, c=ctx: generate(h, c))[1])
-            detach(run)
+            handle, ctx, scope = attach(model, run)
+            times[run["policy"]].append(_timed(lambda h=handle, c=ctx, g=scope: generate(h, c, g))[1])
+            detach(model, run)
     base = statistics.median(times["no stepcache"])
     base_flops = runs[0]["flops"]
     rows = []
@@ -235,23 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         )
     if args.compile:
-        eager_model = model
-        for name, pol in (
-            ("compiled, no stepcache", None),
-            ("compiled, static interval 2", stepcache.presets.get("static-interval")),
-        ):
-            # stepcache first, then compile: its wrappers are traced with the model
-            handle = stepcache.enable(eager_model, pol) if pol is not None else None
-            model = torch.compile(eager_model)
-            generate(handle)  # compiles
-            t = statistics.median(_timed(lambda h=handle: generate(h))[1] for _ in range(args.repeats))
-            if handle is not None:
-                stepcache.disable(eager_model)
-            torch._dynamo.reset()
-            rows.append({"policy": name, "peer": None, "compiled": True, "step_ms": 1000 * t / steps})
-        plain, cached = rows[-2]["step_ms"], rows[-1]["step_ms"]
-        eager = next(r for r in rows if r["policy"] == "static interval 2")["speedup"]
-        rows[-1].update(speedup=plain / cached, eager_speedup=eager, kept=(plain / cached) / eager)
+        rows += compiled_rows(model, generate, rows, args.repeats, steps)
     doc = {
         "benchmark": "perf",
         "arch": args.arch,
@@ -262,6 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "repeats": args.repeats,
         "rows": rows,
+        "unavailable": unavailable,
     }
     where = "gpu" if device == "cuda" else "cpu"
     out = (

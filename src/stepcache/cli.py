@@ -492,6 +492,13 @@ def zoo_train(
     ] = None,
     limit_images: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoint.safetensors if present.")] = True,
+    init_from: Annotated[
+        str | None,
+        typer.Option(help="Continue from these weights: a model folder, or 'shipped' for the packaged ones."),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(min=0.0, help="Peak learning rate (recipe default if unset).")
+    ] = None,
 ) -> None:
     """Train a zoo model from its offline data; resumable from its checkpoint."""
     import copy
@@ -504,6 +511,11 @@ def zoo_train(
     if steps is not None:
         cfg.steps = steps
     cfg.limit_images = limit_images
+    if lr is not None:
+        cfg.lr = lr
+    init_dir = None
+    if init_from is not None:
+        init_dir = zoo_registry.model_dir(_zoo_key(key)) if init_from == "shipped" else Path(init_from)
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),
@@ -521,12 +533,14 @@ def zoo_train(
                 cfg,
                 resume=resume,
                 progress=lambda s, n, loss: _train_progress(bar, task, s, n, loss),
+                init_from=init_dir,
             )
     except zoo_registry.DataMissingError as e:
         console.print(f"[red]{e}")
         raise typer.Exit(1) from None
-    except ValueError as e:  # a checkpoint written with other settings
-        raise typer.BadParameter(str(e), param_hint="--resume") from None
+    except ValueError as e:  # a checkpoint written with other settings, or unusable --init-from
+        hint = "--init-from" if str(e).startswith("--init-from") else "--resume"
+        raise typer.BadParameter(str(e), param_hint=hint) from None
     console.print(f"trained {key} in {info['train_seconds']:.1f} s, final loss {info['final_loss']:.4f}")
     print(out / "model.safetensors")
 

@@ -89,10 +89,13 @@ def peer_runs(pipe: Any, peers: list[str]) -> list[PeerRun | Unavailable]:
 
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoiser, or the module itself when given a bare denoiser."""
     for attr in ("transformer", "unet"):
         module = getattr(pipe, attr, None)
         if isinstance(module, torch.nn.Module):
             return module
+    if isinstance(pipe, torch.nn.Module):
+        return pipe
     raise TypeError(f"{type(pipe).__name__} holds neither a transformer nor a unet")
 
 
@@ -141,7 +144,9 @@ class _Snapshot:
         for module, names, submodules, forward in self.modules:
             for name in set(module.__dict__) - names:
                 del module.__dict__[name]
-            if module._modules != submodules:
+            # Order matters too: diffusers' FirstBlockCache takes the first block list it finds as
+            # the head, and cache-dit re-adds FLUX's two lists the other way round.
+            if list(module._modules.items()) != list(submodules.items()):
                 module._modules.clear()
                 module._modules.update(submodules)
             if forward is self._MISSING:
@@ -667,8 +672,9 @@ class _CacheDitPeer(_Peer):
     (``cache_dit.refresh_context``); without that, the second run would start past the warm-up.
     """
 
-    def __init__(self, fn: int, bn: int, rdt: float, taylorseer: bool):
+    def __init__(self, fn: int, bn: int, rdt: float, taylorseer: bool, warmup: int | None = None):
         self.fn, self.bn, self.rdt, self.taylorseer = fn, bn, rdt, taylorseer
+        self.warmup = warmup  # steps that always compute; None keeps cache-dit's default
         self._state: tuple[torch.nn.Module, _Snapshot] | None = None
 
     def _configs(self) -> dict[str, Any]:
@@ -680,6 +686,7 @@ class _CacheDitPeer(_Peer):
                 Bn_compute_blocks=self.bn,
                 residual_diff_threshold=self.rdt,
                 enable_separate_cfg=False,  # CFG runs as one batch
+                **({} if self.warmup is None else {"max_warmup_steps": self.warmup}),
             )
         }
         if self.taylorseer:

@@ -134,6 +134,7 @@ class Handle:
         self._block_orig: list[Any] = []
         self._block_sig: list[inspect.Signature] = []
         self._replayed: set[int] = set()  # module caches: indices whose output is replayed
+        self._compiled = False
 
     # ---- public -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -171,6 +172,27 @@ class Handle:
 
     def disable(self) -> None:
         detach(self.model)
+
+    def compile(self, **options: Any) -> Handle:
+        """Compile the network with ``torch.compile(**options)``; the runtime itself stays eager.
+
+        Traced, the runtime's per-generation Python state would be guarded on and recompiled
+        every generation, and each host read would split the graph. So the runtime's entry points
+        are kept out of dynamo, and only what they call is compiled: the denoiser's own forward,
+        as one graph, or with a block-level rule each block's (decisions sit between blocks).
+        Undone by ``disable``. Returns the handle.
+        """
+        if self._compiled:
+            raise RuntimeError("this handle is already compiled; disable and enable again to recompile")
+        if self._blocks:
+            self._block_orig = [torch.compile(f, **options) for f in self._block_orig]
+            for blk in self._blocks:
+                _set(self, blk, "forward", torch.compiler.disable(blk.forward))
+        else:
+            self._orig_forward = torch.compile(self._orig_forward, **options)
+        _set(self, self.model, "forward", torch.compiler.disable(self.model.forward))
+        self._compiled = True
+        return self
 
     @property
     def active(self) -> bool:

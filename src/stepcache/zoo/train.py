@@ -69,11 +69,14 @@ def train(
     cfg: TrainConfig | None = None,
     resume: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train zoo model ``key`` into ``out_dir`` (model.safetensors, config.json, train.json).
 
     Resumes from ``out_dir/checkpoint.safetensors`` when present (written every
     ``cfg.checkpoint_every`` steps) and gives the same weights as an uninterrupted run.
+    ``init_from`` (a folder with model.safetensors of this model) starts the weights and their
+    EMA there instead of at random, with a fresh optimizer and schedule: a continued run.
     """
     if key not in MODELS:
         raise KeyError(f"unknown zoo model {key!r}; available: {', '.join(MODELS)}")
@@ -89,6 +92,8 @@ def train(
     # Eval mode throughout: diffusers' DiT would otherwise drop labels independently in every
     # block; we drop them once per sample below. No layer here uses dropout.
     model.eval()
+    if init_from is not None:
+        _load_init(model, spec, Path(init_from))
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -127,6 +132,8 @@ def train(
         "final_loss": loss_val,
         "torch_threads": torch.get_num_threads(),
     }
+    if init_from is not None:
+        info["init_from"] = _describe_init(Path(init_from))
     atomic_write_json(out / "train.json", info)
     return info
 
@@ -149,6 +156,27 @@ def save_weights(spec: ZooModel, model: torch.nn.Module, out: Path) -> None:
             "default_guidance": spec.default_guidance,
         },
     )
+
+
+def _load_init(model: torch.nn.Module, spec: ZooModel, src: Path) -> None:
+    path = src / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"--init-from {src}: no model.safetensors there")
+    config = src / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model") != spec.config:
+        raise ValueError(f"--init-from {src}: its config.json is not {spec.key}'s architecture")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:  # missing or mis-shaped tensors
+        raise ValueError(
+            f"--init-from {src}: weights do not fit {spec.key}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _describe_init(src: Path) -> dict[str, Any]:
+    """Where a continued run started: the earlier run's train.json (its settings and time)."""
+    prior = src / "train.json"
+    return {"weights": src.name, "prior": json.loads(prior.read_text()) if prior.is_file() else None}
 
 
 _RESUME_FIELDS = ("batch_size", "lr", "warmup", "ema", "cfg_dropout", "seed", "limit_images")
