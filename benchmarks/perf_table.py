@@ -20,12 +20,28 @@ def table(doc: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
-        name = r["policy"] + (" (compiled)" if r.get("compiled") else "")
+        if r.get("compiled"):
+            continue
         lines.append(
-            f"| {name} | {r['step_ms']:.1f} | {_f(r.get('speedup'), '.2f', '×')} "
+            f"| {r['policy']} | {r['step_ms']:.1f} | {_f(r.get('speedup'), '.2f', '×')} "
             f"| {_f(r.get('ideal_speedup'), '.2f', '×')} | {_f(r.get('efficiency'), '.3f')} "
             f"| {_f(r.get('overhead_pct'), '+.2f', '%')} | {_f(r.get('host_syncs_per_step'), '.1f')} |"
         )
+    compiled = [r for r in doc["rows"] if r.get("compiled")]
+    if compiled:
+        lines += [
+            "",
+            "| torch.compile | ms / step | speedup over compiled | eager speedup | kept |",
+            "|---|---|---|---|---|",
+        ]
+        for r in compiled:
+            lines.append(
+                f"| {r['policy']} | {r['step_ms']:.1f} | {_f(r.get('speedup'), '.2f', '×')} "
+                f"| {_f(r.get('eager_speedup'), '.2f', '×')} | {_f(r.get('kept'), '.0%')} |"
+            )
+    if doc.get("unavailable"):
+        lines.append("")
+        lines += [f"- not run: {u['policy']}: {u['reason']}" for u in doc["unavailable"]]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from stepcache import presets
@@ -170,3 +171,21 @@ def test_calibrate_teacache_fits_a_polynomial(tmp_path):
     assert result.exit_code == 0, result.output
     rule = stepcache.Policy.load(out).rules["block"]
     assert rule.method == "teacache" and len(rule.params["coefficients"]) == 5
+
+
+def test_zoo_train_continues_from_the_shipped_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from stepcache import zoo
+
+    out = tmp_path / "w"
+    args = ["zoo", "train", "digits-dit", "--out", str(out), "--steps", "1", "--limit-images", "32"]
+    result = runner.invoke(app, [*args, "--init-from", "shipped", "--lr", "0"])
+    assert result.exit_code == 0, result.output
+    shipped = load_file(str(zoo.model_dir("digits-dit") / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(shipped[k], trained[k]) for k in shipped)
+    result = runner.invoke(app, [*args, "--init-from", str(tmp_path / "nowhere")])
+    flat = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "no model.safetensors" in flat, flat
+    assert "loss nan" not in flat  # refused before the progress bar started

@@ -43,7 +43,9 @@ def test_perf_script_runs_end_to_end_at_tiny_size(arch: str, tmp_path: Path) -> 
     assert set(rows).isdisjoint(unavailable) and all(unavailable.values())
     if arch == "unet":  # no linear block stack: the block caches say so instead of running
         assert "fbcache never skips" in unavailable and "cache-dit DBCache F1B0 never skips" in unavailable
+        assert rows["deepcache interval 3"]["ideal_speedup"] > 1.2  # its partial computation
         return
+    assert "not a U-Net" in unavailable["deepcache interval 3"]
     ours = rows["fbcache skips all it can"]
     assert ours["ideal_speedup"] > 1.3 and rows["fbcache never skips"]["ideal_speedup"] == pytest.approx(1.0)
     assert ours["host_syncs_per_step"] > rows["static interval 2"]["host_syncs_per_step"]

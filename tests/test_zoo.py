@@ -146,3 +146,20 @@ def test_domain_classifiers():
         digits.features(np.zeros((1, 8, 8, 1)))
     with pytest.raises(KeyError):
         classifier_for("imagenet")
+
+
+def test_training_continues_from_given_weights(tmp_path):
+    cfg = dict(steps=2, batch_size=8, limit_images=64, warmup=1)
+    first = tmp_path / "first"
+    train("digits-dit", first, TrainConfig(**cfg))
+    start = load_file(str(first / "model.safetensors"))
+    # A learning rate of zero: the continued run must end exactly where it started.
+    info = train("digits-dit", tmp_path / "continued", TrainConfig(**{**cfg, "lr": 0.0}), init_from=first)
+    continued = load_file(str(tmp_path / "continued" / "model.safetensors"))
+    assert all(torch.equal(start[k], continued[k]) for k in start)
+    assert info["init_from"]["weights"] == "first" and info["init_from"]["prior"]["train"]["steps"] == 2
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        train("digits-dit", tmp_path / "x", TrainConfig(**cfg), init_from=tmp_path / "missing")
+    with pytest.raises(ValueError, match="not fmnist-dit's architecture"):
+        train("fmnist-dit", tmp_path / "y", TrainConfig(**cfg), init_from=first)
+    assert not (tmp_path / "y").exists()  # refused before anything was written

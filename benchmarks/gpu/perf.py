@@ -340,6 +340,7 @@ def policies(steps: int) -> list[tuple[str, Any]]:
         ("static interval 4", stepcache.presets.get("static-interval", interval=4)),
         ("fbcache never skips", stepcache.presets.get("fbcache", threshold=0.0)),
         ("fbcache skips all it can", stepcache.presets.get("fbcache", threshold=10.0, max_consecutive=big)),
+        ("deepcache interval 3", stepcache.presets.get("deepcache", interval=3)),  # U-Nets only
     ]
 
 

@@ -505,9 +505,10 @@ def zoo_train(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .zoo.train import train
+    from .zoo.train import check_init, train
 
-    cfg = copy.deepcopy(zoo_registry.spec(_zoo_key(key)).train)
+    spec = zoo_registry.spec(_zoo_key(key))
+    cfg = copy.deepcopy(spec.train)
     if steps is not None:
         cfg.steps = steps
     cfg.limit_images = limit_images
@@ -516,6 +517,10 @@ def zoo_train(
     init_dir = None
     if init_from is not None:
         init_dir = zoo_registry.model_dir(_zoo_key(key)) if init_from == "shipped" else Path(init_from)
+        try:
+            check_init(spec, init_dir)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--init-from") from None
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),

@@ -82,6 +82,8 @@ def train(
         raise KeyError(f"unknown zoo model {key!r}; available: {', '.join(MODELS)}")
     spec = MODELS[key]
     cfg = cfg or copy.deepcopy(spec.train)
+    if init_from is not None:
+        check_init(spec, Path(init_from))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -158,13 +160,17 @@ def save_weights(spec: ZooModel, model: torch.nn.Module, out: Path) -> None:
     )
 
 
-def _load_init(model: torch.nn.Module, spec: ZooModel, src: Path) -> None:
-    path = src / "model.safetensors"
-    if not path.is_file():
+def check_init(spec: ZooModel, src: Path) -> None:
+    """Refuse ``init_from`` weights that are missing or of another architecture (ValueError)."""
+    if not (src / "model.safetensors").is_file():
         raise ValueError(f"--init-from {src}: no model.safetensors there")
     config = src / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model") != spec.config:
         raise ValueError(f"--init-from {src}: its config.json is not {spec.key}'s architecture")
+
+
+def _load_init(model: torch.nn.Module, spec: ZooModel, src: Path) -> None:
+    path = src / "model.safetensors"
     try:
         model.load_state_dict(load_file(str(path)))
     except RuntimeError as e:  # missing or mis-shaped tensors
