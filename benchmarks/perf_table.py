@@ -1,6 +1,7 @@
 """The README's runtime-cost tables from benchmarks/results/{cpu,gpu}/perf-*.json.
 
-Run: python benchmarks/perf_table.py benchmarks/results/cpu/perf-*.json
+Run: python benchmarks/perf_table.py [--summary] benchmarks/results/cpu/perf-*.json
+(--summary: one line per architecture instead of a table per file)
 """
 
 from __future__ import annotations
@@ -45,8 +46,60 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _row(doc: dict, policy: str) -> dict | None:
+    return next((r for r in doc["rows"] if r["policy"] == policy and not r.get("compiled")), None)
+
+
+def _get(doc: dict, policy: str, key: str) -> float | None:
+    row = _row(doc, policy)
+    return None if row is None else row.get(key)
+
+
+def summary(docs: list[dict]) -> str:
+    lines = [
+        "| architecture | always-compute overhead | static efficiency (2×–4×) | adaptive efficiency: "
+        "fbcache / diffusers FBC / cache-dit | never-skip overhead: fbcache / diffusers FBC / cache-dit "
+        "| compiled speedup kept (static 2, fbcache) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for doc in docs:
+        static = [_get(doc, f"static interval {k}", "efficiency") for k in (2, 3, 4)]
+        adaptive = "fbcache skips all it can"
+        if _row(doc, adaptive) is None and _row(doc, "deepcache interval 3") is not None:
+            adaptive_cell = f"deepcache {_f(_get(doc, 'deepcache interval 3', 'efficiency'), '.3f')}"
+            never_cell = "—"
+        else:
+            adaptive_cell = " / ".join(
+                _f(_get(doc, p, "efficiency"), ".3f")
+                for p in (
+                    adaptive,
+                    "diffusers FirstBlockCache skips all it can",
+                    "cache-dit DBCache F1B0 skips all it can",
+                )
+            )
+            never_cell = " / ".join(
+                _f(_get(doc, p, "overhead_pct"), "+.1f", "%")
+                for p in (
+                    "fbcache never skips",
+                    "diffusers FirstBlockCache never skips",
+                    "cache-dit DBCache F1B0 never skips",
+                )
+            )
+        kept = [r.get("kept") for r in doc["rows"] if r.get("compiled") and r.get("kept") is not None]
+        lines.append(
+            f"| {doc['arch']} ({doc['size']}) | {_f(_get(doc, 'always compute', 'overhead_pct'), '+.2f', '%')} "
+            f"| {min(static):.3f}–{max(static):.3f} | {adaptive_cell} | {never_cell} "
+            f"| {' / '.join(_f(k, '.0%') for k in kept) or '—'} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
-    for path in map(Path, sys.argv[1:]):
+    args = sys.argv[1:]
+    if args and args[0] == "--summary":
+        print(summary([json.loads(Path(p).read_text()) for p in args[1:]]))
+        return
+    for path in map(Path, args):
         doc = json.loads(path.read_text())
         print(f"<!-- {path}: {doc['command']} ({doc['device']}, {doc['dtype']}) -->")
         print(table(doc))

@@ -32,6 +32,9 @@ from stepcache.zoo.data import load_fashion_mnist
 ROOT = Path(__file__).resolve().parent.parent
 
 
+GRIDS = ROOT / "docs" / "zoo"
+
+
 def generate(pipe, labels: list, batch: int, seed: int) -> np.ndarray:
     """Samples for class labels (ints) or prompts (strings), ``batch`` at a time."""
     out = []
@@ -60,10 +63,12 @@ def _with_floor(row: dict, name: str, real: torch.Tensor, fake: torch.Tensor, n:
     row[f"{name}_floor"] = frechet_distance(real[:n], real[n : 2 * n])
 
 
-def evaluate_text(key: str, batch: int, effnet_samples: int) -> dict:
+def evaluate_text(
+    key: str, batch: int, effnet_samples: int, weights_dir: Path | None = None, grid_dir: Path = GRIDS
+) -> dict:
     from stepcache.zoo.text import DEMO_PROMPTS, load_emoji_images
 
-    pipe = zoo.load(key)
+    pipe = zoo.load(key, weights_dir=weights_dir)
     held_out, captions = load_emoji_images(vendor="twitter")
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(0)).tolist()
     n = min(effnet_samples, len(order) // 2)
@@ -85,15 +90,22 @@ def evaluate_text(key: str, batch: int, effnet_samples: int) -> dict:
     grid_prompts = list(DEMO_PROMPTS)[:8]
     grid = generate(pipe, grid_prompts * 4, 32, seed=7)
     rows = [grid[r * 8 : (r + 1) * 8] for r in range(4)]
-    atomic_write_bytes(ROOT / "docs" / "zoo" / f"{key}.png", grid_png(rows, scale=3))
+    atomic_write_bytes(grid_dir / f"{key}.png", grid_png(rows, scale=3))
     row["grid_prompts"] = grid_prompts
     return row
 
 
-def evaluate(key: str, samples: int, batch: int, effnet_samples: int) -> dict:
+def evaluate(
+    key: str,
+    samples: int,
+    batch: int,
+    effnet_samples: int,
+    weights_dir: Path | None = None,
+    grid_dir: Path = GRIDS,
+) -> dict:
     if zoo.spec(key).conditioning == "text":
-        return evaluate_text(key, batch, effnet_samples)
-    pipe = zoo.load(key)
+        return evaluate_text(key, batch, effnet_samples, weights_dir, grid_dir)
+    pipe = zoo.load(key, weights_dir=weights_dir)
     clf = classifier_for(key)
     labels = [i % 10 for i in range(samples)]
     t0 = time.perf_counter()
@@ -125,7 +137,7 @@ def evaluate(key: str, samples: int, batch: int, effnet_samples: int) -> dict:
         _with_floor(row, "fd_effnetlite0", real_eff, _effnet(images[:m]), m)
         row["fd_effnetlite0_samples_per_set"] = m
     grid = [images[r * 10 : (r + 1) * 10] for r in range(4)]
-    atomic_write_bytes(ROOT / "docs" / "zoo" / f"{key}.png", grid_png(grid, scale=3))
+    atomic_write_bytes(grid_dir / f"{key}.png", grid_png(grid, scale=3))
     return row
 
 
@@ -136,10 +148,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--effnet-samples", type=int, default=1000, help="images per set for FD-EffNetLite0")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zoo-quality.json")
+    ap.add_argument(
+        "--weights-dir", type=Path, default=None, help="weights to judge instead of the shipped ones"
+    )
+    ap.add_argument("--grid-dir", type=Path, default=GRIDS, help="where the sample grids go")
     args = ap.parse_args()
+    keys = args.models.split(",")
+    if args.weights_dir is not None and len(keys) != 1:
+        ap.error("--weights-dir judges one model: pass a single --models KEY")
     rows = []
-    for key in args.models.split(","):
-        rows.append(evaluate(key, args.samples, args.batch, args.effnet_samples))
+    for key in keys:
+        rows.append(
+            evaluate(key, args.samples, args.batch, args.effnet_samples, args.weights_dir, args.grid_dir)
+        )
         print(rows[-1], flush=True)
     atomic_write_json(
         args.out,
