@@ -86,8 +86,9 @@ def summary(docs: list[dict]) -> str:
                 )
             )
         kept = [r.get("kept") for r in doc["rows"] if r.get("compiled") and r.get("kept") is not None]
+        overhead = _f(_get(doc, "always compute", "overhead_pct"), "+.2f", "%")
         lines.append(
-            f"| {doc['arch']} ({doc['size']}) | {_f(_get(doc, 'always compute', 'overhead_pct'), '+.2f', '%')} "
+            f"| {doc['arch']} ({doc['size']}) | {overhead} "
             f"| {min(static):.3f}–{max(static):.3f} | {adaptive_cell} | {never_cell} "
             f"| {' / '.join(_f(k, '.0%') for k in kept) or '—'} |"
         )
