@@ -93,8 +93,10 @@ def test_fixed_schedules_read_the_device_once_per_generation_when_they_compute_e
         {**stepcache.presets.get("static-interval", interval=1).to_dict(), "guard": False}
     )
     assert _meta_syncs(without_guard) == 0
-    # Per-sample indicators read their decision every call (documented in the README).
-    assert _meta_syncs(stepcache.presets.get("fbcache")) > 6
+    # A per-sample block rule reads its decision once per call after the warm-up step, with the
+    # guard's check of the estimate folded into that read: 5 calls + the end-of-generation read.
+    assert _meta_syncs(stepcache.presets.get("fbcache")) == 6
+    assert _meta_syncs(stepcache.presets.get("dbcache")) == 6
 
 
 def test_compiled_model_keeps_working_with_a_policy() -> None:
@@ -160,3 +162,18 @@ def test_handle_compile_compiles_the_network_once_and_keeps_the_decisions(preset
     stepcache.disable(model)
     assert model.forward == original_forward and "forward" not in model.__dict__
     assert all("forward" not in blk.__dict__ for blk in model.transformer_blocks)
+
+
+def test_sync_script_counts_every_architecture_on_meta(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("syncs", ROOT / "benchmarks" / "gpu" / "syncs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = module.main(["--size", "tiny", "--out", str(tmp_path / "syncs.json"), "--steps", "10"])
+    got = {(r["arch"], r["policy"]): r["host_syncs_per_step"] for r in doc["rows"]}
+    assert {arch for arch, _ in got} == {"flux", "dit", "sd3", "pixart", "unet", "wan"}
+    for arch in ("flux", "wan"):  # two streams on FLUX, one on Wan: still one read per call
+        assert got[arch, "no stepcache"] == 0
+        assert got[arch, "always compute"] == pytest.approx(0.1)  # the one read at the end
+        assert got[arch, "static interval 2"] == pytest.approx(0.5)  # + the guard per estimate
+        assert got[arch, "fbcache skips all it can"] == pytest.approx(1.0)  # 9 decisions + the end
+    assert ("unet", "fbcache never skips") not in got and got["unet", "deepcache interval 3"] < 0.5

@@ -62,14 +62,22 @@ def _replace_first(template: Any, tensor: torch.Tensor) -> Any:
     return type(template)(**{k: (tensor if k == keys[0] else template[k]) for k in keys})
 
 
-def _warn_if_model_not_finite(gen: Generation) -> None:
-    """The guard replaces bad estimates, but the model's own non-finite output is the model's:
+def _settle(gen: Generation) -> None:
+    """Read what was kept on the device during the generation, in one host sync: whether the
+    network's own outputs were finite, and the guard's deferred fallbacks (added to the stats).
+
+    The guard replaces bad estimates, but the model's own non-finite output is the model's:
     left as is, and said once per generation with the steps where it happened."""
-    if not gen.finite:
+    if not gen.finite and not gen.deferred_fallbacks:
         return
-    ok = torch.stack([flag for _, flag in gen.finite]).cpu().tolist()  # the one host sync
+    flags = [flag.to(torch.long).reshape(1) for _, flag in gen.finite]
+    counts = [n.to(torch.long).reshape(1) for n in gen.deferred_fallbacks]
+    values = torch.cat(flags + counts).cpu().tolist()  # the one host sync
+    ok, fallbacks = values[: len(flags)], values[len(flags) :]
+    gen.stats.fallbacks += sum(fallbacks)
     bad = sorted({step for (step, _), fine in zip(gen.finite, ok, strict=True) if not fine})
     gen.finite.clear()
+    gen.deferred_fallbacks.clear()
     if bad:
         warnings.warn(
             f"stepcache: the model's own output was not finite at step {bad[0]}"
@@ -81,7 +89,14 @@ def _warn_if_model_not_finite(gen: Generation) -> None:
 
 
 def _finite(streams: tuple) -> bool:
-    return all(s is None or bool(torch.isfinite(s).all()) for s in streams)
+    flags = [torch.isfinite(s).all() for s in streams if s is not None]
+    return not flags or bool(torch.stack(flags).all())  # one host sync however many streams
+
+
+def _rows_finite(streams: tuple, rows: int) -> torch.Tensor:
+    """Per row, on the device: every stream of that row's estimate is finite."""
+    flags = [torch.isfinite(s).reshape(rows, -1).all(1) for s in streams if s is not None]
+    return torch.stack(flags).all(0) if flags else torch.ones(rows, dtype=torch.bool)
 
 
 def _add(a: Streams, b: Streams) -> Streams:
@@ -217,9 +232,11 @@ class Handle:
         stack = self._stack()
         if gen in stack:
             gen.stats.cache_bytes = tensor_bytes(gen.rule_states)
-            self._last_stats = gen.stats.as_dict()
             stack.remove(gen)
-            _warn_if_model_not_finite(gen)
+            try:
+                _settle(gen)
+            finally:
+                self._last_stats = gen.stats.as_dict()
         gen.rule_states.clear()
         gen.templates.clear()
         gen.call = None
@@ -516,9 +533,20 @@ class Handle:
         else:
             plan = True
         active = int(s_in[0].shape[0])
+        est_all = None
+        if self.rules.guard and isinstance(plan, torch.Tensor):
+            # A per-row plan is read on the host anyway: fold the guard into that one read.
+            # Rows whose estimate is not finite join the rows that compute (counted at the end).
+            est_all = rule.estimate(ctx, state, scratch.rows)
+            wanted = plan.to(torch.bool).reshape(-1)
+            unusable = ~_rows_finite(est_all, active).to(wanted.device)
+            gen.deferred_fallbacks.append((unusable & ~wanted).sum())
+            plan = wanted | unusable
         compute_all, compute_none, mask = _resolve(plan, active)
 
-        if not compute_all:
+        if not compute_all and est_all is not None:
+            est = est_all if compute_none else take_streams(est_all, torch.nonzero(~mask).reshape(-1))
+        elif not compute_all:
             skip_rows = None if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
             est = rule.estimate(ctx, state, skip_rows if not compute_none else scratch.rows)
             if self.rules.guard and not _finite(est):

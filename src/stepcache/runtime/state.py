@@ -99,6 +99,8 @@ class Generation:
         self.call: CallScratch | None = None
         # (step, device bool "the network's own output was finite"), read once at the end
         self.finite: list[tuple[int, torch.Tensor]] = []
+        # device counts of rows the guard sent back to compute, read with ``finite`` at the end
+        self.deferred_fallbacks: list[torch.Tensor] = []
 
     def next_call(self) -> tuple[int, int]:
         if self.calls_per_step is not None:
