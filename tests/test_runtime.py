@@ -514,6 +514,28 @@ def test_guard_replaces_a_non_finite_block_estimate(digits_pipe, monkeypatch):
     assert np.array_equal(out, reference)
 
 
+def test_guard_recomputes_only_the_rows_whose_block_estimate_is_bad(digits_pipe, monkeypatch):
+    from stepcache.methods.block.fbcache import FBCache
+
+    honest = FBCache.estimate
+
+    def poisoned(self, ctx, state, rows):  # batch row 0's estimate is infinite, the others fine
+        streams = honest(self, ctx, state, rows)
+        local = torch.arange(ctx.batch) if rows is None else rows
+        bad = (local == 0).reshape(-1, *[1] * (streams[0].dim() - 1))
+        return tuple(torch.where(bad, float("inf"), s) for s in streams)
+
+    monkeypatch.setattr(FBCache, "estimate", poisoned)
+    handle = stepcache.enable(digits_pipe, presets.get("fbcache", threshold=10.0))
+    out = digits_pipe(class_labels=[6, 2], num_inference_steps=8, generator=torch.Generator().manual_seed(0))
+    stats = handle.stats()
+    stepcache.disable(digits_pipe)
+    per_row = ["".join(step[r] for step in stats["row_actions"]) for r in range(4)]  # 2 samples x CFG
+    assert np.isfinite(out.images).all()
+    assert "P" not in per_row[0] and all("P" in r for r in per_row[1:])  # only row 0 fell back
+    assert stats["fallbacks"] == per_row[1].count("P")  # once per call where row 0 wanted to skip
+
+
 def test_model_that_itself_gives_nan_is_left_alone_and_named(digits_pipe):
     calls = {"n": 0}
 
