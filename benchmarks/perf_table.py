@@ -63,7 +63,7 @@ def summary(docs: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for doc in docs:
-        static = [_get(doc, f"static interval {k}", "efficiency") for k in (2, 3, 4)]
+        static = [e for k in (2, 3, 4) if (e := _get(doc, f"static interval {k}", "efficiency")) is not None]
         adaptive = "fbcache skips all it can"
         if _row(doc, adaptive) is None and _row(doc, "deepcache interval 3") is not None:
             adaptive_cell = f"deepcache {_f(_get(doc, 'deepcache interval 3', 'efficiency'), '.3f')}"
@@ -89,7 +89,7 @@ def summary(docs: list[dict]) -> str:
         overhead = _f(_get(doc, "always compute", "overhead_pct"), "+.2f", "%")
         lines.append(
             f"| {doc['arch']} ({doc['size']}) | {overhead} "
-            f"| {min(static):.3f}–{max(static):.3f} | {adaptive_cell} | {never_cell} "
+            f"| {f'{min(static):.3f}–{max(static):.3f}' if static else '—'} | {adaptive_cell} | {never_cell} "
             f"| {' / '.join(_f(k, '.0%') for k in kept) or '—'} |"
         )
     return "\n".join(lines)

@@ -162,6 +162,9 @@ def test_handle_compile_compiles_the_network_once_and_keeps_the_decisions(preset
     stepcache.disable(model)
     assert model.forward == original_forward and "forward" not in model.__dict__
     assert all("forward" not in blk.__dict__ for blk in model.transformer_blocks)
+    with pytest.raises(RuntimeError, match="disabled"):  # it would patch a model it no longer holds
+        handle.compile()
+    assert "forward" not in model.__dict__
 
 
 def test_sync_script_counts_every_architecture_on_meta(tmp_path: Path) -> None:

@@ -163,3 +163,22 @@ def test_training_continues_from_given_weights(tmp_path):
     with pytest.raises(ValueError, match="not fmnist-dit's architecture"):
         train("fmnist-dit", tmp_path / "y", TrainConfig(**cfg), init_from=first)
     assert not (tmp_path / "y").exists()  # refused before anything was written
+
+    # A checkpoint left by a run from random weights must not silently replace --init-from.
+    leftover = tmp_path / "leftover"
+
+    def stop_at_3(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            "digits-dit",
+            leftover,
+            TrainConfig(**{**cfg, "steps": 4, "checkpoint_every": 2}),
+            progress=stop_at_3,
+        )
+    with pytest.raises(ValueError, match="started from random weights"):
+        train(
+            "digits-dit", leftover, TrainConfig(**{**cfg, "steps": 4, "checkpoint_every": 2}), init_from=first
+        )

@@ -398,18 +398,14 @@ def compiled_rows(
     ``kept`` is the compiled speedup over the eager speedup of the same policy."""
     compiled_plain = torch.compile(model)
     cases: list[tuple[str, Any, str]] = [("compiled, no stepcache", None, "no stepcache")]
-    cases += [
-        (
-            "compiled, static interval 2",
-            stepcache.presets.get("static-interval", interval=2),
-            "static interval 2",
-        ),
-        (
-            "compiled, fbcache skips all it can",
-            stepcache.presets.get("fbcache", threshold=10.0, max_consecutive=10**4),
-            "fbcache skips all it can",
-        ),
+    eager = {r["policy"]: r for r in eager_rows}
+    candidates = [
+        ("static interval 2", stepcache.presets.get("static-interval", interval=2)),
+        ("fbcache skips all it can", stepcache.presets.get("fbcache", threshold=10.0, max_consecutive=10**4)),
+        ("deepcache interval 3", stepcache.presets.get("deepcache", interval=3)),
     ]
+    # only what ran eagerly on this model (fbcache needs a block stack, DeepCache a U-Net)
+    cases += [(f"compiled, {name}", pol, name) for name, pol in candidates if name in eager]
 
     def run(case: tuple[str, Any, str]) -> float:
         name, pol, _ = case
@@ -428,7 +424,6 @@ def compiled_rows(
         for case in cases:
             times[case[0]].append(run(case))
     plain = statistics.median(times[cases[0][0]])
-    eager = {r["policy"]: r for r in eager_rows}
     out = []
     for name, pol, eager_name in cases:
         med = statistics.median(times[name])

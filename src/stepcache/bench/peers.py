@@ -90,12 +90,12 @@ def peer_runs(pipe: Any, peers: list[str]) -> list[PeerRun | Unavailable]:
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
     """The pipeline's denoiser, or the module itself when given a bare denoiser."""
+    if isinstance(pipe, torch.nn.Module):  # pipelines are not modules
+        return pipe
     for attr in ("transformer", "unet"):
         module = getattr(pipe, attr, None)
         if isinstance(module, torch.nn.Module):
             return module
-    if isinstance(pipe, torch.nn.Module):
-        return pipe
     raise TypeError(f"{type(pipe).__name__} holds neither a transformer nor a unet")
 
 

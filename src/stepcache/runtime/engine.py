@@ -70,8 +70,9 @@ def _settle(gen: Generation) -> None:
     left as is, and said once per generation with the steps where it happened."""
     if not gen.finite and not gen.deferred_fallbacks:
         return
-    flags = [flag.to(torch.long).reshape(1) for _, flag in gen.finite]
-    counts = [n.to(torch.long).reshape(1) for n in gen.deferred_fallbacks]
+    device = (gen.finite[0][1] if gen.finite else gen.deferred_fallbacks[0]).device
+    flags = [flag.to(device, torch.long).reshape(1) for _, flag in gen.finite]
+    counts = [n.to(device, torch.long).reshape(1) for n in gen.deferred_fallbacks]
     values = torch.cat(flags + counts).cpu().tolist()  # the one host sync
     ok, fallbacks = values[: len(flags)], values[len(flags) :]
     gen.stats.fallbacks += sum(fallbacks)
@@ -197,6 +198,8 @@ class Handle:
         as one graph, or with a block-level rule each block's (decisions sit between blocks).
         Undone by ``disable``. Returns the handle.
         """
+        if not self.active:
+            raise RuntimeError("this handle is disabled; enable stepcache again, then compile")
         if self._compiled:
             raise RuntimeError("this handle is already compiled; disable and enable again to recompile")
         if self._blocks:
@@ -273,7 +276,9 @@ class Handle:
         try:
             return self._call(gen, args, kwargs)
         except BaseException:
-            self._end(gen)  # a call that raised leaves no cache behind
+            # A call that raised leaves no cache behind; its own error is the one to see.
+            with contextlib.suppress(Exception):
+                self._end(gen)
             raise
 
     def _call(self, gen: Generation, args: tuple, kwargs: dict) -> Any:
@@ -538,14 +543,17 @@ class Handle:
             # A per-row plan is read on the host anyway: fold the guard into that one read.
             # Rows whose estimate is not finite join the rows that compute (counted at the end).
             est_all = rule.estimate(ctx, state, scratch.rows)
-            wanted = plan.to(torch.bool).reshape(-1)
+            wanted = plan.to(device=s_in[0].device, dtype=torch.bool).reshape(-1)
             unusable = ~_rows_finite(est_all, active).to(wanted.device)
             gen.deferred_fallbacks.append((unusable & ~wanted).sum())
             plan = wanted | unusable
         compute_all, compute_none, mask = _resolve(plan, active)
 
         if not compute_all and est_all is not None:
-            est = est_all if compute_none else take_streams(est_all, torch.nonzero(~mask).reshape(-1))
+            if compute_none:
+                est = est_all
+            else:  # nonzero reads the mask's size: only where some rows run
+                est = take_streams(est_all, torch.nonzero(~mask).reshape(-1).to(s_in[0].device))
         elif not compute_all:
             skip_rows = None if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
             est = rule.estimate(ctx, state, skip_rows if not compute_none else scratch.rows)

@@ -130,7 +130,11 @@ class BlockRule(ABC):
 
     @abstractmethod
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
-        """The middle's residual (output minus input, per stream) for ``rows``."""
+        """The middle's residual (output minus input, per stream) for ``rows``.
+
+        Must not change ``state``: with the guard on and a per-row plan, the runtime asks for
+        every active row (rows that will compute included, even ones never observed, whose
+        values may be anything) and keeps those of the rows that skip."""
 
     @abstractmethod
     def observe(

@@ -102,7 +102,7 @@ def train(
     start, elapsed = 0, 0.0
     ckpt = out / "checkpoint.safetensors"
     if resume and ckpt.exists():
-        start, elapsed = _load_checkpoint(ckpt, model, ema, opt, gen, cfg)
+        start, elapsed = _load_checkpoint(ckpt, model, ema, opt, gen, cfg, _origin(init_from))
     null = spec.num_classes
     t0 = time.perf_counter()
     loss_val = float("nan")
@@ -123,7 +123,17 @@ def train(
         if progress is not None:
             progress(step + 1, cfg.steps, loss_val)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, model, ema, opt, gen, step + 1, elapsed + time.perf_counter() - t0, cfg)
+            _save_checkpoint(
+                ckpt,
+                model,
+                ema,
+                opt,
+                gen,
+                step + 1,
+                elapsed + time.perf_counter() - t0,
+                cfg,
+                _origin(init_from),
+            )
     elapsed += time.perf_counter() - t0
     save_weights(spec, ema, out)
     ckpt.unlink(missing_ok=True)
@@ -188,7 +198,14 @@ def _describe_init(src: Path) -> dict[str, Any]:
 _RESUME_FIELDS = ("batch_size", "lr", "warmup", "ema", "cfg_dropout", "seed", "limit_images")
 
 
-def _save_checkpoint(path: Path, model, ema, opt, gen, step: int, elapsed: float, cfg: TrainConfig) -> None:
+def _origin(init_from: str | Path | None) -> str:
+    """Where a run's weights started, as a checkpoint records it ("" for random)."""
+    return "" if init_from is None else str(Path(init_from).resolve())
+
+
+def _save_checkpoint(
+    path: Path, model, ema, opt, gen, step: int, elapsed: float, cfg: TrainConfig, origin: str = ""
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         tensors[f"model.{k}"] = v.detach().contiguous().clone()
@@ -200,13 +217,15 @@ def _save_checkpoint(path: Path, model, ema, opt, gen, step: int, elapsed: float
             if isinstance(val, torch.Tensor):
                 tensors[f"opt.{names[id(p)]}.{key}"] = val.detach().contiguous().clone()
     tensors["rng"] = gen.get_state()
-    meta = {"step": str(step), "elapsed": str(elapsed), "train": json.dumps(asdict(cfg))}
+    meta = {"step": str(step), "elapsed": str(elapsed), "train": json.dumps(asdict(cfg)), "init_from": origin}
     tmp = path.with_name(".checkpoint.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, model, ema, opt, gen, cfg: TrainConfig) -> tuple[int, float]:
+def _load_checkpoint(
+    path: Path, model, ema, opt, gen, cfg: TrainConfig, origin: str = ""
+) -> tuple[int, float]:
     from safetensors import safe_open
 
     tensors = load_file(str(path))
@@ -217,6 +236,12 @@ def _load_checkpoint(path: Path, model, ema, opt, gen, cfg: TrainConfig) -> tupl
     if changed:
         raise ValueError(
             f"{path} was written with other training settings ({', '.join(changed)}); "
+            "delete it or pass --no-resume to start over"
+        )
+    if meta.get("init_from", "") != origin:
+        started = meta.get("init_from") or "random weights"
+        raise ValueError(
+            f"{path} belongs to a run started from {started}, not from {origin or 'random weights'}; "
             "delete it or pass --no-resume to start over"
         )
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
