@@ -11,32 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import stepcache
 from stepcache._env import environment
 from stepcache._io import atomic_write_json
-from stepcache.bench.syncs import HostSyncCounter
 
 sys.path.insert(0, str(Path(__file__).parent))
 import perf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def count(arch: str, size: str, policy: Any, steps: int) -> dict[str, Any]:
-    model, inputs = perf.build(arch, size, "meta")
-    handle = stepcache.enable(model, policy) if policy is not None else None
-    try:
-        # meta tensors hold no values: the end-of-generation finiteness read sees garbage
-        with HostSyncCounter() as counter, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "stepcache: the model's own output", RuntimeWarning)
-            perf.euler(model, arch, inputs, steps, "meta", handle=handle)
-    finally:
-        stepcache.disable(model)
-    return {"host_syncs_per_step": counter.count / steps, "calls": dict(counter.calls)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -49,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for arch in perf.ARCHS:
         for name, policy in perf.policies(args.steps):
             try:
-                row = count(arch, args.size, policy, args.steps)
+                row = perf.meta_syncs(arch, args.size, policy, args.steps)
             except stepcache.UnsupportedModelError:
                 continue
             rows.append({"arch": arch, "policy": name, **row})
