@@ -307,7 +307,9 @@ def meta_syncs(arch: str, size: str, policy: Any, steps: int) -> dict[str, Any]:
     try:
         # meta tensors hold no values: the end-of-generation finiteness read sees garbage
         with HostSyncCounter() as counter, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "stepcache: the model's own output", RuntimeWarning)
+            warnings.filterwarnings(
+                "ignore", "stepcache: the (model's own|denoiser's) output", RuntimeWarning
+            )
             euler(model, arch, inputs, steps, "meta", handle=handle)
     finally:
         stepcache.disable(model)

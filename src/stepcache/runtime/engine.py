@@ -10,6 +10,8 @@ and dropped at its end, including when it raises.
 from __future__ import annotations
 
 import contextlib
+import copy
+import copyreg
 import inspect
 import sys
 import threading
@@ -24,11 +26,17 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
-from .interfaces import BranchRule, CallContext, RuleSet, Streams, take_streams
+from .interfaces import BranchRule, CallContext, RuleSet, Streams, take, take_streams
 from .state import CallScratch, Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
 _CFG_LAYOUTS = (None, "uncond_first", "uncond_last")
+# The guard's range: an estimate whose per-row norm exceeds this many times the largest norm of
+# the real outputs (or residuals) its rule has observed for that row is rejected. Sound
+# extrapolation stays near 1x (1.2x at most across the presets on the zoo models); runaway
+# high-order extrapolation over long intervals reaches 5-30x within one interval and then
+# drives the latent to overflow. 4x sits between the two.
+GUARD_RANGE = 4.0
 
 
 def _resolve(plan: Any, active: int) -> tuple[bool, bool, torch.Tensor | None]:
@@ -62,12 +70,13 @@ def _replace_first(template: Any, tensor: torch.Tensor) -> Any:
     return type(template)(**{k: (tensor if k == keys[0] else template[k]) for k in keys})
 
 
-def _settle(gen: Generation) -> None:
+def _settle(gen: Generation, methods: str) -> None:
     """Read what was kept on the device during the generation, in one host sync: whether the
     network's own outputs were finite, and the guard's deferred fallbacks (added to the stats).
 
-    The guard replaces bad estimates, but the model's own non-finite output is the model's:
-    left as is, and said once per generation with the steps where it happened."""
+    The guard replaces bad estimates, but the network's own non-finite output is left as is,
+    and said once per generation with the steps where it happened: blamed on the model only
+    when no estimate came before it (otherwise the estimates may have fed it a broken latent)."""
     if not gen.finite and not gen.deferred_fallbacks:
         return
     device = (gen.finite[0][1] if gen.finite else gen.deferred_fallbacks[0]).device
@@ -80,13 +89,22 @@ def _settle(gen: Generation) -> None:
     gen.finite.clear()
     gen.deferred_fallbacks.clear()
     if bad:
-        warnings.warn(
-            f"stepcache: the model's own output was not finite at step {bad[0]}"
-            + (f" (and steps {bad[1:]})" if len(bad) > 1 else "")
-            + "; stepcache leaves it as it is (it only replaces its own estimates)",
-            RuntimeWarning,
-            stacklevel=3,
+        warnings.warn(_not_finite_message(bad, gen.estimated_steps, methods), RuntimeWarning, stacklevel=3)
+
+
+def _not_finite_message(bad: list[int], estimated: list[int], methods: str) -> str:
+    steps = f"step {bad[0]}" + (f" (and steps {bad[1:]})" if len(bad) > 1 else "")
+    before = sorted({s for s in estimated if s < bad[0]})
+    if not before:
+        return (
+            f"stepcache: the model's own output was not finite at {steps}; "
+            "stepcache leaves it as it is (it only replaces its own estimates)"
         )
+    return (
+        f"stepcache: the denoiser's output was not finite at {steps}, after {methods} estimated "
+        f"steps {before}: those estimates likely drove the latent out of range (try a shorter "
+        "interval or a lower order); stepcache leaves the output as it is"
+    )
 
 
 def _finite(streams: tuple) -> bool:
@@ -94,10 +112,48 @@ def _finite(streams: tuple) -> bool:
     return not flags or bool(torch.stack(flags).all())  # one host sync however many streams
 
 
-def _rows_finite(streams: tuple, rows: int) -> torch.Tensor:
-    """Per row, on the device: every stream of that row's estimate is finite."""
-    flags = [torch.isfinite(s).reshape(rows, -1).all(1) for s in streams if s is not None]
-    return torch.stack(flags).all(0) if flags else torch.ones(rows, dtype=torch.bool)
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Per row, the L2 norm in float32: non-finite where the row is (or overflows)."""
+    flat = x.detach().flatten(1) if x.dim() > 1 else x.detach().reshape(-1, 1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+
+
+def _rows_usable(streams: Streams, peaks: Streams | None, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Per row, on the device: every stream of that row's estimate is finite and, where the
+    rule has observed that row, within GUARD_RANGE times the largest norm it observed there.
+
+    ``rows``: the full-batch rows the estimate is for (None: all); ``n``: how many."""
+    flags = []
+    for i, s in enumerate(streams):
+        if s is None:
+            continue
+        norm = _row_norms(s)
+        ok = torch.isfinite(norm)
+        peak = None if peaks is None else peaks[i]
+        if peak is not None:
+            rows_here = None if rows is None else rows.to(peak.device)
+            ok = ok & (norm <= GUARD_RANGE * take(peak, rows_here))
+        flags.append(ok)
+    return torch.stack(flags).all(0) if flags else torch.ones(n, dtype=torch.bool)
+
+
+def _raise_peaks(old: Streams | None, seen: Streams, rows: torch.Tensor | None, batch: int) -> Streams:
+    """``old`` with the per-row norms of ``seen`` (real outputs of ``rows``) folded in by max."""
+    out = []
+    for i, s in enumerate(seen):
+        prev = None if old is None else old[i]
+        if s is None:
+            out.append(prev)
+            continue
+        norm = _row_norms(s)
+        if prev is None:
+            prev = torch.zeros(batch, dtype=torch.float32, device=norm.device)
+        if rows is None:
+            out.append(torch.maximum(prev, norm))
+        else:
+            rows = rows.to(prev.device)
+            out.append(prev.index_copy(0, rows, torch.maximum(prev.index_select(0, rows), norm)))
+    return tuple(out)
 
 
 def _add(a: Streams, b: Streams) -> Streams:
@@ -132,7 +188,13 @@ class _GuidanceCall:
 
 
 class Handle:
-    """What ``enable`` returns: statistics, a generation scope for bare loops, and ``disable``."""
+    """What ``enable`` returns: statistics, a generation scope for bare loops, and ``disable``.
+
+    Enabling the same model again replaces this handle: it then refuses ``stats`` and
+    ``generation``, and its ``disable`` leaves the replacement in place. While enabled, a deep
+    copy of the pipeline or module is a plain one (stepcache not enabled on it), and pickling
+    or a shallow ``copy.copy`` raises TypeError: disable first.
+    """
 
     def __init__(self, target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any):
         self.target = target
@@ -151,10 +213,12 @@ class Handle:
         self._block_sig: list[inspect.Signature] = []
         self._replayed: set[int] = set()  # module caches: indices whose output is replayed
         self._compiled = False
+        self._replaced = False  # a later enable on the same model took over
 
     # ---- public -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Statistics of the current generation, or of the last one that ended."""
+        self._check_not_replaced("stats()")
         gen = self._current()
         if gen is not None:
             return gen.stats.as_dict()
@@ -180,6 +244,7 @@ class Handle:
             raise ValueError(f"calls_per_step must be a positive integer, got {calls_per_step!r}")
         if cfg not in _CFG_LAYOUTS:
             raise ValueError(f"cfg must be one of {_CFG_LAYOUTS}, got {cfg!r}")
+        self._check_not_replaced("generation()")
         gen = self._begin(Generation(num_steps, calls_per_step, cfg))
         try:
             yield self
@@ -187,7 +252,18 @@ class Handle:
             self._end(gen)
 
     def disable(self) -> None:
-        detach(self.model)
+        """Remove stepcache from the model; a no-op when this handle is no longer the model's
+        current one (disabled already, or replaced: the replacement stays, with a warning)."""
+        if self.active:
+            detach(self.model)
+        elif self._replaced:
+            warnings.warn(
+                "stepcache: this handle was replaced by a later enable() on the same model, so its "
+                "disable() does nothing; call stepcache.disable(pipe) (or the new handle's disable()) "
+                "to remove stepcache",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def compile(self, **options: Any) -> Handle:
         """Compile the network with ``torch.compile(**options)``; the runtime itself stays eager.
@@ -198,6 +274,7 @@ class Handle:
         as one graph, or with a block-level rule each block's (decisions sit between blocks).
         Undone by ``disable``. Returns the handle.
         """
+        self._check_not_replaced("compile()")
         if not self.active:
             raise RuntimeError("this handle is disabled; enable stepcache again, then compile")
         if self._compiled:
@@ -215,6 +292,13 @@ class Handle:
     @property
     def active(self) -> bool:
         return _HANDLES.get(self.model) is self
+
+    def _check_not_replaced(self, what: str) -> None:
+        if self._replaced:
+            raise RuntimeError(
+                f"stepcache: {what} on a stale handle: a later enable() on the same model replaced "
+                "it; use the handle that call returned (or stepcache.runtime.handle_of(model))"
+            )
 
     # ---- generation lifecycle -------------------------------------------------------------
     def _stack(self) -> list[Generation]:
@@ -237,11 +321,12 @@ class Handle:
             gen.stats.cache_bytes = tensor_bytes(gen.rule_states)
             stack.remove(gen)
             try:
-                _settle(gen)
+                _settle(gen, self._methods())
             finally:
                 self._last_stats = gen.stats.as_dict()
         gen.rule_states.clear()
         gen.templates.clear()
+        gen.peaks.clear()
         gen.call = None
 
     def _pipeline_cfg(self, caller_locals: dict[str, Any]) -> str | None:
@@ -318,14 +403,19 @@ class Handle:
             if not compute_all:
                 est_rows = None if compute_none else _global_rows(None, ~mask, device)
                 est = rule.estimate(ctx, state, est_rows)
-                # None: the rule's own validation rejected its estimate.
-                if est is None or (self.rules.guard and not _finite((est,))):
+                # None: the rule's own validation rejected its estimate. The guard's finiteness
+                # and range check is one host read.
+                usable = est is not None and (
+                    not self.rules.guard or self._usable(gen, (branch, "step"), (est,), est_rows)
+                )
+                if not usable:
                     gen.stats.fallbacks += 1
                     compute_all, est, est_rows = True, None, None
             if not compute_all:
                 step_run = torch.zeros(batch, dtype=torch.bool) if compute_none else mask.cpu()
         if step_run is not None and not bool(step_run.any()):
             gen.stats.record(["E"] * batch)
+            gen.estimated_steps.append(step)
             return _replace_first(gen.templates[branch], est)
 
         # 2. The guidance rule: which unconditional rows of computed pairs to leave out.
@@ -354,13 +444,37 @@ class Handle:
             self._guidance_finish(gen, ctx, bound, guide, full, row_actions)
 
         if rule is not None:
-            if step_run is None:
-                rule.observe(ctx, state, full, None)
-            else:
-                rows = _global_rows(None, step_run, device)
-                rule.observe(ctx, state, full.index_select(0, rows), rows)
+            rows = None if step_run is None else _global_rows(None, step_run, device)
+            seen = full if rows is None else full.index_select(0, rows)
+            rule.observe(ctx, state, seen, rows)
+            if self.rules.guard:
+                key = (branch, "step")
+                gen.peaks[key] = _raise_peaks(gen.peaks.get(key), (seen,), rows, batch)
         gen.stats.record(row_actions)
+        if any(a != "C" for a in row_actions):
+            gen.estimated_steps.append(step)
         return out if full is _first(out) else _replace_first(out, full)
+
+    def _usable(self, gen: Generation, key: tuple, est: Streams, rows: torch.Tensor | None) -> bool:
+        """Whether every row of an estimate passes the guard: one host sync however many streams."""
+        n = next((s.shape[0] for s in est if s is not None), 0)
+        return bool(_rows_usable(est, gen.peaks.get(key), rows, n).all())
+
+    def _observe_block(
+        self, gen: Generation, scratch: CallScratch, ctx: CallContext, residual: Streams, rows: Any
+    ) -> None:
+        self.rules.block.observe(ctx, scratch.state, residual, rows)
+        if self.rules.guard:
+            key = _block_key(scratch)
+            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), residual, rows, ctx.batch)
+
+    def _methods(self) -> str:
+        """The policy's methods, as a warning names them."""
+        rules = getattr(self.policy, "rules", None)
+        if rules:
+            return ", ".join(rule.method for rule in rules.values())
+        found = (self.rules.step, self.rules.block, self.rules.guidance)
+        return ", ".join(type(r).__name__ for r in found if r is not None) or "stepcache"
 
     # ---- guidance ---------------------------------------------------------------------------
     def _guidance_plan(self, gen: Generation, ctx: CallContext, step_run: torch.Tensor | None) -> Any:
@@ -517,7 +631,7 @@ class Handle:
         out = self._block_orig[index](*args, **kwargs)
         if index == tail_start - 1:
             residual = _sub(io.read_out(out), scratch.mid_in)
-            self.rules.block.observe(scratch.ctx, scratch.state, residual, scratch.rows)
+            self._observe_block(gen, scratch, scratch.ctx, residual, scratch.rows)
         return out
 
     def _middle_start(self, gen: Generation, scratch: CallScratch, args: tuple, kwargs: dict) -> Any:
@@ -541,10 +655,12 @@ class Handle:
         est_all = None
         if self.rules.guard and isinstance(plan, torch.Tensor):
             # A per-row plan is read on the host anyway: fold the guard into that one read.
-            # Rows whose estimate is not finite join the rows that compute (counted at the end).
+            # Rows whose estimate is not finite or out of range join the rows that compute
+            # (counted at the end).
             est_all = rule.estimate(ctx, state, scratch.rows)
             wanted = plan.to(device=s_in[0].device, dtype=torch.bool).reshape(-1)
-            unusable = ~_rows_finite(est_all, active).to(wanted.device)
+            peaks = gen.peaks.get(_block_key(scratch))
+            unusable = ~_rows_usable(est_all, peaks, scratch.rows, active).to(wanted.device)
             gen.deferred_fallbacks.append((unusable & ~wanted).sum())
             plan = wanted | unusable
         compute_all, compute_none, mask = _resolve(plan, active)
@@ -555,16 +671,16 @@ class Handle:
             else:  # nonzero reads the mask's size: only where some rows run
                 est = take_streams(est_all, torch.nonzero(~mask).reshape(-1).to(s_in[0].device))
         elif not compute_all:
-            skip_rows = None if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
-            est = rule.estimate(ctx, state, skip_rows if not compute_none else scratch.rows)
-            if self.rules.guard and not _finite(est):
+            skip_rows = scratch.rows if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
+            est = rule.estimate(ctx, state, skip_rows)
+            if self.rules.guard and not self._usable(gen, _block_key(scratch), est, skip_rows):
                 gen.stats.fallbacks += 1
                 compute_all = True
         if compute_all:
             scratch.mid_in = s_in
             out = self._block_orig[head_end](*args, **kwargs)
             if head_end == tail_start - 1:
-                rule.observe(ctx, state, _sub(io.read_out(out), s_in), scratch.rows)
+                self._observe_block(gen, scratch, ctx, _sub(io.read_out(out), s_in), scratch.rows)
             return out
 
         scratch.skipping = True
@@ -590,11 +706,16 @@ class Handle:
             streams = io.read_out(self._block_orig[j](*call.args, **call.kwargs))
         residual = _sub(streams, sub_in)
         run_global = _global_rows(scratch.rows, mask, s_in[0].device)
-        rule.observe(ctx, state, residual, run_global)
+        self._observe_block(gen, scratch, ctx, residual, run_global)
         skipped = _add(take_streams(s_in, skip_local), est)
         full = _scatter(s_in, run_local, streams)
         full = _scatter(full, skip_local, skipped)
         return io.format_out(full)
+
+
+def _block_key(scratch: CallScratch) -> tuple:
+    # Per span: a rule whose span moves with the step (Delta-DiT) sees residuals of other sizes.
+    return (scratch.ctx.branch, "block", scratch.span)
 
 
 # ---- attach / detach ------------------------------------------------------------------------
@@ -642,8 +763,9 @@ def _iterate_generation(handle: Handle, bar: Any, gen: Generation) -> Iterator[A
 
 def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any) -> Handle:
     """Install the runtime on ``model`` (and on ``target``'s progress bar if it is a pipeline)."""
-    if model in _HANDLES:
-        _HANDLES[model].disable()
+    previous = _HANDLES.get(model)
+    if previous is not None:
+        detach(model)
     handle = Handle(target, model, adapter, rules, policy)
     if isinstance(rules.block, BranchRule):
         replayed, skipped = rules.block.modules(adapter, model)
@@ -675,8 +797,78 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
             return _iterate_generation(handle, bar, gen)
 
         _set(handle, target, "progress_bar", progress_bar)
+    for obj in _patched_objects(handle):
+        _guard_copies(handle, obj)
     _HANDLES[model] = handle
+    if previous is not None:
+        previous._replaced = True
     return handle
+
+
+# ---- copies and pickles of patched objects ----------------------------------------------------
+# Both hooks are instance attributes (copy.deepcopy looks ``__deepcopy__`` up on the instance,
+# and pickle and copy.copy ``__reduce_ex__``), installed and removed like the wrappers.
+def _patched_objects(handle: Handle) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for obj, _, _, _ in handle._installed:
+        seen.setdefault(id(obj), obj)
+    return list(seen.values())
+
+
+def _guard_copies(handle: Handle, obj: Any) -> None:
+    def deepcopy_plain(memo: dict[int, Any]) -> Any:
+        return _plain_deepcopy(handle, obj, memo)
+
+    def refuse_pickle(protocol: int = 2) -> Any:
+        raise TypeError(_refusal(obj, "pickled or shallow-copied"))
+
+    _set(handle, obj, "__deepcopy__", deepcopy_plain)
+    _set(handle, obj, "__reduce_ex__", refuse_pickle)
+
+
+def _refusal(obj: Any, what: str) -> str:
+    return (
+        f"this {type(obj).__name__} has stepcache enabled and cannot be {what}; "
+        "call stepcache.disable(pipe) first (and enable it again afterwards)"
+    )
+
+
+def _own_state(handle: Handle, obj: Any) -> dict[str, tuple[bool, Any]]:
+    """attr -> (had its own value, that value) for what stepcache installed on ``obj``; the first
+    record wins (``compile`` wraps an installed wrapper again)."""
+    own: dict[str, tuple[bool, Any]] = {}
+    for o, attr, had_own, value in handle._installed:
+        if o is obj:
+            own.setdefault(attr, (had_own, value))
+    return own
+
+
+def _plain_deepcopy(handle: Handle, obj: Any, memo: dict[int, Any]) -> Any:
+    """A deep copy of ``obj`` as it was before stepcache: what copy.deepcopy would make of it
+    through its class's ``__reduce_ex__``, minus the attributes stepcache installed (submodules
+    that stepcache patched strip theirs the same way as the copy reaches them)."""
+    rv = type(obj).__reduce_ex__(obj, 4)
+    plain = (
+        isinstance(rv, tuple)
+        and len(rv) >= 3
+        and rv[0] is copyreg.__newobj__
+        and isinstance(rv[2], dict)
+        and all(extra is None for extra in rv[3:])
+    )
+    if not plain:  # a class with its own reduction: stripping its state is not safe
+        raise TypeError(_refusal(obj, "deep-copied"))
+    cls, *args = rv[1]
+    y = cls.__new__(cls, *copy.deepcopy(args, memo))
+    memo[id(obj)] = y
+    own = _own_state(handle, obj)
+    state = {k: v for k, v in rv[2].items() if k not in own}
+    state.update({k: value for k, (had_own, value) in own.items() if had_own})
+    state = copy.deepcopy(state, memo)
+    if hasattr(y, "__setstate__"):
+        y.__setstate__(state)
+    else:
+        y.__dict__.update(state)
+    return y
 
 
 def _detached(out: Any) -> Any:

@@ -208,4 +208,7 @@ class RuleSet:
     step: StepRule | None = None
     block: BlockRule | BranchRule | None = None
     guidance: GuidanceRule | None = None
+    # Compute instead of using a step or block estimate that is not finite or whose per-row norm
+    # exceeds GUARD_RANGE (engine.py) times the largest the rule observed; a guidance estimate
+    # only when it is not finite.
     guard: bool = True

@@ -101,6 +101,10 @@ class Generation:
         self.finite: list[tuple[int, torch.Tensor]] = []
         # device counts of rows the guard sent back to compute, read with ``finite`` at the end
         self.deferred_fallbacks: list[torch.Tensor] = []
+        # Per (branch, level[, span]): per stream, the largest per-row norm of the real outputs
+        # (or residuals) the rule has observed; the guard bounds estimates by it. On the device.
+        self.peaks: dict[tuple, tuple[torch.Tensor | None, ...]] = {}
+        self.estimated_steps: list[int] = []  # steps where some row was not computed in full
 
     def next_call(self) -> tuple[int, int]:
         if self.calls_per_step is not None:
@@ -123,4 +127,6 @@ class Generation:
     def reset_branch(self, branch: int) -> None:
         for key in [k for k in self.rule_states if k[0] == branch]:
             del self.rule_states[key]
+        for key in [k for k in self.peaks if k[0] == branch]:
+            del self.peaks[key]
         self.templates.pop(branch, None)
