@@ -132,10 +132,23 @@ def fit_teacache(stack: _StackRecorder, degree: int = 4) -> list[float]:
     return [float(c) for c in np.polyfit(x, y, degree)]
 
 
+FITTED = {"linear-ag": "coefficients", "magcache": "ratios", "teacache": "coefficients"}
+
+
+def check_calibrate_args(method: Any, run: Any, overrides: dict[str, Any]) -> None:
+    """Refuse what would fail only after the recording runs (ValueError naming the argument)."""
+    if not isinstance(method, str) or method not in CALIBRATED:
+        raise ValueError(f"calibrate: {method!r} has nothing to fit; methods with coefficients: {CALIBRATED}")
+    if not callable(run):
+        raise ValueError(f"run: expected a function that generates, got {type(run).__name__}")
+    if FITTED[method] in overrides:
+        raise ValueError(f"{method}.{FITTED[method]}: is what calibration fits; do not pass it")
+    presets.get(method, **overrides)  # PolicyError (a ValueError) naming a bad override
+
+
 def calibrate(method: str, pipe: Any, run: Callable[[], Any], **overrides: Any) -> Policy:
     """The ``method`` preset with coefficients fitted on the generations ``run()`` makes."""
-    if method not in CALIBRATED:
-        raise ValueError(f"calibrate: {method!r} has nothing to fit; methods with coefficients: {CALIBRATED}")
+    check_calibrate_args(method, run, overrides)
     # Each method records only what its fit reads.
     if method == "teacache":
         stack = _StackRecorder()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import _limits as lim
 from . import presets as preset_registry
 from . import zoo as zoo_registry
 from .errors import PolicyError, UnsupportedModelError
@@ -23,13 +25,51 @@ console = Console()
 
 
 def _command() -> str:
-    return "stepcache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    line = "stepcache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # Undecodable argv bytes arrive as lone surrogates, which a policy's meta refuses: spell them out.
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unicode(value: str | None) -> str | None:
+    """A callback for a text option that ends up in a policy's meta: no undecodable bytes."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise typer.BadParameter(f"not valid UTF-8: {value!r}") from None
+    return value
 
 
 def _zoo_key(key: str) -> str:
     if key not in zoo_registry.names():
         raise typer.BadParameter(f"unknown model {key!r}; available: {', '.join(zoo_registry.names())}")
     return key
+
+
+def _writable(path: Path, hint: str, files: tuple[str, ...] | None = None) -> None:
+    """Refuse an output file (or, with ``files``, a folder for those files) that could not be
+    written, before any model loads: a usage error naming the option, and nothing written."""
+    from ._io import check_out_dir, check_out_file
+
+    try:
+        if files is None:
+            check_out_file(path, hint.lstrip("-"))
+        else:
+            check_out_dir(path, files, hint.lstrip("-"))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+
+
+def _finite(lo: float, hi: float, above: bool = False) -> Callable[[float | None], float | None]:
+    """A callback for a float option: typer's min/max let nan through and inf is a float."""
+
+    def check(value: float | None) -> float | None:
+        problem = None if value is None else lim.float_problem(value, lo, hi, above)
+        if problem is not None:
+            raise typer.BadParameter(problem)
+        return value
+
+    return check
 
 
 def _parse_params(items: list[str]) -> dict[str, object]:
@@ -43,6 +83,11 @@ def _parse_params(items: list[str]) -> dict[str, object]:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
+        except (ValueError, RecursionError):  # e.g. past Python's 4300-digit limit on integers
+            raise typer.BadParameter(
+                f"{key}: cannot read a value of {len(raw)} characters (too many digits or too deeply nested)",
+                param_hint="--param",
+            ) from None
     return out
 
 
@@ -55,20 +100,25 @@ def demo(
         typer.Option("--param", "-p", help="Preset parameter override KEY=VALUE (repeatable)."),
     ] = None,
     model: Annotated[str, typer.Option(help="Zoo model key.")] = "fmnist-dit",
-    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (model default if unset).")] = None,
-    guidance: Annotated[
-        float | None, typer.Option(min=0.0, help="CFG scale (model default if unset).")
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
     ] = None,
-    samples: Annotated[int, typer.Option(min=1, max=256, help="Images per run.")] = 16,
-    repeats: Annotated[int, typer.Option(min=1, max=50, help="Timed repeats (median reported).")] = 5,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    guidance: Annotated[
+        float | None,
+        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, max=lim.MAX_DEMO_SAMPLES, help="Images per run.")] = 16,
+    repeats: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats (median reported).")
+    ] = 5,
+    seed: Annotated[int, typer.Option(min=0, max=lim.MAX_SEED, help="Random seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder for grid.png and result.json.")] = Path(
         "stepcache-demo"
     ),
 ) -> None:
     """Full compute vs a preset on a shipped model: steps computed, measured speedup, PSNR."""
     from .api import resolve_policy
-    from .demo import run_demo
+    from .demo import DEMO_FILES, run_demo
 
     _zoo_key(model)
     if policy is not None and param:
@@ -83,6 +133,7 @@ def demo(
     except PolicyError as e:
         hint = "--policy" if policy is not None else ("--param" if param else "--preset")
         raise typer.BadParameter(str(e), param_hint=hint) from None
+    _writable(out, "--out", DEMO_FILES)
     with console.status("generating") as status:
         result = run_demo(
             model=model,
@@ -121,11 +172,16 @@ def calibrate(
     method: Annotated[str, typer.Argument(help="Method with fitted coefficients: linear-ag or magcache.")],
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
     model: Annotated[str, typer.Option(help="Zoo model key.")] = "fmnist-dit",
-    steps: Annotated[int | None, typer.Option(min=2, help="Sampling steps (model default if unset).")] = None,
-    guidance: Annotated[
-        float | None, typer.Option(min=0.0, help="CFG scale (model default if unset).")
+    steps: Annotated[
+        int | None, typer.Option(min=2, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
     ] = None,
-    samples: Annotated[int, typer.Option(min=1, max=1024, help="Calibration images (seeds 0..N-1).")] = 32,
+    guidance: Annotated[
+        float | None,
+        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_CALIB_SAMPLES, help="Calibration images (seeds 0..N-1).")
+    ] = 32,
     param: Annotated[
         list[str] | None,
         typer.Option("--param", "-p", help="Other preset parameter KEY=VALUE (repeatable)."),
@@ -149,6 +205,7 @@ def calibrate(
         preset_registry.get(method, **overrides)  # check the overrides before the work
     except PolicyError as e:
         raise typer.BadParameter(str(e), param_hint="--param") from None
+    _writable(out, "--out")
     pipe = zoo_registry.load(model)
     n_steps = steps or pipe.default_steps
     scale = pipe.default_guidance if guidance is None else guidance
@@ -190,7 +247,9 @@ def _bench_progress() -> Any:
 def _print_bench(doc: dict[str, Any], out: Path) -> None:
     import math
 
-    table = Table(title=f"{doc['model']} on {doc['device']}: {doc['protocol']['num_seeds']} seeds")
+    from rich.markup import escape  # names come from policy files: "[/x]" would be a markup error
+
+    table = Table(title=escape(f"{doc['model']} on {doc['device']}: {doc['protocol']['num_seeds']} seeds"))
     table.add_column("run", min_width=30, overflow="fold")
     for col in ("speedup", "FLOP", "PSNR dB", "FD-dom", "acc"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -202,7 +261,7 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
 
     for r in doc["runs"]:
         table.add_row(
-            r["name"],
+            escape(r["name"]),
             fmt(r["speedup"], ".2f") + "x",
             fmt(r["flop_fraction"], ".2f"),
             fmt(r["psnr"], ".1f"),
@@ -211,7 +270,7 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
         )
     console.print(table)
     for u in doc.get("unavailable", []):
-        console.print(f"[yellow]not run[/yellow] {u['name']}: {u['reason']}")
+        console.print(f"[yellow]not run[/yellow] {escape(u['name'])}: {escape(str(u['reason']))}")
     print(out / "result.json")
     print(out / "report.html")
 
@@ -241,18 +300,29 @@ def bench(
     policy: Annotated[
         list[Path] | None, typer.Option("--policy", help="Policy JSON file (repeatable).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
-    seeds: Annotated[int, typer.Option(help="Evaluation seeds (10000, 10001, ...).")] = 16,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per run (median reported).")] = 5,
-    guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds (10000, 10001, ...).")
+    ] = 16,
+    repeats: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats per run (median reported).")
+    ] = 5,
+    guidance: Annotated[
+        float | None,
+        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
+    ] = None,
 ) -> None:
     """Measure policies against full compute: speedup, FLOPs, PSNR/SSIM with CIs, FD, accuracy."""
     from .bench import bench as run
     from .bench import policies_from
+    from .bench.harness import BENCH_FILES
 
     if not preset and not policy:
         raise typer.BadParameter("give at least one --preset or --policy")
     _zoo_key(model)
+    _writable(out, "--out", BENCH_FILES)
     try:
         cands = policies_from(preset, [str(p) for p in policy or []])
     except (ValueError, PolicyError) as e:
@@ -281,16 +351,27 @@ def compare(
         list[Path] | None,
         typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
-    seeds: Annotated[int, typer.Option(help="Evaluation seeds (10000, 10001, ...).")] = 16,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per run (median reported).")] = 5,
-    guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds (10000, 10001, ...).")
+    ] = 16,
+    repeats: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats per run (median reported).")
+    ] = 5,
+    guidance: Annotated[
+        float | None,
+        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
+    ] = None,
 ) -> None:
     """stepcache's preset sweep vs cache-dit and diffusers' cache hooks, same model, seeds and steps."""
     from .bench.compare import compare as run
+    from .bench.harness import BENCH_FILES
     from .policy import Policy
 
     _zoo_key(model)
+    _writable(out, "--out", BENCH_FILES)
     try:
         pols = [Policy.load(p) for p in policy or []]
     except PolicyError as e:
@@ -314,23 +395,50 @@ def compare(
 def search(
     model: Annotated[str, typer.Argument(help="Zoo model key.")],
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
-    speedup: Annotated[float | None, typer.Option(help="Target: this measured speedup, best PSNR.")] = None,
-    min_psnr: Annotated[float | None, typer.Option(help="Target: PSNR >= this (dB), fastest.")] = None,
+    speedup: Annotated[
+        float | None,
+        typer.Option(
+            callback=_finite(0.0, lim.MAX_SPEEDUP, above=True),
+            help="Target: this measured speedup, best PSNR.",
+        ),
+    ] = None,
+    min_psnr: Annotated[
+        float | None,
+        typer.Option(callback=_finite(0.0, lim.MAX_PSNR), help="Target: PSNR >= this (dB), fastest."),
+    ] = None,
     budget: Annotated[
-        float, typer.Option(help="Full-generation equivalents of the calibration batch.")
+        float,
+        typer.Option(
+            callback=_finite(0.0, lim.MAX_BUDGET, above=True),
+            help="Full-generation equivalents of the calibration batch.",
+        ),
     ] = 10.0,
     searcher: Annotated[str, typer.Option(help="tpe, nsga2, cmaes, random, planner or evolution.")] = "tpe",
     storage: Annotated[
-        str | None, typer.Option(help="Optuna storage URL (default: sqlite file beside --out).")
+        str | None,
+        typer.Option(help="Optuna storage URL (default: sqlite file beside --out; none for cmaes)."),
     ] = None,
-    study: Annotated[str | None, typer.Option(help="Study name; the same name resumes it.")] = None,
-    calib_seeds: Annotated[int, typer.Option(help="Calibration seeds 0..K-1.")] = 16,
-    heldout_seeds: Annotated[int, typer.Option(help="Held-out seeds 10000..10000+M-1.")] = 16,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (model default if unset).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="CFG scale (model default if unset).")] = None,
-    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    study: Annotated[
+        str | None, typer.Option(callback=_unicode, help="Study name; the same name resumes it.")
+    ] = None,
+    calib_seeds: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_CALIB_SEEDS, help="Calibration seeds 0..K-1.")
+    ] = 16,
+    heldout_seeds: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Held-out seeds 10000..10000+M-1.")
+    ] = 16,
+    steps: Annotated[
+        int | None, typer.Option(min=2, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, max=lim.MAX_SEED, help="Sampler seed.")] = 0,
     engine: Annotated[str, typer.Option(help="local, or ray: evaluate candidates on Ray workers.")] = "local",
-    workers: Annotated[int, typer.Option(help="Ray workers (with --engine ray).")] = 2,
+    workers: Annotated[
+        int, typer.Option(min=1, max=lim.MAX_WORKERS, help="Ray workers (with --engine ray).")
+    ] = 2,
     ray_address: Annotated[
         str | None, typer.Option(help="A Ray cluster to join (default: start a local one).")
     ] = None,
@@ -348,14 +456,15 @@ def search(
     from .search import search as run
 
     _zoo_key(model)
+    # Every output is checked before the search, not after an hour of it.
+    _writable(out, "--out")
     if report is not None:
-        from .bench.harness import check_out_dir
+        from .bench.harness import BENCH_FILES
 
-        try:
-            check_out_dir(report)  # before the search, not after an hour of it
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--report") from None
-    if storage is None and searcher != "evolution":
+        _writable(report, "--report", BENCH_FILES)
+    # cmaes keeps pickles in its storage: it runs in memory only (the search refuses a storage for it)
+    if storage is None and searcher not in ("evolution", "cmaes"):
+        _writable(out.with_suffix(".optuna.db"), "--out")  # the default storage beside it
         storage = "sqlite:///" + str(out.with_suffix(".optuna.db"))
     with Progress(
         TextColumn("budget"),
@@ -441,14 +550,15 @@ def report(
 ) -> None:
     """Regenerate DIR/report.html from DIR/result.json."""
     from .bench import write_report
-    from .bench.report import write_figure
 
+    if figure is not None:
+        _writable(figure, "--figure")
     try:
-        path = write_report(out)
-        if figure is not None:
-            print(write_figure(out, figure))
+        path = write_report(out, figure)  # writes the page and the figure, or neither
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="DIR") from None
+    if figure is not None:
+        print(figure)
     print(path)
 
 
@@ -488,16 +598,23 @@ def zoo_train(
     key: Annotated[str, typer.Argument(help="Zoo model key.")],
     out: Annotated[Path, typer.Option(help="Folder for model.safetensors, config.json, train.json.")],
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Optimizer steps (recipe default if unset).")
+        int | None,
+        typer.Option(min=1, max=lim.MAX_TRAIN_STEPS, help="Optimizer steps (recipe default if unset)."),
     ] = None,
-    limit_images: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
+    limit_images: Annotated[
+        int | None, typer.Option(min=1, max=lim.MAX_TRAIN_IMAGES, help="Train on the first N images only.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoint.safetensors if present.")] = True,
     init_from: Annotated[
         str | None,
         typer.Option(help="Continue from these weights: a model folder, or 'shipped' for the packaged ones."),
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(min=0.0, help="Peak learning rate (recipe default if unset).")
+        float | None,
+        typer.Option(
+            callback=_finite(0.0, lim.MAX_LR),  # 0 is allowed: training then leaves the weights as they were
+            help="Peak learning rate (recipe default if unset).",
+        ),
     ] = None,
 ) -> None:
     """Train a zoo model from its offline data; resumable from its checkpoint."""
@@ -505,7 +622,7 @@ def zoo_train(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .zoo.train import check_init, train
+    from .zoo.train import TRAIN_FILES, check_checkpoint, check_init, train
 
     spec = zoo_registry.spec(_zoo_key(key))
     cfg = copy.deepcopy(spec.train)
@@ -521,6 +638,12 @@ def zoo_train(
             check_init(spec, init_dir)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--init-from") from None
+    _writable(out, "--out", TRAIN_FILES)
+    if resume:
+        try:
+            check_checkpoint(out / "checkpoint.safetensors")  # before the data loads, not after
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--resume") from None
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),

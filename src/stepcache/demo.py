@@ -13,9 +13,12 @@ import torch
 
 from . import zoo
 from ._env import environment
-from ._io import atomic_write_bytes, atomic_write_json
+from ._io import atomic_write_many, check_out_dir, json_bytes
+from ._limits import MAX_DEMO_SAMPLES, MAX_GUIDANCE, MAX_REPEATS, MAX_SEED, MAX_STEPS, check_float, check_int
 from .api import PolicyLike, disable, enable, resolve_policy
 from .metrics import psnr_per_image
+
+DEMO_FILES = ("grid.png", "result.json")
 
 
 def conditions(pipe: Any, n: int) -> dict[str, list]:
@@ -53,6 +56,21 @@ def grid_png(rows: list[np.ndarray], scale: int = 6) -> bytes:
     return buf.getvalue()
 
 
+def check_demo_args(
+    model: str, steps: int | None, guidance: float | None, samples: int, seed: int, repeats: int
+) -> None:
+    """ValueError naming the first argument the machine cannot run (see ``_limits``)."""
+    if not isinstance(model, str) or model not in zoo.names():
+        raise ValueError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    if steps is not None:
+        check_int("steps", steps, 1, MAX_STEPS)
+    if guidance is not None:
+        check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
+    check_int("samples", samples, 1, MAX_DEMO_SAMPLES)
+    check_int("seed", seed, 0, MAX_SEED)
+    check_int("repeats", repeats, 1, MAX_REPEATS)
+
+
 def run_demo(
     model: str = "fmnist-dit",
     policy: PolicyLike = "fbcache",
@@ -71,11 +89,9 @@ def run_demo(
     the median is reported. Writes ``grid.png`` (reference row, accelerated row, 4x difference)
     and ``result.json`` into ``out_dir`` and returns the result.
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_demo_args(model, steps, guidance, samples, seed, repeats)
     pol = resolve_policy(policy)
+    out = check_out_dir(out_dir, DEMO_FILES)  # before the model loads, not after the timing
     pipe = zoo.load(model)
     steps = steps or pipe.default_steps
     guidance = pipe.default_guidance if guidance is None else guidance
@@ -131,9 +147,14 @@ def run_demo(
         **environment(),
         "command": command,
     }
-    out = Path(out_dir)
     diff = np.clip(np.abs(accelerated - reference) * 4, 0, 1)
-    result["grid_png"] = str(atomic_write_bytes(out / "grid.png", grid_png([reference, accelerated, diff])))
+    result["grid_png"] = str(out / "grid.png")
     result["result_json"] = str(out / "result.json")
-    atomic_write_json(out / "result.json", result)
+    # Both are staged before either replaces an old one; result.json, the record, goes last.
+    atomic_write_many(
+        [
+            (out / "grid.png", grid_png([reference, accelerated, diff])),
+            (out / "result.json", json_bytes(result)),
+        ]
+    )
     return result

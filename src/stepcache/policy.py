@@ -10,19 +10,27 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ._io import atomic_write_json
+from ._io import UnreadableFileError, atomic_write_json, read_limited
+from ._limits import MAX_JSON_INT, MAX_POLICY_BYTES
 from .errors import PolicyError
 
 SCHEMA = "stepcache.policy/1"
 LEVELS = ("step", "block", "guidance")
 MAX_LIST_LEN = 10_000
 MAX_DEPTH = 8
+MAX_NAME_LEN = 200
+# Run names the benchmark gives itself: "reference" is the full-compute run, and "__..." keys
+# (such as "__reference__") are its own entries in samples.safetensors.
+RESERVED_NAMES = ("reference",)
+RESERVED_PREFIX = "__"
 
 
 @dataclass(frozen=True)
@@ -73,17 +81,51 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _show(value: Any) -> str:
+    """A short repr: a field's value in an error message, never megabytes of it."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {value.bit_length()} bits"  # repr() of a 5000-digit int raises
+    return reprlib.repr(value)
+
+
+def _check_unicode(path: str, text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PolicyError(f"{path}: not valid Unicode (a lone surrogate such as {_show(text)})") from None
+    return text
+
+
+def check_name(name: Any, path: str = "name") -> str:
+    """A run or policy name that is safe to print, store and use as a key in result files."""
+    if not isinstance(name, str):
+        raise PolicyError(f"{path}: expected a string, got {_type_name(name)}")
+    if not 1 <= len(name) <= MAX_NAME_LEN:
+        raise PolicyError(f"{path}: must be 1 to {MAX_NAME_LEN} characters, got {len(name)}")
+    _check_unicode(path, name)
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise PolicyError(f"{path}: must not contain control characters, got {_show(name)}")
+    if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIX):
+        raise PolicyError(
+            f"{path}: {name!r} is reserved for the benchmark's own runs "
+            f"({', '.join(RESERVED_NAMES)} and names starting with {RESERVED_PREFIX!r})"
+        )
+    return name
+
+
 def _check_number(path: str, value: Any, p: Param, integer: bool) -> float | int:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
         want = "an integer" if integer else "a number"
-        raise PolicyError(f"{path}: expected {want}, got {_type_name(value)} {value!r}")
+        raise PolicyError(f"{path}: expected {want}, got {_type_name(value)} {_show(value)}")
+    if isinstance(value, int) and abs(value) > MAX_JSON_INT:
+        raise PolicyError(f"{path}: must be within +-2**53, got {_show(value)}")
     if not integer and not math.isfinite(value):
         raise PolicyError(f"{path}: expected a finite number, got {value!r}")
     if p.min is not None and value < p.min:
-        raise PolicyError(f"{path}: must be >= {p.min}, got {value!r}")
+        raise PolicyError(f"{path}: must be >= {p.min}, got {_show(value)}")
     if p.max is not None and value > p.max:
-        raise PolicyError(f"{path}: must be <= {p.max}, got {value!r}")
+        raise PolicyError(f"{path}: must be <= {p.max}, got {_show(value)}")
     return int(value) if integer else float(value)
 
 
@@ -98,14 +140,14 @@ def _check_param(path: str, value: Any, p: Param) -> Any:
         return _check_number(path, value, p, integer=False)
     if p.kind == "bool":
         if not isinstance(value, bool):
-            raise PolicyError(f"{path}: expected true/false, got {_type_name(value)} {value!r}")
+            raise PolicyError(f"{path}: expected true/false, got {_type_name(value)} {_show(value)}")
         return value
     if p.kind == "str":
         if not isinstance(value, str):
             raise PolicyError(f"{path}: expected a string, got {_type_name(value)}")
         if p.choices and value not in p.choices:
-            raise PolicyError(f"{path}: must be one of {list(p.choices)}, got {value!r}")
-        return value
+            raise PolicyError(f"{path}: must be one of {list(p.choices)}, got {_show(value)}")
+        return _check_unicode(path, value)
     if p.kind in ("bool_list", "float_list"):
         if not isinstance(value, list):
             raise PolicyError(f"{path}: expected a list, got {_type_name(value)}")
@@ -138,7 +180,13 @@ def validate_params(method: str, params: Mapping[str, Any], path: str) -> dict[s
 def _check_json_value(path: str, value: Any, depth: int = 0) -> Any:
     if depth > MAX_DEPTH:
         raise PolicyError(f"{path}: nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, (bool, str, int)):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _check_unicode(path, value)
+    if isinstance(value, int):
+        if abs(value) > MAX_JSON_INT:
+            raise PolicyError(f"{path}: must be within +-2**53, got {_show(value)}")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -153,7 +201,8 @@ def _check_json_value(path: str, value: Any, depth: int = 0) -> Any:
             raise PolicyError(f"{path}: too many keys ({len(value)})")
         for k in value:
             if not isinstance(k, str):
-                raise PolicyError(f"{path}: keys must be strings, got {k!r}")
+                raise PolicyError(f"{path}: keys must be strings, got {_show(k)}")
+            _check_unicode(f"{path} key", k)
         return {k: _check_json_value(f"{path}.{k}", v, depth + 1) for k, v in value.items()}
     raise PolicyError(f"{path}: not JSON data ({_type_name(value)})")
 
@@ -188,6 +237,13 @@ class Rule:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **{k: _plain(v) for k, v in self.params.items()}}
 
+    def __reduce__(self) -> tuple[Callable[..., Rule], tuple[str, dict[str, Any]]]:
+        return (_make_rule, (self.method, {k: _plain(v) for k, v in self.params.items()}))
+
+
+def _make_rule(method: str, params: dict[str, Any]) -> Rule:
+    return Rule(method, MappingProxyType(params))
+
 
 def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, (list, tuple)) else v
@@ -201,6 +257,14 @@ class Policy:
     name: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     guard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            check_name(self.name)
+
+    def __reduce__(self) -> tuple[Callable[[Any], Policy], tuple[dict[str, Any]]]:
+        # The mapping proxies do not pickle; plain data does, and unpickling revalidates it.
+        return (_policy_from_dict, (self.to_dict(),))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -217,8 +281,8 @@ class Policy:
                 f"schema: unsupported version {data['schema']!r}; this stepcache reads {SCHEMA!r}"
             )
         name = data.get("name")
-        if name is not None and not isinstance(name, str):
-            raise PolicyError(f"name: expected a string, got {_type_name(name)}")
+        if name is not None:
+            check_name(name)
         guard = data.get("guard", True)
         if not isinstance(guard, bool):
             raise PolicyError(f"guard: expected true/false, got {_type_name(guard)}")
@@ -262,10 +326,11 @@ class Policy:
     def load(cls, path: str | os.PathLike) -> Policy:
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PolicyError(f"{p}: no such policy file") from None
-        except (OSError, UnicodeDecodeError) as e:
+            # Bounded and non-blocking: a FIFO or /dev/zero given as a policy must not hang.
+            text = read_limited(p, MAX_POLICY_BYTES, "policy file").decode("utf-8")
+        except UnreadableFileError as e:
+            raise PolicyError(str(e)) from None
+        except (ValueError, UnicodeDecodeError) as e:  # e.g. a NUL byte in the path
             raise PolicyError(f"{p}: cannot read policy file ({e})") from None
         try:
             data = json.loads(text, parse_constant=_reject_constant)
@@ -295,6 +360,10 @@ class Policy:
     def __repr__(self) -> str:
         rules = ", ".join(f"{lvl}={r.method}" for lvl, r in self.rules.items())
         return f"Policy(name={self.name!r}, {rules or 'always compute'})"
+
+
+def _policy_from_dict(data: Any) -> Policy:
+    return Policy.from_dict(data)
 
 
 def _reject_constant(name: str) -> None:

@@ -13,7 +13,16 @@ from typing import Any
 
 from .. import presets, zoo
 from ..policy import Policy
-from .harness import Candidate, bench, check_args, peer_candidate, policy_candidate, unsupported
+from .harness import (
+    BENCH_FILES,
+    Candidate,
+    bench,
+    check_args,
+    check_out_dir,
+    peer_candidate,
+    policy_candidate,
+    unsupported,
+)
 
 # (preset, overrides): the default and a faster setting of each method, a mixed policy, and the
 # fixed-schedule extrapolators at the intervals that reach 3x and 4x.
@@ -89,7 +98,12 @@ def compare(
         raise ValueError(
             f"peers: unknown peer(s) {', '.join(map(repr, bad))}; choose from {', '.join(PEERS)}"
         )
-    check_args(model, out_dir, steps, seeds, repeats)
+    check_args(model, out_dir, steps, seeds, repeats, guidance)
+    check_out_dir(out_dir, BENCH_FILES)  # the peers' setup loads the model: check before it
+    taken = {sweep_name(p, o) for p, o in (SWEEP if sweep is None else sweep)}
+    for i, pol in enumerate(policies or []):  # a clash would otherwise surface after the model loads
+        if (pol.name or f"policy {i}") in taken:
+            raise ValueError(f"policy {i}: its name {pol.name!r} is also a run of the sweep; rename it")
     pipe = zoo.load(model)
     cands, unavailable = stepcache_candidates(pipe, sweep, policies)
     for run in peer_runs(pipe, peers) if peers else []:

@@ -9,6 +9,7 @@ interleaved with timed reference runs give the median latency of each; the speed
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -21,15 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import zoo
+from .. import _io, zoo
 from .._env import environment
+from .._limits import MAX_EVAL_SEEDS, MAX_GUIDANCE, MAX_REPEATS, MAX_STEPS, check_float, check_int
 from ..api import PolicyLike, disable, enable, resolve_policy
-from ..errors import UnsupportedModelError
+from ..errors import PolicyError, UnsupportedModelError
 from ..metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
-from ..policy import Policy
+from ..policy import Policy, check_name
 
 EVAL_SEED_BASE = 10_000  # evaluation seeds are 10_000 + i; calibration and search use 0..K-1
 GRID_SAMPLES = 8  # images per run kept for the report's sample grid
+BENCH_FILES = ("result.json", "samples.safetensors", "report.html")
 
 
 @dataclass
@@ -204,6 +207,12 @@ def _row_fraction(actions: list[str]) -> float:
     return letters.count("C") / len(letters) if letters else 1.0
 
 
+def _interval(values: np.ndarray) -> list[float | None]:
+    """The bootstrap interval as JSON can hold it: null bounds where there is none (every image
+    identical to its reference), never NaN."""
+    return [None if math.isnan(b) else b for b in bootstrap_ci(values)]
+
+
 def _mean_or_inf(values: np.ndarray) -> float:
     """Mean over finite values; +inf when every image is identical to its reference."""
     finite = values[np.isfinite(values)]
@@ -240,31 +249,58 @@ class Judge:
         return frechet_distance(self.real_feats, self.clf.features(images))
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and prove it is writable before any long work starts."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {out} exists and is not a directory")
+def check_out_dir(out_dir: str | os.PathLike, files: tuple[str, ...] = ()) -> Path:
+    """Prove, before any long work starts, that ``out_dir`` can be written, and create it; each of
+    ``files`` already there must be a regular file (a directory in its place is refused).
+
+    It is created here because a search opens its sqlite storage in it before anything else is
+    written; the command line checks with ``_io.check_out_dir``, which creates nothing."""
+    out = _io.check_out_dir(out_dir, files)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".stepcache-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
-        raise ValueError(f"out: cannot write to {out} ({e.strerror or e})") from e
+        raise ValueError(f"out: cannot create {out} ({e.strerror or e})") from None
     return out
 
 
-def check_args(model: str, out_dir: str | os.PathLike, steps: int | None, seeds: int, repeats: int) -> Path:
-    """Check a bench's arguments before anything is loaded or written; returns the out dir."""
-    if model not in zoo.names():
+def check_out_file(path: str | os.PathLike, what: str = "out") -> Path:
+    """Prove before any long work that ``path`` can be written as a file (ValueError naming ``what``)."""
+    return _io.check_out_file(path, what)
+
+
+def check_args(
+    model: str,
+    out_dir: str | os.PathLike,
+    steps: int | None,
+    seeds: int,
+    repeats: int,
+    guidance: float | None = None,
+) -> Path:
+    """Check a bench's arguments before anything is loaded or written; returns the out dir.
+
+    Every size is bounded by what one batch on the machine holds (see ``_limits``)."""
+    if not isinstance(model, str) or model not in zoo.names():
         raise ValueError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
-    for name, value in (("seeds", seeds), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    check_int("seeds", seeds, 1, MAX_EVAL_SEEDS)
+    check_int("repeats", repeats, 1, MAX_REPEATS)
+    if steps is not None:
+        check_int("steps", steps, 1, MAX_STEPS)
+    if guidance is not None:
+        check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
     return check_out_dir(out_dir)
+
+
+def check_run_names(candidates: list[Candidate]) -> None:
+    """Refuse duplicate run names and the reserved ones ("reference", "__..."), before any work."""
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs: names must be unique, got {names}")
+    for cand in candidates:
+        if cand.kind != "reference":
+            try:
+                check_name(cand.name, f"run name {cand.name!r}")
+            except PolicyError as e:
+                raise ValueError(str(e)) from None
 
 
 def measure(
@@ -322,10 +358,10 @@ def measure(
                 "flop_fraction": flop_fraction,
                 "efficiency": speedup * flop_fraction,
                 "psnr": _mean_or_inf(psnr),
-                "psnr_ci": list(bootstrap_ci(psnr)),
+                "psnr_ci": _interval(psnr),
                 "psnr_identical": int((~np.isfinite(psnr)).sum()),
                 "ssim": float(ssim.mean()),
-                "ssim_ci": list(bootstrap_ci(ssim)),
+                "ssim_ci": _interval(ssim),
                 "fd_domain": judge.fd_domain(images),
                 "class_acc": judge.class_acc(images, work.labels),
                 "latency_s": {
@@ -364,13 +400,12 @@ def bench(
     Writes ``out_dir/result.json``, ``out_dir/samples.safetensors`` and ``out_dir/report.html``;
     returns the result document. Arguments are checked before anything is loaded or written.
     """
-    from .report import write_report
-    from .result import SCHEMA, save_samples, validate_result
+    from .report import render
+    from .result import SCHEMA, decode_samples, encode_samples, validate_result
 
-    names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise ValueError(f"runs: names must be unique, got {names}")
-    out = check_args(model, out_dir, steps, seeds, repeats)
+    check_run_names(candidates)
+    out = check_args(model, out_dir, steps, seeds, repeats, guidance)
+    check_out_dir(out, BENCH_FILES)
 
     pipe = zoo.load(model)
     for cand in candidates:  # a method the model cannot run fails here, before any generation
@@ -399,11 +434,17 @@ def bench(
         "unavailable": list(unavailable or []),
     }
     validate_result(doc)
-    save_samples(out / "samples.safetensors", samples)
-    from .._io import atomic_write_json
-
-    atomic_write_json(out / "result.json", doc)
-    write_report(out)
+    # Everything is rendered in memory first; result.json, which marks the folder as a finished
+    # run, is renamed into place last, so a failure leaves the previous run's files intact.
+    samples_bytes = encode_samples(samples)
+    page = render(doc, decode_samples(samples_bytes, out / "samples.safetensors")).encode("utf-8")
+    _io.atomic_write_many(
+        [
+            (out / "samples.safetensors", samples_bytes),
+            (out / "report.html", page),
+            (out / "result.json", _io.json_bytes(doc)),
+        ]
+    )
     return doc
 
 
@@ -418,5 +459,8 @@ def policies_from(presets: list[str] | None, policy_files: list[str] | None) -> 
         cands.append(policy_candidate(name, name))
     for path in policy_files or []:
         pol = Policy.load(path)
-        cands.append(policy_candidate(pol, pol.name if pol.name not in {c.name for c in cands} else path))
+        taken = pol.name is None or pol.name in {c.name for c in cands}
+        cands.append(policy_candidate(pol, str(path) if taken else pol.name))
+    # The file-name fallback must also be a usable run name; refuse a bad one before any work.
+    check_run_names(cands)
     return cands

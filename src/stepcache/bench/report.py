@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write_bytes
-from .result import load_samples, validate_result
+from .._io import atomic_write_bytes, atomic_write_many, check_out_file, read_limited
+from .result import MAX_RESULT_BYTES, ResultError, load_samples, validate_result
 
 MARKERS = {"stepcache": "o", "diffusers": "s", "cache-dit": "^"}
 ACTION_CODES = {"C": 0, "P": 1, "G": 2, "E": 3}
@@ -42,6 +42,10 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
 
 def _family(run: dict[str, Any]) -> str:
     return run.get("peer") or "stepcache"
+
+
+def _finite_interval(lo: float | None, hi: float | None) -> bool:
+    return lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
 
 
 def _png(fig: Any) -> str:
@@ -85,7 +89,7 @@ def _scatter(
         if metric == "psnr":
             for r in mine:
                 lo, hi = r["psnr_ci"]
-                if math.isfinite(lo) and math.isfinite(hi):
+                if _finite_interval(lo, hi):
                     ax.plot([r["speedup"]] * 2, [lo, hi], color="grey", lw=0.8, zorder=2)
     front = pareto_front([(r["speedup"], r[metric]) for r in pts], higher_is_better)
     ax.plot(
@@ -103,6 +107,7 @@ def _scatter(
             fontsize=7,
             xytext=(4, 3),
             textcoords="offset points",
+            parse_math=False,  # a name with two $ would otherwise be parsed as TeX, and may not be
         )
     ref = next((r for r in runs if r["kind"] == "reference"), None)
     if metric == "fd_domain" and ref is not None and ref.get("fd_domain") is not None:
@@ -110,7 +115,7 @@ def _scatter(
     ax.axvline(1.0, color="black", lw=0.6, alpha=0.4)
     ax.set_xlabel("measured wall-clock speedup vs reference")
     ax.set_ylabel(label)
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -134,8 +139,9 @@ def _heatmap(runs: list[dict[str, Any]]) -> str | None:
     colours = ["#1b5e20", "#81c784", "#ffb74d", "#e0e0e0"]
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.3 * width), 1 + 0.28 * len(rows)), dpi=100)
     ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
-    ax.set_xticks(range(width), [str(j) for j in range(width)], fontsize=6)
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7, parse_math=False)
+    every = max(1, math.ceil(width / 50))  # a label per step stops being legible past ~50
+    ax.set_xticks(range(0, width, every), [str(j) for j in range(0, width, every)], fontsize=6)
     ax.set_xlabel("denoising step")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
     ax.legend(
@@ -161,19 +167,24 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
         return "–"
     if isinstance(value, float) and math.isinf(value):
         return "identical"
-    return format(value, spec)
+    return html.escape(format(value, spec))
+
+
+def _esc(value: Any) -> str:
+    """Anything from the result document, as HTML text: the document may come from anyone."""
+    return html.escape(str(value), quote=True)
 
 
 def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
     """The report page for a validated result document and its samples."""
     runs = doc["runs"]
     title = f"stepcache bench: {doc['model']}"
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    proto = doc.get("protocol", {})
+    parts = [f"<h1>{_esc(title)}</h1>"]
+    proto = doc["protocol"]
     parts.append(
-        f"<p>{len(runs) - 1} runs vs full compute on <b>{html.escape(doc['device'])}</b>; "
-        f"{proto.get('steps')} steps, guidance {proto.get('guidance')}, {proto.get('num_seeds')} seeds, "
-        f"median of {proto.get('repeats')} timed repeats.</p>"
+        f"<p>{len(runs) - 1} runs vs full compute on <b>{_esc(doc['device'])}</b>; "
+        f"{_esc(proto['steps'])} steps, guidance {_esc(proto['guidance'])}, "
+        f"{_esc(proto['num_seeds'])} seeds, median of {_esc(proto['repeats'])} timed repeats.</p>"
     )
     figures = [
         (
@@ -195,7 +206,8 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
     for caption, png in figures:
         if png is not None:
             parts.append(
-                f'<h2>{caption}</h2><img class="plot" alt="{caption}" src="data:image/png;base64,{png}">'
+                f'<h2>{_esc(caption)}</h2><img class="plot" alt="{_esc(caption)}" '
+                f'src="data:image/png;base64,{png}">'
             )
 
     head = [
@@ -212,13 +224,13 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
         "FD-domain",
         "class acc",
     ]
-    table = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    table = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"]
     for r in runs:
         lo, hi = r["psnr_ci"]
-        ci = "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.1f}, {hi:.1f}]"
+        ci = _esc(f"[{lo:.1f}, {hi:.1f}]") if _finite_interval(lo, hi) else "–"
         cells = [
-            html.escape(r["name"]),
-            html.escape(_family(r) if r["kind"] != "reference" else "reference"),
+            _esc(r["name"]),
+            _esc(_family(r) if r["kind"] != "reference" else "reference"),
             _fmt(r["speedup"]) + "×",
             _fmt(r["latency_s"]["median"], ".3f"),
             _fmt(r["nfe_fraction"]),
@@ -239,10 +251,7 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
     )
 
     if doc.get("unavailable"):
-        items = "".join(
-            f"<li><b>{html.escape(u['name'])}</b>: {html.escape(u['reason'])}</li>"
-            for u in doc["unavailable"]
-        )
+        items = "".join(f"<li><b>{_esc(u['name'])}</b>: {_esc(u['reason'])}</li>" for u in doc["unavailable"])
         parts.append(f"<h2>Could not run</h2><ul>{items}</ul>")
 
     reference = samples.get("__reference__")
@@ -252,15 +261,15 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
             if r["name"] in samples:
                 png = _grid(reference, samples[r["name"]])
                 parts.append(
-                    f"<figure><figcaption>{html.escape(r['name'])}</figcaption>"
-                    f'<img class="grid" alt="samples {html.escape(r["name"])}" '
+                    f"<figure><figcaption>{_esc(r['name'])}</figcaption>"
+                    f'<img class="grid" alt="samples {_esc(r["name"])}" '
                     f'src="data:image/png;base64,{png}"></figure>'
                 )
 
     env = {k: doc.get(k) for k in ("device", "torch", "diffusers", "stepcache", "commit", "command")}
     parts.append(
         "<h2>Protocol and environment</h2><pre>"
-        + html.escape(json.dumps({"protocol": proto, **env}, indent=2))
+        + _esc(json.dumps({"protocol": proto, **env}, indent=2))
         + "</pre>"
     )
     style = (
@@ -276,27 +285,45 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
         "document.body.setAttribute('data-images-loaded',n);});"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(parts)}<script>{script}</script></body></html>\n"
     )
 
 
-def load_result(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The validated ``result.json`` of a bench or compare folder."""
-    path = Path(out_dir) / "result.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `stepcache bench` or `stepcache compare` first")
+def _parse(path: Path, data: bytes) -> Any:
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    validate_result(doc)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ResultError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ResultError(f"{path}: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+        raise ResultError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_result(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``result.json`` of a bench or compare folder (ValueError naming the file and
+    the field when it cannot be used)."""
+    path = Path(out_dir) / "result.json"
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} not found; run `stepcache bench` or `stepcache compare` first")
+    doc = _parse(path, read_limited(path, MAX_RESULT_BYTES, "result.json"))
+    try:
+        validate_result(doc)
+    except ResultError as e:
+        raise ResultError(f"{path}: {e}") from None
     return doc
 
 
-def write_figure(out_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """The speed-vs-PSNR plot of a bench or compare folder as a PNG file (for a README)."""
-    doc = load_result(out_dir)
+def _samples(out: Path) -> dict[str, np.ndarray]:
+    path = out / "samples.safetensors"
+    return load_samples(path) if os.path.lexists(path) else {}
+
+
+def figure_png(doc: dict[str, Any], where: str | os.PathLike) -> bytes:
+    """The speed-vs-PSNR plot of a validated result document, as PNG bytes."""
     png = _scatter(
         doc["runs"],
         "psnr",
@@ -305,14 +332,27 @@ def write_figure(out_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
         f"{doc['model']}: speedup vs PSNR ({doc['device']})",
     )
     if png is None:
-        raise ValueError(f"{out_dir}: no run with a finite PSNR to plot")
-    return atomic_write_bytes(path, base64.b64decode(png))
+        raise ValueError(f"{where}: no run with a finite PSNR to plot")
+    return base64.b64decode(png)
 
 
-def write_report(out_dir: str | os.PathLike) -> Path:
-    """(Re)write ``out_dir/report.html`` from ``out_dir/result.json`` and its samples."""
+def write_figure(out_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The speed-vs-PSNR plot of a bench or compare folder as a PNG file (for a README)."""
+    check_out_file(path, "figure")
+    return atomic_write_bytes(path, figure_png(load_result(out_dir), out_dir))
+
+
+def write_report(out_dir: str | os.PathLike, figure: str | os.PathLike | None = None) -> Path:
+    """(Re)write ``out_dir/report.html`` from ``out_dir/result.json`` and its samples (and the
+    plot to ``figure``). Everything is read, checked and rendered before anything is written."""
     out = Path(out_dir)
     doc = load_result(out)
-    samples_path = out / "samples.safetensors"
-    samples = load_samples(samples_path) if samples_path.is_file() else {}
-    return atomic_write_bytes(out / "report.html", render(doc, samples).encode("utf-8"))
+    page = out / "report.html"
+    check_out_file(page, "report")
+    if figure is not None:
+        check_out_file(figure, "figure")
+    files = [(page, render(doc, _samples(out)).encode("utf-8"))]
+    if figure is not None:
+        files.insert(0, (Path(figure), figure_png(doc, out)))
+    atomic_write_many(files)
+    return page

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -20,13 +21,14 @@ import os
 import random
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import presets, zoo
+from .._limits import MAX_BUDGET
 from ..api import disable, enable
 from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _timed, make_workload
 from ..errors import UnsupportedModelError
@@ -64,6 +66,11 @@ class Target:
         return f"speedup{self.speedup:g}" if self.speedup is not None else f"psnr{self.min_psnr:g}"
 
 
+def policy_key(policy: Policy) -> str:
+    """Identifies what a policy computes, whatever its name or meta."""
+    return str(sorted(policy.to_dict()["rules"].items()))
+
+
 class Evaluator:
     """A seed set's reference (trajectory and images) and the evaluation of candidate policies."""
 
@@ -92,7 +99,7 @@ class Evaluator:
     def evaluate(self, policy: Policy) -> dict[str, Any]:
         """Fidelity of ``policy`` on this seed set; ``cost`` is the fraction of network rows it
         ran (0 when the same policy was evaluated before: its result is reused)."""
-        key = str(sorted(policy.to_dict()["rules"].items()))
+        key = policy_key(policy)
         if key in self._cache:
             return {**self._cache[key], "cost": 0.0}
         handle = enable(self.pipe, policy)
@@ -221,6 +228,9 @@ class _Run:
         self.progress = progress
         self.evaluated: list[dict[str, Any]] = []
         self.pool: Any = None  # a remote pool (``remote.RayPool``), or None: evaluate here
+        # Results by policy_key, without images: a policy seen before (in this process or in the
+        # resumed part of a study) costs nothing, wherever it would run.
+        self.known: dict[str, dict[str, Any]] = {}
 
     def predict(self, cand: Candidate) -> tuple[list[bool], str, float]:
         """Mask, step actions and predicted speedup; with a block rule, whose partial steps depend
@@ -255,11 +265,17 @@ class _Run:
         """Evaluate candidates (on the pool's workers, in parallel when it has several)."""
         prepared = [(cand, *self.predict(cand)) for cand in cands]
         policies = [cand.policy(mask, self.ev.cfg) for cand, mask, _, _ in prepared]
-        results = (
-            self.pool.evaluate(policies) if self.pool is not None else [self.ev.evaluate(p) for p in policies]
-        )
+        keys = [policy_key(p) for p in policies]
+        fresh = list(dict.fromkeys(k for k in keys if k not in self.known))
+        todo = [policies[keys.index(k)] for k in fresh]
+        results = self.pool.evaluate(todo) if self.pool is not None else [self.ev.evaluate(p) for p in todo]
+        for k, res in zip(fresh, results, strict=True):
+            self.known[k] = {name: v for name, v in res.items() if name != "images"}
+        unpaid = set(fresh)  # each fresh policy pays once, even when a batch holds it twice
         points = []
-        for (cand, mask, _, _), res in zip(prepared, results, strict=True):
+        for (cand, mask, _, _), key in zip(prepared, keys, strict=True):
+            res = {**self.known[key], "cost": self.known[key]["cost"] if key in unpaid else 0.0}
+            unpaid.discard(key)
             self.used += res["cost"]
             speed = self.cost.speedup_rows(res["row_actions"], cand.middle_fraction(self.cost.num_blocks))
             point = {
@@ -269,6 +285,7 @@ class _Run:
                 "actions": res["actions"],
                 "mask": mask,
                 "cost": res["cost"],
+                "row_actions": res["row_actions"],
             }
             self.evaluated.append(point)
             points.append(point)
@@ -277,6 +294,14 @@ class _Run:
             self.used, self.budget, f"best {best['psnr']:.1f} dB at {best['speedup']:.2f}x" if best else ""
         )
         return points
+
+    def remember(self, point: dict[str, Any]) -> None:
+        """A point evaluated before (a resumed study's): counted, and free when proposed again."""
+        self.evaluated.append(point)
+        self.used += point["cost"]
+        if point["row_actions"]:  # stored since the study kept them; older points pay again
+            policy = Candidate(**point["candidate"]).policy(point["mask"], self.ev.cfg)
+            self.known.setdefault(policy_key(policy), point)
 
     def score(self, point: dict[str, Any]) -> float:
         """One number to maximise: PSNR for a speed target; predicted speedup for a PSNR target
@@ -349,65 +374,157 @@ def _params(cand: Candidate, cfg: bool, num_blocks: int) -> dict[str, Any]:
     return d
 
 
-def _optuna_search(
-    r: _Run, searcher: str, storage: str | None, study_name: str, seed: int, config: dict[str, Any]
-) -> dict[str, Any]:
+def _sampler_at(searcher: str, seed: int) -> Callable[[int], Any]:
+    """The sampler that makes the proposal at position ``at`` of a study's sequence, seeded from
+    (seed, at): what it proposes depends on the study's finished trials only, never on how many
+    processes asked before, so a resumed study proposes what the uninterrupted one would have.
+    TPE, NSGA-II and random sampling read only COMPLETE (and PRUNED) trials, so trials closed as
+    failed when their process died change nothing."""
     import optuna
-    from optuna.trial import TrialState
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "planner": lambda: optuna.samplers.RandomSampler(seed=seed),  # only the enqueued seeds run
+    kinds = {
+        "tpe": lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=4),
+        "nsga2": lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=8),
+        "cmaes": lambda s: optuna.samplers.CmaEsSampler(seed=s, warn_independent_sampling=False),
+        "random": lambda s: optuna.samplers.RandomSampler(seed=s),
+        "planner": lambda s: optuna.samplers.RandomSampler(seed=s),  # only the planner's seeds run
     }
-    multi = searcher == "nsga2"
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        sampler=samplers[searcher](),
-        directions=["maximize", "maximize"] if multi else ["maximize"],
-        load_if_exists=True,
-    )
+
+    def make(at: int) -> Any:
+        derived = int.from_bytes(hashlib.sha256(f"{seed}:{at}".encode()).digest()[:4], "big")
+        return kinds[searcher](derived)
+
+    return make
+
+
+def _prepared_study(
+    study: Any, study_name: str, config: dict[str, Any], calibrate: Callable[[], CostModel]
+) -> CostModel:
+    """The study's cost model: measured and stored on its first run (before its settings, so stored
+    settings mean a stored cost model), read back on a resume, so that predicted speedups, the
+    planner's seeds and the search space are those of the run it continues."""
+    from .storage import Malformed, checked_cost_model, printable
+
     stored = study.user_attrs.get("config")
+    if stored is not None and not isinstance(stored, dict):
+        raise Malformed(study_name, "the settings", "config")
     if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise SearchError(
+                f"study: {study_name!r} holds trials but no stepcache settings; pass another --study"
+            )
+        cost = calibrate()
+        study.set_user_attr("cost_model", asdict(cost))
         study.set_user_attr("config", config)
-        for cand in r.planner_seeds():
-            study.enqueue_trial(_params(cand, r.ev.cfg, r.cost.num_blocks), user_attrs={"source": "planner"})
-    elif stored != config:
-        diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+        return cost
+    if stored != config:
+        diff = sorted(printable(k) for k in set(stored) | set(config) if stored.get(k) != config.get(k))
         raise SearchError(
             f"study: {study_name!r} in this storage was run with other settings ({', '.join(diff)}); "
             "pass another --study name or the same settings"
         )
-    resumed = 0
+    if "cost_model" not in study.user_attrs:  # begun by a version that did not store it
+        cost = calibrate()
+        study.set_user_attr("cost_model", asdict(cost))
+        return cost
+    try:
+        return checked_cost_model(study.user_attrs["cost_model"])
+    except ValueError as e:
+        raise Malformed(study_name, "the settings", str(e)) from None
+
+
+@dataclass
+class _Resumed:
+    queue: list[tuple[int | None, int | None, Candidate]]  # (position, planner seed, candidate)
+    next_at: int
+    points: int
+
+
+def _resume(study: Any, study_name: str, r: _Run) -> _Resumed:
+    """Reads a study back into ``r``: its evaluated points (and what they cost), and what is left
+    to propose first: the positions a dead process left open, with the same candidates, then the
+    planner's seeds not yet tried. Runs under the study's lock: a RUNNING trial is a dead one's."""
+    from optuna.trial import TrialState
+
+    from .storage import Malformed, checked_point, checked_proposal
+
+    n = r.ev.num_steps
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    done: set[int] = set()
+    open_at: dict[int, tuple[int, int | None, Candidate]] = {}
+    seeds_done: set[int] = set()
+    points = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.RUNNING:  # left by a process that was killed mid-trial
-            study.tell(t.number, state=TrialState.FAIL)
-        elif t.state == TrialState.COMPLETE and "point" in t.user_attrs:
-            r.evaluated.append(t.user_attrs["point"])
-            r.used += t.user_attrs.get("cost", 0.0)
-            resumed += 1
-    r.progress(r.used, r.budget, "resumed" if resumed else "")
+        try:
+            prop = checked_proposal(t.user_attrs["proposal"], n) if "proposal" in t.user_attrs else None
+            if t.user_attrs.get("interrupted"):
+                if prop is not None:
+                    open_at.setdefault(prop[0], prop)
+                continue
+            if prop is not None:
+                done.add(prop[0])
+                seeds_done |= {prop[1]} - {None}
+            if t.state == TrialState.COMPLETE and "point" in t.user_attrs:
+                r.remember(checked_point(t.user_attrs["point"], n))
+                points += 1
+        except ValueError as e:
+            raise Malformed(study_name, f"trial {t.number}", str(e)) from None
+    queue: list[tuple[int | None, int | None, Candidate]] = [
+        open_at[a] for a in sorted(open_at) if a not in done
+    ]
+    pending = {s for _, s, _ in queue} | seeds_done
+    queue += [(None, i, c) for i, c in enumerate(r.planner_seeds()) if i not in pending]
+    return _Resumed(queue, 1 + max(done | open_at.keys(), default=-1), points)
+
+
+def _ask(
+    study: Any, where: dict[str, Any], fixed: Candidate | None, k_max: int, cfg: bool, blocks: int
+) -> tuple[Any, Candidate]:
+    """A trial proposing ``fixed`` (a planner seed, or what a dead process was evaluating) or what
+    the study's sampler proposes, recorded with its place in the sequence (``where``): for a fixed
+    one at its creation, so that no trial of the study is ever without it for long."""
+    if fixed is not None:
+        proposal = {**where, "candidate": fixed.as_dict()}
+        study.enqueue_trial(_params(fixed, cfg, blocks), user_attrs={"proposal": proposal})
+    trial = study.ask()  # pops the trial just enqueued: the lock keeps every other one away
+    cand = _suggest(trial, k_max, cfg, blocks)
+    if fixed is None:
+        trial.set_user_attr("proposal", {**where, "candidate": cand.as_dict()})
+    return trial, cand
+
+
+def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = None) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    multi = searcher == "nsga2"
+    sampler_at = _sampler_at(searcher, seed)
+    cfg, blocks = r.ev.cfg, r.cost.num_blocks
+    resumed = _resume(study, study.study_name, r)
+    queue, at = resumed.queue, resumed.next_at
+    r.progress(r.used, r.budget, "resumed" if resumed.points else "")
     # No candidate computing more steps than this meets a speed target, whatever its guidance.
     k_max = max(1, (r.largest_feasible(0, **r.fastest_settings()) or Candidate(1, 0)).computed)
     width = r.pool.size if r.pool is not None else 1
-    proposals = 0
-    while proposals < max(200, int(100 * r.budget)):  # infeasible proposals cost nothing; bound them
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if searcher == "planner" and not waiting:
-            break
+    limit = max(200, int(100 * r.budget))  # infeasible proposals cost nothing; bound them
+    while True:
         batch: list[tuple[Any, Candidate]] = []
         reserved = r.used
         exhausted = False
-        while len(batch) < width and proposals < max(200, int(100 * r.budget)):
-            if searcher == "planner" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        while len(batch) < width:
+            if lock is not None:
+                lock.check()
+            if queue:
+                pos, seed_no, fixed = queue.pop(0)
+            elif searcher == "planner" or at >= limit:
                 break
-            proposals += 1
-            trial = study.ask()
-            cand = _suggest(trial, k_max, r.ev.cfg, r.cost.num_blocks)
+            else:
+                pos, seed_no, fixed = None, None, None
+            if pos is None:
+                pos, at = at, at + 1
+            study.sampler = sampler_at(pos)
+            trial, cand = _ask(study, {"at": pos, "seed": seed_no}, fixed, k_max, cfg, blocks)
             _, actions, speed = r.predict(cand)
             if not r.feasible_speed(speed):
                 study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
@@ -429,7 +546,12 @@ def _optuna_search(
                 study.tell(trial, [point["psnr"], point["speedup"]] if multi else r.score(point))
         if exhausted or not batch:
             break
-    return {"searcher": searcher, "study": study_name, "trials": len(study.trials), "resumed_trials": resumed}
+    return {
+        "searcher": searcher,
+        "study": study.study_name,
+        "trials": len(study.trials),
+        "resumed_trials": resumed.points,
+    }
 
 
 def _evolution(r: _Run, seed: int) -> dict[str, Any]:
@@ -543,6 +665,126 @@ def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: flo
     return {"computed": n, "note": "only full compute reaches the searched PSNR"}
 
 
+def _check_request(
+    model: str,
+    target: Target,
+    budget: Any,
+    searcher: str,
+    storage: str | None,
+    study: str | None,
+    engine: str,
+    workers: Any,
+    calib_seeds: Any,
+    heldout_seeds: Any,
+    steps: Any,
+) -> None:
+    """Every argument a search can refuse before it loads a model."""
+    if model not in zoo.names():
+        raise SearchError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    if searcher not in SEARCHERS:
+        raise SearchError(f"searcher: unknown {searcher!r}; choose from {', '.join(SEARCHERS)}")
+    _check_storage(searcher, storage, study)
+    if engine not in ("local", "ray"):
+        raise SearchError(f"engine: choose local or ray, got {engine!r}")
+    if engine == "ray" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SearchError(f"workers: must be a positive integer, got {workers!r}")
+    if engine == "ray" and searcher == "evolution":
+        raise SearchError("engine: the evolutionary baseline runs locally only")
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SearchError('engine: ray is not installed; pip install "stepcache[ray]"') from None
+    if searcher == "evolution" and target.speedup is None:
+        raise SearchError("searcher: the evolutionary timestep baseline takes a speedup target")
+    for name, value in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SearchError(f"{name}: must be a positive integer, got {value!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
+        raise SearchError(f"steps: must be an integer >= 2 (one step leaves nothing to skip), got {steps!r}")
+    if calib_seeds > EVAL_SEED_BASE:
+        raise SearchError(
+            f"calib_seeds: at most {EVAL_SEED_BASE}, so calibration and held-out seeds stay disjoint"
+        )
+    # Compared before any float conversion: a huge integer budget overflows one.
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > MAX_BUDGET:
+        shown = f"{budget:g}" if isinstance(budget, float) or budget < 10**18 else "a larger integer"
+        raise SearchError(f"budget: at most {MAX_BUDGET:g} full-generation equivalents, got {shown}")
+    # A candidate that meets the target costs about 1/speedup of a generation; with the reference
+    # (1 generation), the budget must cover at least one.
+    least = 1.0 + (1.0 / target.speedup if target.speedup is not None else 0.1)
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= least):
+        raise SearchError(
+            f"budget: {budget} full-generation equivalents cannot pay for the reference (1) and one "
+            f"candidate (~{least - 1:.2f}); give at least {least:.2f}"
+        )
+
+
+def _check_storage(searcher: str, storage: str | None, study: str | None) -> None:
+    if searcher == "cmaes":
+        given = [name for name, value in (("storage", storage), ("study", study)) if value is not None]
+        if given:
+            raise SearchError(
+                f"{given[0]}: --searcher cmaes keeps pickles (its optimizer state) in the storage, which "
+                "stepcache never loads, so it cannot resume; run it without --storage and --study (in "
+                "memory) or pick another searcher"
+            )
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise SearchError("searcher: cmaes needs the cmaes package; pip install cmaes") from None
+    if study is not None and (not isinstance(study, str) or "::lock::" in study):
+        raise SearchError(f"study: {study!r} is not a study name ('::lock::' names stepcache's locks)")
+
+
+@contextlib.contextmanager
+def _held_study(storage: str | None, study_name: str) -> Iterator[tuple[Any, Any]]:
+    """The storage opened and the study locked for this process, released on the way out."""
+    if storage is None:
+        yield None, None
+        return
+    from .storage import StudyLock, open_storage
+
+    store = open_storage(storage)
+    lock = StudyLock.acquire(store, study_name)
+    try:
+        yield store, lock
+    finally:
+        lock.release()
+
+
+def _create_study(searcher: str, store: Any, study_name: str) -> Any:
+    """The study on ``store`` (created, or loaded to resume), or in memory without one."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    multi = searcher == "nsga2"
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=store,
+        sampler=_sampler_at(searcher, 0)(0),  # replaced at every proposal
+        directions=["maximize", "maximize"] if multi else ["maximize"],
+        load_if_exists=True,
+    )
+    if len(study.directions) != (2 if multi else 1):
+        raise SearchError(
+            f"study: {study_name!r} in this storage was run with other settings (directions); "
+            "pass another --study name or the same settings"
+        )
+    return study
+
+
+def _check_reachable(r: _Run) -> None:
+    if r.target.speedup is None:
+        return
+    reachable = r.predict(Candidate(1, 0, **r.fastest_settings()))[2]
+    if reachable < r.target.speedup:
+        raise SearchError(
+            f"speedup: at most {reachable:.2f}x is reachable on this device with {r.ev.num_steps} steps "
+            "(computing only the first); lower the target or sample with more steps"
+        )
+
+
 def search(
     model: str,
     *,
@@ -569,84 +811,55 @@ def search(
     """Find a policy for zoo model ``model`` that meets the target; see the module docstring."""
     target = Target(speedup, min_psnr)
     target.check()
-    if model not in zoo.names():
-        raise SearchError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
-    if searcher not in SEARCHERS:
-        raise SearchError(f"searcher: unknown {searcher!r}; choose from {', '.join(SEARCHERS)}")
-    if engine not in ("local", "ray"):
-        raise SearchError(f"engine: choose local or ray, got {engine!r}")
-    if engine == "ray" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise SearchError(f"workers: must be a positive integer, got {workers!r}")
-    if engine == "ray" and searcher == "evolution":
-        raise SearchError("engine: the evolutionary baseline runs locally only")
-    if engine == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise SearchError('engine: ray is not installed; pip install "stepcache[ray]"') from None
-    if searcher == "evolution" and target.speedup is None:
-        raise SearchError("searcher: the evolutionary timestep baseline takes a speedup target")
-    for name, value in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SearchError(f"{name}: must be a positive integer, got {value!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
-        raise SearchError(f"steps: must be an integer >= 2 (one step leaves nothing to skip), got {steps!r}")
-    if calib_seeds > EVAL_SEED_BASE:
-        raise SearchError(
-            f"calib_seeds: at most {EVAL_SEED_BASE}, so calibration and held-out seeds stay disjoint"
-        )
-    # A candidate that meets the target costs about 1/speedup of a generation; with the reference
-    # (1 generation), the budget must cover at least one.
-    least = 1.0 + (1.0 / target.speedup if target.speedup is not None else 0.1)
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= least):
-        raise SearchError(
-            f"budget: {budget} full-generation equivalents cannot pay for the reference (1) and one "
-            f"candidate (~{least - 1:.2f}); give at least {least:.2f}"
-        )
+    _check_request(
+        model, target, budget, searcher, storage, study, engine, workers, calib_seeds, heldout_seeds, steps
+    )
     if out is not None:
         from ..bench.harness import check_out_dir
 
         check_out_dir(os.path.dirname(os.path.abspath(out)))
     say = progress or (lambda used, total, note: None)
-
-    pipe = zoo.load(model)
-    calib = make_workload(pipe, model, steps, guidance, list(range(calib_seeds)))
-    say(0.0, budget, "recording reference trajectories")
-    ev = Evaluator(pipe, calib)
-    cost = CostModel.calibrate(ev, blocks=blocks)
-    r = _Run(ev, cost, target, float(budget), 1.0, say)
-    if target.speedup is not None:
-        reachable = r.predict(Candidate(1, 0, **r.fastest_settings()))[2]
-        if reachable < target.speedup:
-            raise SearchError(
-                f"speedup: at most {reachable:.2f}x is reachable on this device with {ev.num_steps} steps "
-                "(computing only the first); lower the target or sample with more steps"
-            )
-    config = {
-        "model": model,
-        "steps": calib.steps,
-        "guidance": calib.guidance,
-        "calib_seeds": calib_seeds,
-        "blocks": blocks,
-        "target": target.as_dict(),
-        "searcher": searcher,
-        "seed": seed,
-    }
     study_name = study or f"stepcache-{model}-{target.slug()}-{searcher}"
-    if searcher == "evolution":
-        info = _evolution(r, seed)
-    else:
-        if engine == "ray":
-            from .remote import RayPool
 
-            say(r.used, budget, f"starting {workers} Ray workers")
-            r.pool = RayPool(model, calib, ev.reference, workers, ray_address)
-        try:
-            info = _optuna_search(r, searcher, storage, study_name, seed, config)
-        finally:
-            if r.pool is not None:
-                r.pool.close()
-        info["engine"] = engine if engine == "local" else f"ray ({workers} workers)"
+    with _held_study(storage if searcher != "evolution" else None, study_name) as (store, lock):
+        pipe = zoo.load(model)
+        calib = make_workload(pipe, model, steps, guidance, list(range(calib_seeds)))
+        say(0.0, budget, "recording reference trajectories")
+        ev = Evaluator(pipe, calib)
+
+        def calibrate() -> CostModel:
+            return CostModel.calibrate(ev, blocks=blocks)
+
+        if searcher == "evolution":
+            r = _Run(ev, calibrate(), target, float(budget), 1.0, say)
+            _check_reachable(r)
+            info = _evolution(r, seed)
+        else:
+            config = {
+                "model": model,
+                "steps": calib.steps,
+                "guidance": calib.guidance,
+                "calib_seeds": calib_seeds,
+                "blocks": blocks,
+                "target": target.as_dict(),
+                "searcher": searcher,
+                "seed": seed,
+            }
+            opt = _create_study(searcher, store, study_name)
+            r = _Run(ev, _prepared_study(opt, study_name, config, calibrate), target, float(budget), 1.0, say)
+            _check_reachable(r)
+            if engine == "ray":
+                from .remote import RayPool
+
+                say(r.used, budget, f"starting {workers} Ray workers")
+                r.pool = RayPool(model, calib, ev.reference, workers, ray_address)
+            try:
+                info = _optuna_search(r, searcher, opt, seed, lock)
+            finally:
+                if r.pool is not None:
+                    r.pool.close()
+            info["engine"] = engine if engine == "local" else f"ray ({workers} workers)"
+    cost = r.cost
     best = r.best()
     target_met = best is not None
     if best is None:  # report the closest, and say so

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,8 +21,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write_json
+from .._io import UnreadableFileError, atomic_write_json, read_limited
 from .models import MODELS, TrainConfig, ZooModel, build
+
+# What a training run writes into its folder; the dot files are the temporaries renamed into place.
+TRAIN_FILES = (
+    "model.safetensors",
+    "config.json",
+    "train.json",
+    "checkpoint.safetensors",
+    ".model.safetensors.tmp",
+    ".checkpoint.tmp",
+)
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_WEIGHTS_BYTES = 1024**3  # the zoo's models are a few MB
+MAX_CHECKPOINT_BYTES = 4 * 1024**3  # weights, their EMA and two Adam moments
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -101,7 +115,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     start, elapsed = 0, 0.0
     ckpt = out / "checkpoint.safetensors"
-    if resume and ckpt.exists():
+    if resume and os.path.lexists(ckpt):
         start, elapsed = _load_checkpoint(ckpt, model, ema, opt, gen, cfg, _origin(init_from))
     null = spec.num_classes
     t0 = time.perf_counter()
@@ -170,19 +184,91 @@ def save_weights(spec: ZooModel, model: torch.nn.Module, out: Path) -> None:
     )
 
 
-def check_init(spec: ZooModel, src: Path) -> None:
-    """Refuse ``init_from`` weights that are missing or of another architecture (ValueError)."""
-    if not (src / "model.safetensors").is_file():
+def _read_json(path: Path, what: str) -> Any:
+    """A small JSON file given by the user (ValueError naming it when it cannot be read)."""
+    data = read_limited(path, MAX_JSON_BYTES, what)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _safetensors(path: Path, max_bytes: int, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; ValueError naming it for anything else (a
+    pickle, a ``torch.save`` file, garbage)."""
+    from safetensors.torch import load
+
+    data = read_limited(path, max_bytes, what)
+    try:
+        tensors = load(data)
+        # load() has checked the header: 8 bytes of its length, then JSON.
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except Exception as e:  # the parser's errors on hostile bytes are not one documented type
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a safetensors file ({detail})") from None
+    return tensors, meta
+
+
+def _read_weights(spec: ZooModel, src: Path) -> dict[str, torch.Tensor]:
+    """``src/model.safetensors``, checked to fit ``spec``'s architecture tensor by tensor."""
+    path = src / "model.safetensors"
+    if not os.path.lexists(path):
         raise ValueError(f"--init-from {src}: no model.safetensors there")
-    config = src / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model") != spec.config:
-        raise ValueError(f"--init-from {src}: its config.json is not {spec.key}'s architecture")
+    try:
+        tensors, _ = _safetensors(path, MAX_WEIGHTS_BYTES, "model.safetensors")
+    except ValueError as e:
+        raise ValueError(f"--init-from {e}") from None
+    wanted = {k: tuple(v.shape) for k, v in build(spec.family, spec.config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = sorted(set(wanted) - set(got))
+    extra = sorted(set(got) - set(wanted))
+    misfit = sorted(k for k in set(wanted) & set(got) if wanted[k] != got[k])
+    bad_type = sorted(k for k, v in tensors.items() if k in wanted and not v.is_floating_point())
+    if missing or extra or misfit or bad_type:
+        what = [
+            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", extra),
+                ("mis-shaped", misfit),
+                ("not floating point", bad_type),
+            )
+            if keys
+        ]
+        raise ValueError(f"--init-from {path}: weights do not fit {spec.key} ({'; '.join(what)})")
+    return tensors
+
+
+def check_init(spec: ZooModel, src: Path) -> None:
+    """Refuse ``init_from`` weights that are missing, unreadable or of another architecture
+    (ValueError starting with ``--init-from`` and naming the file)."""
+    if not src.is_dir():
+        why = "not a folder" if os.path.lexists(src) else "no such folder"
+        raise ValueError(f"--init-from {src}: no model.safetensors there ({why})")
+    for name in ("config.json", "train.json"):
+        path = src / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            doc = _read_json(path, name)
+        except ValueError as e:
+            raise ValueError(f"--init-from {e}") from None
+        if name == "config.json" and not isinstance(doc, dict):
+            raise ValueError(f"--init-from {path}: expected a JSON object, got {type(doc).__name__}")
+        if name == "config.json" and doc.get("model") != spec.config:
+            raise ValueError(f"--init-from {src}: its config.json is not {spec.key}'s architecture")
+    _read_weights(spec, src)
 
 
 def _load_init(model: torch.nn.Module, spec: ZooModel, src: Path) -> None:
-    path = src / "model.safetensors"
+    tensors = _read_weights(spec, src)
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(tensors)
     except RuntimeError as e:  # missing or mis-shaped tensors
         raise ValueError(
             f"--init-from {src}: weights do not fit {spec.key}: {str(e).splitlines()[0]}"
@@ -192,7 +278,11 @@ def _load_init(model: torch.nn.Module, spec: ZooModel, src: Path) -> None:
 def _describe_init(src: Path) -> dict[str, Any]:
     """Where a continued run started: the earlier run's train.json (its settings and time)."""
     prior = src / "train.json"
-    return {"weights": src.name, "prior": json.loads(prior.read_text()) if prior.is_file() else None}
+    try:  # check_init read it before the training; only a file changed since can fail here
+        record = _read_json(prior, "train.json") if os.path.lexists(prior) else None
+    except ValueError:
+        record = None
+    return {"weights": src.name, "prior": record}
 
 
 _RESUME_FIELDS = ("batch_size", "lr", "warmup", "ema", "cfg_dropout", "seed", "limit_images")
@@ -223,27 +313,63 @@ def _save_checkpoint(
     tmp.replace(path)
 
 
+def _unusable(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path}: not a usable checkpoint ({why}); delete it or pass --no-resume to start over")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's tensors and its metadata, decoded and checked (ValueError naming it)."""
+    try:
+        tensors, meta = _safetensors(path, MAX_CHECKPOINT_BYTES, "checkpoint")
+    except UnreadableFileError as e:
+        raise _unusable(path, str(e).removeprefix(f"{path}: ")) from None
+    except ValueError:
+        raise _unusable(path, "not a safetensors file") from None
+    try:
+        step, elapsed = int(meta["step"]), float(meta["elapsed"])
+        train = json.loads(meta.get("train", "{}"))
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise _unusable(path, "no step, time or settings in its metadata") from None
+    if step < 0 or not math.isfinite(elapsed) or not isinstance(train, dict):
+        raise _unusable(path, "its step, time or settings are out of range")
+    rng = tensors.get("rng")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise _unusable(path, "no random-number state")
+    return tensors, {"step": step, "elapsed": elapsed, "train": train, "init_from": meta.get("init_from", "")}
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse, before any training, a checkpoint that cannot be resumed from (ValueError naming it);
+    no checkpoint there is fine."""
+    if os.path.lexists(path):
+        _read_checkpoint(path)
+
+
 def _load_checkpoint(
     path: Path, model, ema, opt, gen, cfg: TrainConfig, origin: str = ""
 ) -> tuple[int, float]:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    saved = json.loads(meta.get("train", "{}"))
+    tensors, meta = _read_checkpoint(path)
+    saved = meta["train"]
     changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
         raise ValueError(
             f"{path} was written with other training settings ({', '.join(changed)}); "
             "delete it or pass --no-resume to start over"
         )
-    if meta.get("init_from", "") != origin:
-        started = meta.get("init_from") or "random weights"
+    if meta["init_from"] != origin:
+        started = meta["init_from"] or "random weights"
         raise ValueError(
             f"{path} belongs to a run started from {started}, not from {origin or 'random weights'}; "
             "delete it or pass --no-resume to start over"
         )
+    try:
+        _restore(tensors, model, ema, opt, gen)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # tensors of another model
+        raise _unusable(path, (str(e).splitlines() or [type(e).__name__])[0]) from None
+    return meta["step"], meta["elapsed"]
+
+
+def _restore(tensors: dict[str, torch.Tensor], model, ema, opt, gen) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     params = dict(model.named_parameters())
@@ -253,7 +379,6 @@ def _load_checkpoint(
             name, field = key[4:].rsplit(".", 1)
             opt.state[params[name]][field] = val
     gen.set_state(tensors["rng"])
-    return int(meta["step"]), float(meta["elapsed"])
 
 
 def load_weights(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
