@@ -91,6 +91,22 @@ def _parse_params(items: list[str]) -> dict[str, object]:
     return out
 
 
+# The options bench and compare share, declared once.
+Guidance = Annotated[
+    float | None,
+    typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
+]
+BenchSteps = Annotated[
+    int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
+]
+BenchSeeds = Annotated[
+    int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds (10000, 10001, ...).")
+]
+BenchRepeats = Annotated[
+    int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats per run (median reported).")
+]
+
+
 @app.command()
 def demo(
     preset: Annotated[str, typer.Option(help="Preset to compare with full compute.")] = "adams-bashforth",
@@ -300,19 +316,10 @@ def bench(
     policy: Annotated[
         list[Path] | None, typer.Option("--policy", help="Policy JSON file (repeatable).")
     ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
-    ] = None,
-    seeds: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds (10000, 10001, ...).")
-    ] = 16,
-    repeats: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats per run (median reported).")
-    ] = 5,
-    guidance: Annotated[
-        float | None,
-        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
-    ] = None,
+    steps: BenchSteps = None,
+    seeds: BenchSeeds = 16,
+    repeats: BenchRepeats = 5,
+    guidance: Guidance = None,
 ) -> None:
     """Measure policies against full compute: speedup, FLOPs, PSNR/SSIM with CIs, FD, accuracy."""
     from .bench import bench as run
@@ -351,19 +358,10 @@ def compare(
         list[Path] | None,
         typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),
     ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
-    ] = None,
-    seeds: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds (10000, 10001, ...).")
-    ] = 16,
-    repeats: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats per run (median reported).")
-    ] = 5,
-    guidance: Annotated[
-        float | None,
-        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
-    ] = None,
+    steps: BenchSteps = None,
+    seeds: BenchSeeds = 16,
+    repeats: BenchRepeats = 5,
+    guidance: Guidance = None,
 ) -> None:
     """stepcache's preset sweep vs cache-dit and diffusers' cache hooks, same model, seeds and steps."""
     from .bench.compare import compare as run
