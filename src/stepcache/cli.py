@@ -91,12 +91,12 @@ def _parse_params(items: list[str]) -> dict[str, object]:
     return out
 
 
-# The options bench and compare share, declared once.
+# Options several commands share, declared once.
 Guidance = Annotated[
     float | None,
     typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
 ]
-BenchSteps = Annotated[
+Steps = Annotated[
     int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
 ]
 BenchSeeds = Annotated[
@@ -116,13 +116,8 @@ def demo(
         typer.Option("--param", "-p", help="Preset parameter override KEY=VALUE (repeatable)."),
     ] = None,
     model: Annotated[str, typer.Option(help="Zoo model key.")] = "fmnist-dit",
-    steps: Annotated[
-        int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
-    ] = None,
-    guidance: Annotated[
-        float | None,
-        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
-    ] = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
     samples: Annotated[int, typer.Option(min=1, max=lim.MAX_DEMO_SAMPLES, help="Images per run.")] = 16,
     repeats: Annotated[
         int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats (median reported).")
@@ -191,10 +186,7 @@ def calibrate(
     steps: Annotated[
         int | None, typer.Option(min=2, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
     ] = None,
-    guidance: Annotated[
-        float | None,
-        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
-    ] = None,
+    guidance: Guidance = None,
     samples: Annotated[
         int, typer.Option(min=1, max=lim.MAX_CALIB_SAMPLES, help="Calibration images (seeds 0..N-1).")
     ] = 32,
@@ -316,7 +308,7 @@ def bench(
     policy: Annotated[
         list[Path] | None, typer.Option("--policy", help="Policy JSON file (repeatable).")
     ] = None,
-    steps: BenchSteps = None,
+    steps: Steps = None,
     seeds: BenchSeeds = 16,
     repeats: BenchRepeats = 5,
     guidance: Guidance = None,
@@ -358,7 +350,7 @@ def compare(
         list[Path] | None,
         typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),
     ] = None,
-    steps: BenchSteps = None,
+    steps: Steps = None,
     seeds: BenchSeeds = 16,
     repeats: BenchRepeats = 5,
     guidance: Guidance = None,
@@ -428,10 +420,7 @@ def search(
     steps: Annotated[
         int | None, typer.Option(min=2, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
     ] = None,
-    guidance: Annotated[
-        float | None,
-        typer.Option(callback=_finite(0.0, lim.MAX_GUIDANCE), help="CFG scale (model default if unset)."),
-    ] = None,
+    guidance: Guidance = None,
     seed: Annotated[int, typer.Option(min=0, max=lim.MAX_SEED, help="Sampler seed.")] = 0,
     engine: Annotated[str, typer.Option(help="local, or ray: evaluate candidates on Ray workers.")] = "local",
     workers: Annotated[
