@@ -189,3 +189,28 @@ def test_zoo_train_continues_from_the_shipped_weights(tmp_path):
     flat = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "no model.safetensors" in flat, flat
     assert "loss nan" not in flat  # refused before the progress bar started
+
+
+def test_the_package_exposes_its_parts_and_runs_as_a_module():
+    """In a fresh interpreter: ``stepcache.zoo`` and ``stepcache.search(...)`` without their own
+    imports, and ``python -m stepcache`` runs the command line."""
+    import subprocess
+    import sys
+
+    code = (
+        "import stepcache\n"
+        "assert 'digits-dit' in stepcache.zoo.names()\n"
+        "assert stepcache.search.Target(speedup=2.0).speedup == 2.0\n"
+        "try:\n"
+        "    stepcache.search('no-such-model', speedup=2.0)\n"
+        "except stepcache.search.SearchError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "refused: model: unknown zoo model 'no-such-model'" in out.stdout
+    cli = subprocess.run(
+        [sys.executable, "-m", "stepcache", "zoo", "list"], capture_output=True, text=True, timeout=300
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "fmnist-dit" in cli.stdout

@@ -11,12 +11,16 @@ from .runtime import Handle
 __version__ = "0.1.0"
 
 
+# Loaded when first used: torchmetrics pulls in scipy and transformers, the search Optuna, the
+# zoo and bench diffusers' pipelines (seconds each); ``import stepcache`` stays light.
+_LAZY = ("metrics", "zoo", "bench", "search")
+
+
 def __getattr__(name: str) -> Any:
-    # torchmetrics pulls in scipy and transformers (seconds): load the metrics when first used.
-    if name == "metrics":
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(".metrics", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'stepcache' has no attribute {name!r}")
 
 
@@ -25,10 +29,13 @@ __all__ = [
     "Policy",
     "PolicyError",
     "UnsupportedModelError",
+    "bench",
     "compose",
     "metrics",
     "disable",
     "enable",
     "presets",
     "resolve_policy",
+    "search",
+    "zoo",
 ]

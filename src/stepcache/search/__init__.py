@@ -1,4 +1,11 @@
-"""Gradient-free, target-driven policy search (``stepcache.search``) and its planner."""
+"""Gradient-free, target-driven policy search (``stepcache.search``) and its planner.
+
+The module itself is callable: ``stepcache.search("fmnist-dit", speedup=2)`` is
+``stepcache.search.search(...)``, so the one name serves as the function and as its namespace.
+"""
+
+import sys
+import types
 
 from .planner import SegmentErrors, brute_force, plan
 from .study import SEARCHERS, CostModel, SearchError, Target, search
@@ -13,3 +20,13 @@ __all__ = [
     "plan",
     "search",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return search(*args, **kwargs)
+
+    __call__.__doc__ = search.__doc__
+
+
+sys.modules[__name__].__class__ = _CallableModule
