@@ -8,6 +8,9 @@ other artwork, never trained on); FD-EffNetLite0 vs those images. Every floor is
 between two disjoint halves of the real set. None of these numbers is FID.
 Writes benchmarks/results/zoo-quality.json and docs/zoo/KEY.png (a sample grid per model).
 
+shapes-dit / shapes-video: the shapes judge's accuracy per criterion and caption kind, on training
+captions and on the held-out combinations (zoo.shapes), with fresh noise seeds.
+
 Run: python benchmarks/zoo_quality.py [--models fmnist-dit,fmnist-unet,emoji-dit] [--samples 2000]
 """
 
@@ -95,6 +98,42 @@ def evaluate_text(
     return row
 
 
+def evaluate_shapes(
+    key: str, samples: int, batch: int, weights_dir: Path | None = None, grid_dir: Path = GRIDS
+) -> dict:
+    """Judge accuracy of full-compute samples by caption kind, on the training captions and on the
+    held-out combinations (never trained on); ``samples`` per group, fresh noise seeds."""
+    from stepcache.zoo import shapes
+    from stepcache.zoo.pipeline import unstrip
+
+    pipe = zoo.load(key, weights_dir=weights_dir)
+    kinds = ["video"] if pipe.is_video else ["single", "pair"]
+    row: dict = {"model": key, "samples_per_group": samples, "steps": pipe.default_steps}
+    row["guidance"] = pipe.default_guidance
+    t0 = time.perf_counter()
+    for kind in kinds:
+        for split in ("train", "held_out"):
+            pool = shapes.captions(kind, split)
+            rng = np.random.default_rng(len(pool))
+            texts = [pool[int(i)] for i in rng.integers(0, len(pool), samples)]
+            images = generate(pipe, texts, batch, seed=1000)
+            judged = unstrip(images, pipe.sample_shape[1]) if pipe.is_video else images
+            row[f"{kind}_{split}"] = shapes.accuracy(texts, judged)
+    row["generation_seconds"] = round(time.perf_counter() - t0, 1)
+    row["held_out"] = (
+        f"objects never drawn in training: {', '.join(' '.join(o) for o in shapes.HELD_OUT_OBJECTS)}; "
+        f"and {shapes.HELD_OUT_FRACTION:.0%} of the other two-object and video captions"
+    )
+    grid_texts = [shapes.captions(kinds[-1], "train")[i * 7] for i in range(8)]
+    grid = generate(pipe, grid_texts * 4, 32, seed=7)
+    rows = [grid[r * 8 : (r + 1) * 8] for r in range(4)]
+    if pipe.is_video:  # a filmstrip per sample: one row each, 8 samples
+        rows = [grid[i : i + 1] for i in range(8)]
+    atomic_write_bytes(grid_dir / f"{key}.png", grid_png(rows, scale=3))
+    row["grid_prompts"] = grid_texts
+    return row
+
+
 def evaluate(
     key: str,
     samples: int,
@@ -103,6 +142,8 @@ def evaluate(
     weights_dir: Path | None = None,
     grid_dir: Path = GRIDS,
 ) -> dict:
+    if zoo.spec(key).world == "shapes":
+        return evaluate_shapes(key, samples, batch, weights_dir, grid_dir)
     if zoo.spec(key).conditioning == "text":
         return evaluate_text(key, batch, effnet_samples, weights_dir, grid_dir)
     pipe = zoo.load(key, weights_dir=weights_dir)

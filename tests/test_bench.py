@@ -172,3 +172,30 @@ def test_missing_peer_is_reported_with_install_hint(tmp_path: Path, monkeypatch:
     assert [r["name"] for r in doc["runs"]] == ["reference", "adams-bashforth"]
     assert doc["unavailable"] and all("stepcache[peers]" in u["reason"] for u in doc["unavailable"])
     assert "stepcache[peers]" in (tmp_path / "report.html").read_text()
+
+
+def test_a_peer_that_fails_on_the_model_is_reported_not_fatal(tmp_path: Path) -> None:
+    """A peer's own error on a model (diffusers' FirstBlockCache on SD3's last joint block, say)
+    lands in ``unavailable`` with the error; stepcache's runs are still measured."""
+    from stepcache.bench.harness import Candidate, policy_candidate
+
+    class Broken(RuntimeError):
+        pass
+
+    def attach(pipe):
+        def boom(*args, **kwargs):
+            raise Broken("unsupported operand type(s) for -: 'NoneType' and 'Tensor'")
+
+        pipe.transformer.forward = boom
+
+    def detach(pipe):
+        pipe.transformer.__dict__.pop("forward", None)
+
+    peer = Candidate("some peer", "peer", {"x": 1}, attach=attach, detach=detach, peer="diffusers")
+    doc = bench(
+        "digits-dit", [policy_candidate("fora", "fora"), peer], tmp_path / "r", seeds=2, repeats=1, steps=4
+    )
+    assert [r["name"] for r in doc["runs"]] == ["reference", "fora"]
+    (gone,) = doc["unavailable"]
+    assert gone["name"] == "some peer" and "Broken" in gone["reason"] and "NoneType" in gone["reason"]
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["unavailable"] == doc["unavailable"]

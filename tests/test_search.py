@@ -220,7 +220,7 @@ def test_search_resumes_after_sigkill(tmp_path: Path) -> None:
     meta = Policy.load(out).meta
     assert meta["search"]["resumed_trials"] == killed_at
     assert meta["search"]["evaluated"] > killed_at  # new candidates were evaluated after the resume
-    assert meta["budget_used"] <= 1 + spent + 0.5 + 1e-6
+    assert meta["budget_used"] <= 1 + spent + 0.5 + 1e-4  # budget_used is rounded to 4 places
     with sqlite3.connect(db) as con:
         states = dict(con.execute("select state, count(*) from trials group by state").fetchall())
     assert states.get("RUNNING", 0) == 0  # the trial in flight at the kill was closed as failed

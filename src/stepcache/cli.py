@@ -40,9 +40,12 @@ def _unicode(value: str | None) -> str | None:
     return value
 
 
-def _zoo_key(key: str) -> str:
+def _zoo_key(key: str, need_weights: bool = True) -> str:
+    """``key`` if the zoo has it (and, with ``need_weights``, ships its weights); else a usage error."""
     if key not in zoo_registry.names():
         raise typer.BadParameter(f"unknown model {key!r}; available: {', '.join(zoo_registry.names())}")
+    if need_weights and (problem := zoo_registry.model_problem(key)) is not None:
+        raise typer.BadParameter(problem)
     return key
 
 
@@ -259,7 +262,7 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
 
     table = Table(title=escape(f"{doc['model']} on {doc['device']}: {doc['protocol']['num_seeds']} seeds"))
     table.add_column("run", min_width=30, overflow="fold")
-    for col in ("speedup", "FLOP", "PSNR dB", "FD-dom", "acc"):
+    for col in ("speedup", "FLOP", "PSNR dB", "FD-dom", "acc", "adher."):
         table.add_column(col, justify="right", no_wrap=True)
 
     def fmt(v: Any, spec: str) -> str:
@@ -275,6 +278,7 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
             fmt(r["psnr"], ".1f"),
             fmt(r["fd_domain"], ".1f"),
             fmt(r["class_acc"], ".0%"),
+            fmt(r.get("adherence"), ".0%"),
         )
     console.print(table)
     for u in doc.get("unavailable", []):
@@ -396,6 +400,13 @@ def search(
         float | None,
         typer.Option(callback=_finite(0.0, lim.MAX_PSNR), help="Target: PSNR >= this (dB), fastest."),
     ] = None,
+    min_adherence: Annotated[
+        float | None,
+        typer.Option(
+            callback=_finite(0.0, 1.0),
+            help="Also require the prompt judge's share of faithful samples >= this (shapes models).",
+        ),
+    ] = None,
     budget: Annotated[
         float,
         typer.Option(
@@ -467,6 +478,7 @@ def search(
                 model,
                 speedup=speedup,
                 min_psnr=min_psnr,
+                min_adherence=min_adherence,
                 budget=budget,
                 searcher=searcher,
                 storage=storage,
@@ -506,6 +518,12 @@ def search(
             "oracle (planner on held-out)", f"{oracle['psnr']:.2f}", f"{oracle['speedup']:.2f}x predicted"
         )
     console.print(table)
+    if held.get("adherence") is not None:
+        full_cal, full_held = cal["reference_adherence"], held["reference_adherence"]
+        console.print(
+            f"prompt adherence: calibration {cal['adherence']:.0%} (full compute {full_cal:.0%}), "
+            f"held-out {held['adherence']:.0%} (full compute {full_held:.0%})"
+        )
     if not meta["target"]["met_on_calibration"]:
         console.print(
             "[yellow]target not met on the calibration seeds: this is the closest policy found[/yellow]"
@@ -576,7 +594,7 @@ def zoo_list() -> None:
 @zoo_app.command("info")
 def zoo_info(key: Annotated[str, typer.Argument(help="Zoo model key.")]) -> None:
     """Show a model's card."""
-    info = zoo_registry.info(_zoo_key(key))
+    info = zoo_registry.info(_zoo_key(key, need_weights=False))
     console.print(info["card"] or info["summary"])
 
 
@@ -611,7 +629,7 @@ def zoo_train(
 
     from .zoo.train import TRAIN_FILES, check_checkpoint, check_init, train
 
-    spec = zoo_registry.spec(_zoo_key(key))
+    spec = zoo_registry.spec(_zoo_key(key, need_weights=False))
     cfg = copy.deepcopy(spec.train)
     if steps is not None:
         cfg.steps = steps

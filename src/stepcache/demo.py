@@ -21,11 +21,15 @@ from .metrics import psnr_per_image
 DEMO_FILES = ("grid.png", "result.json")
 
 
-def conditions(pipe: Any, n: int) -> dict[str, list]:
-    """``n`` conditioning inputs for a zoo pipeline: class labels 0-9 in turn, or emoji captions."""
-    from .zoo.pipeline import TextConditionalPipeline
+def conditions(pipe: Any, n: int, seeds: list[int] | None = None) -> dict[str, list]:
+    """``n`` conditioning inputs for a zoo pipeline: class labels 0-9 in turn, emoji captions, or
+    shapes-world captions picked by seed (``seeds``, default 0..n-1)."""
+    from .zoo.pipeline import CaptionPipeline, TextConditionalPipeline
+    from .zoo.shapes import eval_captions
     from .zoo.text import DEMO_PROMPTS
 
+    if isinstance(pipe, CaptionPipeline):
+        return {"prompt": eval_captions(list(seeds) if seeds is not None else list(range(n)), pipe.is_video)}
     if isinstance(pipe, TextConditionalPipeline):
         return {"prompt": [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(n)]}
     return {"class_labels": [i % pipe.num_classes for i in range(n)]}
@@ -60,8 +64,8 @@ def check_demo_args(
     model: str, steps: int | None, guidance: float | None, samples: int, seed: int, repeats: int
 ) -> None:
     """ValueError naming the first argument the machine cannot run (see ``_limits``)."""
-    if not isinstance(model, str) or model not in zoo.names():
-        raise ValueError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    if (problem := zoo.model_problem(model)) is not None:
+        raise ValueError(f"model: {problem}")
     if steps is not None:
         check_int("steps", steps, 1, MAX_STEPS)
     if guidance is not None:

@@ -97,6 +97,7 @@ class Workload:
     seeds: list[int]
     cond: dict[str, list]
     labels: list[int] | None = field(default=None)
+    captions: list[str] | None = field(default=None)
 
     def generate(self, pipe: Any) -> np.ndarray:
         # One generator per sample, so each seed's noise does not depend on the batch.
@@ -110,7 +111,7 @@ def make_workload(
 ) -> Workload:
     from ..demo import conditions
 
-    cond = conditions(pipe, len(seeds))
+    cond = conditions(pipe, len(seeds), list(seeds))
     return Workload(
         model=model,
         steps=steps or pipe.default_steps,
@@ -118,6 +119,7 @@ def make_workload(
         seeds=list(seeds),
         cond=cond,
         labels=cond.get("class_labels"),
+        captions=cond.get("prompt"),
     )
 
 
@@ -219,12 +221,28 @@ def _mean_or_inf(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("inf")
 
 
+def adherence(model: str, images: np.ndarray, captions: list[str] | None) -> float | None:
+    """For a shapes-world model, the share of images whose every criterion (count, colour, shape,
+    relation or motion) the judge finds to hold; None for a model without a judge."""
+    spec = zoo.spec(model) if model in zoo.names() else None
+    if spec is None or spec.world != "shapes" or captions is None:
+        return None
+    from ..zoo.pipeline import unstrip
+    from ..zoo.shapes import accuracy
+
+    shape = spec.sample_shape or ()
+    samples = unstrip(images, shape[1]) if len(shape) == 4 else images
+    return accuracy(captions, samples)["all"]
+
+
 class Judge:
-    """Class accuracy and FD-domain for a zoo model's samples, where the model's data allows."""
+    """Class accuracy and FD-domain for a zoo model's samples, where the model's data allows;
+    prompt adherence (the shapes judge's accuracy) for the shapes-world models."""
 
     def __init__(self, model: str, n: int):
         from ..zoo.classifier import classifier_for
 
+        self.model = model
         self.clf = None
         self.real_feats = None
         with contextlib.suppress(KeyError, FileNotFoundError):
@@ -242,6 +260,9 @@ class Judge:
         if self.clf is None or labels is None:
             return None
         return self.clf.accuracy(images, labels)
+
+    def adherence(self, images: np.ndarray, captions: list[str] | None) -> float | None:
+        return adherence(self.model, images, captions)
 
     def fd_domain(self, images: np.ndarray) -> float | None:
         if self.real_feats is None or len(images) < 2:
@@ -279,8 +300,8 @@ def check_args(
     """Check a bench's arguments before anything is loaded or written; returns the out dir.
 
     Every size is bounded by what one batch on the machine holds (see ``_limits``)."""
-    if not isinstance(model, str) or model not in zoo.names():
-        raise ValueError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    if (problem := zoo.model_problem(model)) is not None:
+        raise ValueError(f"model: {problem}")
     check_int("seeds", seeds, 1, MAX_EVAL_SEEDS)
     check_int("repeats", repeats, 1, MAX_REPEATS)
     if steps is not None:
@@ -309,8 +330,13 @@ def measure(
     candidates: list[Candidate],
     repeats: int = 5,
     progress: Callable[[str, int, int], None] | None = None,
+    failed: list[dict[str, str]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Measure every candidate on ``work``; returns the run rows and each run's first images."""
+    """Measure every candidate on ``work``; returns the run rows and each run's first images.
+
+    A peer whose generation raises is not measured: it goes to ``failed`` (a list to append to)
+    with the error, as the peer's own limit on this model; any other candidate's error propagates.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     say = progress or (lambda name, i, n: None)
@@ -325,8 +351,22 @@ def measure(
         say(cand.name, i, len(candidates))
         handle = cand.attach(pipe)
         try:
-            with StepProbe(denoiser) as probe, cand.generation(pipe):
-                images = work.generate(pipe)  # warm-up of this candidate, also its images
+            try:
+                with StepProbe(denoiser) as probe, cand.generation(pipe):
+                    images = work.generate(pipe)  # warm-up of this candidate, also its images
+            except Exception as e:
+                if cand.kind != "peer" or failed is None:
+                    raise
+                reason = (str(e).splitlines() or [""])[0][:300]
+                failed.append(
+                    {
+                        "name": cand.name,
+                        "kind": "peer",
+                        "peer": cand.peer or "",
+                        "reason": f"failed: {type(e).__name__}: {reason}",
+                    }
+                )
+                continue
             stats = handle.stats() if handle is not None else None
             with cand.generation(pipe):
                 flops = _flops(lambda: work.generate(pipe))
@@ -364,6 +404,7 @@ def measure(
                 "ssim_ci": _interval(ssim),
                 "fd_domain": judge.fd_domain(images),
                 "class_acc": judge.class_acc(images, work.labels),
+                "adherence": judge.adherence(images, work.captions),
                 "latency_s": {
                     "median": statistics.median(times),
                     "min": min(times),
@@ -414,7 +455,8 @@ def bench(
             raise ValueError(f"{cand.name}: {reason}")
     work = make_workload(pipe, model, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)])
     runs = [c for c in candidates if c.kind != "reference"]
-    rows, samples = measure(pipe, work, [reference_candidate(), *runs], repeats, progress)
+    failed: list[dict[str, str]] = []
+    rows, samples = measure(pipe, work, [reference_candidate(), *runs], repeats, progress, failed)
     doc = {
         "schema": SCHEMA,
         "model": model,
@@ -431,7 +473,7 @@ def bench(
             "ci": "95% percentile bootstrap of the per-image mean",
         },
         "runs": rows,
-        "unavailable": list(unavailable or []),
+        "unavailable": [*(unavailable or []), *failed],
     }
     validate_result(doc)
     # Everything is rendered in memory first; result.json, which marks the folder as a finished

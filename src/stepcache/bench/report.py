@@ -110,8 +110,9 @@ def _scatter(
             parse_math=False,  # a name with two $ would otherwise be parsed as TeX, and may not be
         )
     ref = next((r for r in runs if r["kind"] == "reference"), None)
-    if metric == "fd_domain" and ref is not None and ref.get("fd_domain") is not None:
-        ax.axhline(ref["fd_domain"], color="black", ls="--", lw=0.8, label="reference FD")
+    if metric in ("fd_domain", "adherence") and ref is not None and ref.get(metric) is not None:
+        what = "FD" if metric == "fd_domain" else "adherence"
+        ax.axhline(ref[metric], color="black", ls="--", lw=0.8, label=f"full-compute {what}")
     ax.axvline(1.0, color="black", lw=0.6, alpha=0.4)
     ax.set_xlabel("measured wall-clock speedup vs reference")
     ax.set_ylabel(label)
@@ -201,6 +202,16 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
             "Speed vs distribution",
             _scatter(runs, "fd_domain", "FD-domain (lower is better)", False, "speedup vs FD-domain"),
         ),
+        (
+            "Speed vs prompt adherence",
+            _scatter(
+                runs,
+                "adherence",
+                "share of samples the judge finds faithful to the caption",
+                True,
+                "speedup vs adherence (higher right is better)",
+            ),
+        ),
         ("What each run did per step", _heatmap(runs)),
     ]
     for caption, png in figures:
@@ -223,6 +234,7 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
         "SSIM",
         "FD-domain",
         "class acc",
+        "adherence",
     ]
     table = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"]
     for r in runs:
@@ -241,6 +253,7 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
             _fmt(r["ssim"], ".3f"),
             _fmt(r["fd_domain"], ".1f"),
             _fmt(r["class_acc"], ".1%"),
+            _fmt(r.get("adherence"), ".1%"),
         ]
         table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     table.append("</table>")

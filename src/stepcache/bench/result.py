@@ -33,6 +33,8 @@ RUN_NUMBERS: dict[str, tuple[bool, bool, bool]] = {
     "fd_domain": (True, False, False),
     "class_acc": (True, False, False),
 }
+# Fractions in [0, 1] that older documents do not have: absent, null or a number.
+RUN_FRACTIONS_OPTIONAL = ("adherence",)
 
 
 class ResultError(ValueError):
@@ -117,6 +119,11 @@ def _validate_run(run: Any, where: str) -> None:
         _number(f"{where}.{key}", run.get(key), nan_ok, inf_ok)
     if not (run["speedup"] > 0 and 0 <= run["flop_fraction"] and 0 <= run["nfe_fraction"] <= 1):
         raise ResultError(f"{where}: speedup must be > 0 and fractions within [0, 1]")
+    for key in RUN_FRACTIONS_OPTIONAL:
+        if run.get(key) is not None:
+            _number(f"{where}.{key}", run[key], False, False)
+            if not 0 <= run[key] <= 1:
+                raise ResultError(f"{where}.{key}: must lie in [0, 1], got {_show(run[key])}")
     ci = run.get("psnr_ci")
     if not isinstance(ci, list) or len(ci) != 2:
         raise ResultError(f"{where}.psnr_ci: expected [low, high], got {_show(ci)}")

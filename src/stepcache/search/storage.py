@@ -286,6 +286,9 @@ def checked_point(p: Any, num_steps: int) -> dict[str, Any]:
     psnr, speed, cost = p.get("psnr"), p.get("speedup"), p.get("cost")
     if not (_is_real(psnr) and _is_real(speed) and speed > 0 and _is_real(cost) and 0 <= cost <= 1):
         raise ValueError("point psnr, speedup or cost")
+    adherence = p.get("adherence")
+    if adherence is not None and not (_is_real(adherence) and 0 <= adherence <= 1):
+        raise ValueError("point adherence")
     return {
         "candidate": cand.as_dict(),
         "psnr": float(psnr),
@@ -294,6 +297,7 @@ def checked_point(p: Any, num_steps: int) -> dict[str, Any]:
         "mask": list(mask),
         "cost": float(cost),
         "row_actions": list(rows),
+        "adherence": None if adherence is None else float(adherence),
     }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from .. import presets, zoo
 from .._limits import MAX_BUDGET
 from ..api import disable, enable
-from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _timed, make_workload
+from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _timed, adherence, make_workload
 from ..errors import UnsupportedModelError
 from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
 from ..policy import Policy
@@ -50,20 +50,29 @@ class SearchError(ValueError):
 class Target:
     speedup: float | None = None
     min_psnr: float | None = None
+    min_adherence: float | None = None  # a constraint on top: the judge's share of faithful samples
 
     def check(self) -> None:
         if (self.speedup is None) == (self.min_psnr is None):
             raise SearchError("target: give exactly one of speedup or min_psnr")
+        if self.min_adherence is not None and not (
+            isinstance(self.min_adherence, (int, float)) and 0 <= self.min_adherence <= 1
+        ):
+            raise SearchError(f"min_adherence: must be a fraction in [0, 1], got {self.min_adherence!r}")
         if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
             raise SearchError(f"speedup: must be a finite number > 1, got {self.speedup}")
         if self.min_psnr is not None and not (math.isfinite(self.min_psnr) and self.min_psnr > 0):
             raise SearchError(f"min_psnr: must be a positive number of dB, got {self.min_psnr}")
 
     def as_dict(self) -> dict[str, float]:
-        return {"speedup": self.speedup} if self.speedup is not None else {"min_psnr_db": self.min_psnr}
+        out = {"speedup": self.speedup} if self.speedup is not None else {"min_psnr_db": self.min_psnr}
+        if self.min_adherence is not None:
+            out["min_adherence"] = self.min_adherence
+        return out
 
     def slug(self) -> str:
-        return f"speedup{self.speedup:g}" if self.speedup is not None else f"psnr{self.min_psnr:g}"
+        base = f"speedup{self.speedup:g}" if self.speedup is not None else f"psnr{self.min_psnr:g}"
+        return base if self.min_adherence is None else f"{base}-adh{self.min_adherence:g}"
 
 
 def policy_key(policy: Policy) -> str:
@@ -84,6 +93,7 @@ class Evaluator:
         self._errors = {order: SegmentErrors(self.traj, order) for order in (0, 1)} if self.traj else {}
         self._masks: dict[tuple[int, int], list[bool]] = {}
         self._cache: dict[str, dict[str, Any]] = {}
+        self.reference_adherence = adherence(work.model, self.reference, work.captions)
 
     @property
     def num_steps(self) -> int:
@@ -118,6 +128,7 @@ class Evaluator:
             "row_actions": list(stats["row_actions"]),
             # Partial rows ran the span's ends; counted as half a row, a rough share.
             "cost": (letters.count("C") + 0.5 * letters.count("P")) / len(letters),
+            "adherence": adherence(self.work.model, images, self.work.captions),
             "images": images,
         }
         self._cache[key] = result
@@ -286,6 +297,7 @@ class _Run:
                 "mask": mask,
                 "cost": res["cost"],
                 "row_actions": res["row_actions"],
+                "adherence": res.get("adherence"),
             }
             self.evaluated.append(point)
             points.append(point)
@@ -312,6 +324,9 @@ class _Run:
         return point["speedup"] if shortfall <= 0 else -shortfall
 
     def meets(self, point: dict[str, Any]) -> bool:
+        floor = self.target.min_adherence
+        if floor is not None and (point.get("adherence") is None or point["adherence"] < floor - 1e-9):
+            return False
         if self.target.speedup is not None:
             return self.feasible_speed(point["speedup"])
         return point["psnr"] >= self.target.min_psnr
@@ -576,6 +591,7 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
             "speedup": r.cost.speedup(actions),
             "actions": res["actions"],
             "mask": mask,
+            "adherence": res.get("adherence"),
         }
         r.evaluated.append(point)
         r.progress(r.used, r.budget, f"best {max(p['psnr'] for p in r.evaluated):.1f} dB")
@@ -646,6 +662,8 @@ def heldout_metrics(pipe: Any, ev: Evaluator, policy: Policy, repeats: int = 3) 
         "psnr_ci": res["psnr_ci"],
         "ssim": res["ssim"],
         "class_acc": judge.class_acc(res["images"], ev.work.labels),
+        "adherence": res.get("adherence"),
+        "reference_adherence": ev.reference_adherence,
         "measured_speedup": statistics.median(ref_t) / statistics.median(acc_t),
         "actions": res["actions"],
     }
@@ -679,8 +697,10 @@ def _check_request(
     steps: Any,
 ) -> None:
     """Every argument a search can refuse before it loads a model."""
-    if model not in zoo.names():
-        raise SearchError(f"model: unknown zoo model {model!r}; available: {', '.join(zoo.names())}")
+    if (problem := zoo.model_problem(model)) is not None:
+        raise SearchError(f"model: {problem}")
+    if target.min_adherence is not None and zoo.spec(model).world is None:
+        raise SearchError(f"min_adherence: {model} has no prompt judge (the shapes models have one)")
     if searcher not in SEARCHERS:
         raise SearchError(f"searcher: unknown {searcher!r}; choose from {', '.join(SEARCHERS)}")
     _check_storage(searcher, storage, study)
@@ -775,6 +795,12 @@ def _create_study(searcher: str, store: Any, study_name: str) -> Any:
 
 
 def _check_reachable(r: _Run) -> None:
+    floor, full = r.target.min_adherence, r.ev.reference_adherence
+    if floor is not None and full is not None and full < floor - 1e-9:
+        raise SearchError(
+            f"min_adherence: full compute itself reaches {full:.0%} on the calibration seeds, "
+            f"below {floor:.0%}; lower the floor"
+        )
     if r.target.speedup is None:
         return
     reachable = r.predict(Candidate(1, 0, **r.fastest_settings()))[2]
@@ -790,6 +816,7 @@ def search(
     *,
     speedup: float | None = None,
     min_psnr: float | None = None,
+    min_adherence: float | None = None,
     budget: float = 10.0,
     searcher: str = "tpe",
     storage: str | None = None,
@@ -809,7 +836,7 @@ def search(
     progress: Callable[[float, float, str], None] | None = None,
 ) -> Policy:
     """Find a policy for zoo model ``model`` that meets the target; see the module docstring."""
-    target = Target(speedup, min_psnr)
+    target = Target(speedup, min_psnr, min_adherence)
     target.check()
     _check_request(
         model, target, budget, searcher, storage, study, engine, workers, calib_seeds, heldout_seeds, steps
@@ -897,6 +924,8 @@ def search(
             "psnr": best["psnr"],
             "predicted_speedup": best["speedup"],
             "actions": best["actions"],
+            "adherence": best.get("adherence"),
+            "reference_adherence": ev.reference_adherence,
         },
         "heldout": held,
         "pareto": [

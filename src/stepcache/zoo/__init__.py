@@ -9,7 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .data import DataMissingError
 from .models import MODELS, ZooModel
-from .pipeline import ClassConditionalPipeline, TextConditionalPipeline
+from .pipeline import CaptionPipeline, ClassConditionalPipeline, TextConditionalPipeline
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -22,6 +22,21 @@ def spec(key: str) -> ZooModel:
     if key not in MODELS:
         raise KeyError(f"unknown zoo model {key!r}; available: {', '.join(MODELS)}")
     return MODELS[key]
+
+
+def shipped(key: str) -> bool:
+    """Whether ``key``'s weights come with the package (a model may be defined, not yet trained)."""
+    return (model_dir(key) / "model.safetensors").exists()
+
+
+def model_problem(key: object) -> str | None:
+    """Why ``key`` cannot be loaded from the package (unknown, or not trained yet), or None."""
+    if not isinstance(key, str) or key not in MODELS:
+        ready = ", ".join(k for k in MODELS if shipped(k))
+        return f"unknown zoo model {key!r}; available: {ready}"
+    if not shipped(key):
+        return f"zoo model {key!r} is not shipped yet; train it with `stepcache zoo train {key} --out DIR`"
+    return None
 
 
 def model_dir(key: str) -> Path:
@@ -46,11 +61,11 @@ def info(key: str) -> dict[str, Any]:
 
 def load(
     key: str, weights_dir: str | Path | None = None
-) -> ClassConditionalPipeline | TextConditionalPipeline:
+) -> ClassConditionalPipeline | TextConditionalPipeline | CaptionPipeline:
     """The shipped pipeline for ``key`` (no network). ``weights_dir`` loads a freshly trained copy."""
     from .train import load_weights
 
-    spec(key)
+    s = spec(key)
     d = Path(weights_dir) if weights_dir is not None else model_dir(key)
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(
@@ -58,7 +73,10 @@ def load(
         )
     model, config = load_weights(d)
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    if config.get("conditioning") == "text":
+    if config.get("conditioning") == "tokens":
+        pipe = CaptionPipeline(transformer=model, scheduler=scheduler)
+        pipe.sample_shape = tuple(s.sample_shape or (3, 32, 32))
+    elif config.get("conditioning") == "text":
         pipe = TextConditionalPipeline(transformer=model, scheduler=scheduler)
     elif config.get("family", "dit") == "unet":
         pipe = ClassConditionalPipeline(scheduler=scheduler, unet=model)
@@ -71,12 +89,15 @@ def load(
 
 
 __all__ = [
+    "CaptionPipeline",
     "ClassConditionalPipeline",
     "DataMissingError",
     "MODELS",
     "info",
     "load",
     "model_dir",
+    "model_problem",
     "names",
+    "shipped",
     "spec",
 ]

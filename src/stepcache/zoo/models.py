@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DModel,
+    WanTransformer3DModel,
+)
 
 from . import data
 
@@ -29,15 +35,21 @@ class TrainConfig:
 class ZooModel:
     key: str
     summary: str
-    family: str  # "dit" (DiTTransformer2DModel), "unet" (UNet2DModel + class table), "pixart" (text)
+    # "dit" (DiTTransformer2DModel), "unet" (UNet2DModel + class table), "pixart" (text),
+    # "sd3" (SD3Transformer2DModel, captions), "wan" (WanTransformer3DModel, captioned video)
+    family: str
     config: dict[str, Any]
     load_data: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     num_classes: int
     default_steps: int
     default_guidance: float
     train: TrainConfig = field(default_factory=TrainConfig)
-    conditioning: str = "class"  # "class": labels, null label = num_classes; "text": embeddings, null = 0
+    # "class": labels, null label = num_classes; "text": one sentence embedding, null = 0;
+    # "tokens": per-token and pooled caption embeddings (zoo.captions), null = 0
+    conditioning: str = "class"
     scheduler: dict[str, Any] = field(default_factory=lambda: {"num_train_timesteps": 1000, "shift": 1.0})
+    sample_shape: tuple[int, ...] | None = None  # (C, H, W) or (C, F, H, W) of caption models
+    world: str | None = None  # "shapes": captions of zoo.shapes, judged by zoo.shapes.judge
 
 
 def _load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +58,31 @@ def _load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
     return load_emoji()
 
 
+def _load_shapes_images() -> tuple[Any, Any]:
+    from .captions import load_shapes_images
+
+    return load_shapes_images()
+
+
+def _load_shapes_video() -> tuple[Any, Any]:
+    from .captions import load_shapes_video
+
+    return load_shapes_video()
+
+
+FAMILIES: dict[str, type[torch.nn.Module]] = {
+    "dit": DiTTransformer2DModel,
+    "unet": UNet2DModel,
+    "pixart": PixArtTransformer2DModel,
+    "sd3": SD3Transformer2DModel,
+    "wan": WanTransformer3DModel,
+}
+
+
 def build(family: str, config: dict[str, Any]) -> torch.nn.Module:
-    if family == "dit":
-        return DiTTransformer2DModel(**config)
-    if family == "unet":
-        return UNet2DModel(**config)
-    if family == "pixart":
-        return PixArtTransformer2DModel(**config)
-    raise ValueError(f"unknown zoo model family {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown zoo model family {family!r}")
+    return FAMILIES[family](**config)
 
 
 MODELS: dict[str, ZooModel] = {
@@ -150,6 +179,63 @@ MODELS: dict[str, ZooModel] = {
             conditioning="text",
             train=TrainConfig(
                 steps=4000, batch_size=128, lr=1e-3, warmup=100, ema=0.998, checkpoint_every=250
+            ),
+        ),
+        ZooModel(
+            key="shapes-dit",
+            summary="text-to-image SD3 (MMDiT) on the shapes world 32x32; prompt-following is judged",
+            family="sd3",
+            config={
+                "sample_size": 32,
+                "patch_size": 4,
+                "in_channels": 3,
+                "out_channels": 3,
+                "num_layers": 6,
+                "attention_head_dim": 32,
+                "num_attention_heads": 4,
+                "joint_attention_dim": 384,
+                "caption_projection_dim": 128,
+                "pooled_projection_dim": 384,
+                "pos_embed_max_size": 8,
+                "qk_norm": "rms_norm",
+            },
+            load_data=_load_shapes_images,
+            num_classes=0,
+            default_steps=20,
+            default_guidance=4.0,
+            conditioning="tokens",
+            sample_shape=(3, 32, 32),
+            world="shapes",
+            train=TrainConfig(
+                steps=8000, batch_size=64, lr=1e-3, warmup=200, ema=0.999, checkpoint_every=250
+            ),
+        ),
+        ZooModel(
+            key="shapes-video",
+            summary="text-to-video Wan transformer on the shapes world, 8 frames of 32x32; motion is judged",
+            family="wan",
+            config={
+                "patch_size": [2, 4, 4],
+                "num_attention_heads": 4,
+                "attention_head_dim": 32,
+                "in_channels": 3,
+                "out_channels": 3,
+                "text_dim": 384,
+                "freq_dim": 64,
+                "ffn_dim": 512,
+                "num_layers": 4,
+                "rope_max_seq_len": 64,
+                "qk_norm": "rms_norm_across_heads",
+            },
+            load_data=_load_shapes_video,
+            num_classes=0,
+            default_steps=20,
+            default_guidance=4.0,
+            conditioning="tokens",
+            sample_shape=(3, 8, 32, 32),
+            world="shapes",
+            train=TrainConfig(
+                steps=5000, batch_size=32, lr=1e-3, warmup=200, ema=0.999, checkpoint_every=250
             ),
         ),
     ]

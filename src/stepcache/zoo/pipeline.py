@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -171,3 +172,86 @@ class TextConditionalPipeline(DiffusionPipeline):
                 x = self.scheduler.step(v, t, x).prev_sample
                 bar.update()
         return _finish(self, x, output_type, return_dict)
+
+
+class CaptionPipeline(DiffusionPipeline):
+    """Text-to-image (SD3 transformer) or text-to-video (Wan transformer) flow matching with
+    per-token caption embeddings (``zoo.text.encode_tokens``).
+
+    ``pipe(prompt=[...], ...).images`` -> (N, H, W, C) in [0, 1]; for video, ``.frames`` ->
+    (N, F, H, W, C) and ``.images`` the same frames side by side, (N, H, F*W, C), so that every
+    image metric and grid of the harness reads a video as one filmstrip. With CFG the batch is
+    [unconditional (all-zero caption), conditional] in one call.
+    """
+
+    stepcache_cfg_layout = "uncond_first"
+
+    def __init__(self, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.sample_shape: tuple[int, ...] = (3, 32, 32)  # (C, H, W) or (C, F, H, W); zoo.load sets it
+
+    @property
+    def is_video(self) -> bool:
+        return len(self.sample_shape) == 4
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor):
+        extra = {"pooled_projections": pooled} if self.transformer.config.get("pooled_projection_dim") else {}
+        return self.transformer(x, encoder_hidden_states=tokens, timestep=t, **extra).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> Any:
+        from .text import encode_tokens
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        _check_common(num_inference_steps, output_type)
+        device, dtype = self._execution_device, self.transformer.dtype
+        tokens, pooled = (t.to(device=device, dtype=dtype) for t in encode_tokens(prompts))
+        do_classifier_free_guidance = guidance_scale > 1.0  # read by stepcache for the CFG layout
+        if do_classifier_free_guidance:
+            tokens = torch.cat([torch.zeros_like(tokens), tokens])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        shape = (len(prompts), *self.sample_shape)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
+            for t in self.scheduler.timesteps:
+                x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
+                v = self._denoise(x_in, t.expand(x_in.shape[0]), tokens, pooled)
+                if do_classifier_free_guidance:
+                    v_uncond, v_cond = v.chunk(2)
+                    v = v_uncond + guidance_scale * (v_cond - v_uncond)
+                x = self.scheduler.step(v, t, x).prev_sample
+                bar.update()
+        if not self.is_video:
+            return _finish(self, x, output_type, return_dict)
+        frames = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # (N, F, H, W, C)
+        n, f, h, w, c = frames.shape
+        strip = frames.permute(0, 2, 1, 3, 4).reshape(n, h, f * w, c)
+        if output_type != "pt":
+            frames, strip = frames.cpu().numpy(), strip.cpu().numpy()
+        if output_type == "pil":
+            strip = self.numpy_to_pil(strip)
+        out = VideoOutput(images=strip, frames=frames)
+        return out if return_dict else (strip,)
+
+
+def unstrip(images: Any, frames: int) -> Any:
+    """Filmstrips (N, H, F*W, C) back to videos (N, F, H, W, C)."""
+    n, h, fw, c = images.shape
+    return images.reshape(n, h, frames, fw // frames, c).transpose(0, 2, 1, 3, 4)
+
+
+@dataclass
+class VideoOutput(ImagePipelineOutput):
+    frames: Any = None

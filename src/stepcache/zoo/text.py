@@ -106,3 +106,22 @@ def load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
     """Training data for emoji-dit: images and the embeddings of their captions."""
     images, captions = load_emoji_images()
     return images, encode(captions)
+
+
+TOKENS = 16  # caption length in tokens; the shapes world's longest caption has 13
+
+
+def encode_tokens(texts: list[str], length: int = TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token and pooled caption embeddings: ``(N, length, 384)`` with each token scaled to
+    unit RMS and zeros past the caption's end (truncated past ``length``), and ``(N, 384)``
+    unit-norm sentence embeddings. The empty caption of classifier-free guidance is all zeros."""
+    texts = list(texts)
+    tokens = torch.zeros(len(texts), length, EMBED_DIM)
+    if not texts:
+        return tokens, torch.zeros(0, EMBED_DIM)
+    with torch.no_grad():
+        per_text = _sentence_model().encode(texts, output_value="token_embeddings", convert_to_tensor=False)
+    for i, t in enumerate(per_text):
+        t = t[:length].float().cpu()
+        tokens[i, : t.shape[0]] = t * (EMBED_DIM**0.5) / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return tokens, encode(texts)

@@ -9,6 +9,7 @@ checkpoint that holds weights, EMA, optimizer state and the data RNG.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._io import UnreadableFileError, atomic_write_json, read_limited
+from .captions import CaptionBatch
 from .models import MODELS, TrainConfig, ZooModel, build
 
 # What a training run writes into its folder; the dot files are the temporaries renamed into place.
@@ -48,7 +50,7 @@ def _lr(step: int, cfg: TrainConfig) -> float:
 def flow_matching_loss(
     model: torch.nn.Module,
     x0: torch.Tensor,
-    cond: torch.Tensor,
+    cond: torch.Tensor | CaptionBatch,
     null: int,
     cfg_dropout: float,
     gen: torch.Generator,
@@ -58,15 +60,28 @@ def flow_matching_loss(
     s = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal: more weight mid-trajectory
     noise = torch.randn(x0.shape, generator=gen)
     drop = torch.rand(b, generator=gen) < cfg_dropout
-    sv = s.view(-1, 1, 1, 1)
+    sv = s.view(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - sv) * x0 + sv * noise
-    if cond.dtype == torch.long:
+    if isinstance(cond, CaptionBatch):  # per-token captions; the null caption is all zeros
+        pred = caption_model_call(model, x_t, s * 1000, cond.dropped(drop))
+    elif cond.dtype == torch.long:
         labels = torch.where(drop, torch.full_like(cond, null), cond)
         pred = model(x_t, timestep=s * 1000, class_labels=labels).sample
     else:  # text: the null caption is the zero embedding
         emb = torch.where(drop.view(-1, 1), torch.zeros_like(cond), cond)[:, None, :]
         pred = text_model_call(model, x_t, s * 1000, emb)
     return torch.nn.functional.mse_loss(pred, noise - x0)
+
+
+def caption_model_call(
+    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, caption: CaptionBatch
+) -> torch.Tensor:
+    """An SD3 transformer takes the tokens and the pooled embedding; a Wan transformer the tokens."""
+    if "pooled_projections" in inspect.signature(model.forward).parameters:
+        return model(
+            x, encoder_hidden_states=caption.tokens, pooled_projections=caption.pooled, timestep=t
+        ).sample
+    return model(x, encoder_hidden_states=caption.tokens, timestep=t).sample
 
 
 def text_model_call(
