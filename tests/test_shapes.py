@@ -254,3 +254,29 @@ def test_cli_refuses_untrained_models_and_bad_adherence_floors(args, named, tmp_
     assert res.exit_code == 2, res.output
     assert named in " ".join(res.output.split())
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cache_dit_runs_on_sd3_through_its_documented_block_adapter():
+    """cache-dit registers SD3 by pipeline name only; on the bare transformer it gets the
+    BlockAdapter its docs describe, with the forward pattern read from one block call (SD3's
+    joint blocks return (encoder, hidden): Pattern_1, as cache-dit's own SD3 adapter says)."""
+    pytest.importorskip("cache_dit")
+    from stepcache.bench.peers import Unavailable, peer_runs
+
+    pipe = _tiny_pipe("shapes-dit")
+    pipe.default_steps, pipe.default_guidance = 4, 3.0
+    runs = peer_runs(pipe, ["cache-dit"])
+    assert runs and not any(isinstance(r, Unavailable) for r in runs)
+    assert {r.params["block_adapter"]["forward_pattern"] for r in runs} == {"Pattern_1"}
+
+    def gen():
+        return pipe(prompt=["a red circle"], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+
+    before = gen().images
+    runs[0].attach(pipe)
+    try:
+        with runs[0].generation(pipe):
+            assert np.isfinite(gen().images).all()
+    finally:
+        runs[0].detach(pipe)
+    assert np.array_equal(gen().images, before)

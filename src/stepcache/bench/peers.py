@@ -672,9 +672,20 @@ class _CacheDitPeer(_Peer):
     (``cache_dit.refresh_context``); without that, the second run would start past the warm-up.
     """
 
-    def __init__(self, fn: int, bn: int, rdt: float, taylorseer: bool, warmup: int | None = None):
+    def __init__(
+        self,
+        fn: int,
+        bn: int,
+        rdt: float,
+        taylorseer: bool,
+        warmup: int | None = None,
+        pattern: str | None = None,
+    ):
         self.fn, self.bn, self.rdt, self.taylorseer = fn, bn, rdt, taylorseer
         self.warmup = warmup  # steps that always compute; None keeps cache-dit's default
+        # A transformer cache-dit has no adapter for is given as its documented BlockAdapter, with
+        # the ForwardPattern its blocks follow (found by _forward_pattern); None: its own adapter.
+        self.pattern = pattern
         self._state: tuple[torch.nn.Module, _Snapshot] | None = None
 
     def _configs(self) -> dict[str, Any]:
@@ -701,9 +712,17 @@ class _CacheDitPeer(_Peer):
         denoiser = _denoiser(pipe)
         _claim(denoiser, name)
         snapshot = _Snapshot(denoiser)
+        target: Any = denoiser
+        if self.pattern is not None:
+            target = cache_dit.BlockAdapter(
+                transformer=denoiser,
+                blocks=_block_list(denoiser),
+                forward_pattern=getattr(cache_dit.ForwardPattern, self.pattern),
+                check_forward_pattern=True,
+            )
         try:
             with _quiet():
-                cache_dit.enable_cache(denoiser, **self._configs())
+                cache_dit.enable_cache(target, **self._configs())
         except BaseException:
             with contextlib.suppress(Exception), _quiet():
                 cache_dit.disable_cache(denoiser)
@@ -750,6 +769,7 @@ def _cache_dit_runs(pipe: Any) -> list[PeerRun | Unavailable]:
     settings = [(fn, bn, rdt, ts) for fn, bn in shapes for rdt in (0.08, 0.12, 0.24) for ts in (False, True)]
     reason = None
     version = None
+    pattern: str | None = None
     try:
         import cache_dit
 
@@ -758,7 +778,9 @@ def _cache_dit_runs(pipe: Any) -> list[PeerRun | Unavailable]:
         why = "is not installed" if isinstance(e, ImportError) else f"failed to import ({e})"
         reason = f"cache-dit {why}; install it with {PEERS_INSTALL}"
     else:
-        if blocks is None or not cache_dit.BlockAdapterRegister.is_supported(denoiser):
+        if blocks is not None and not cache_dit.BlockAdapterRegister.is_supported(denoiser):
+            pattern = _forward_pattern(pipe, blocks)
+        if pattern is None and (blocks is None or not cache_dit.BlockAdapterRegister.is_supported(denoiser)):
             reason = (
                 f"cache-dit: {cls} is not a transformer with a block list cache-dit {version} has an "
                 "adapter for (DBCache caches the middle of a stack of same-shape transformer blocks; "
@@ -782,5 +804,43 @@ def _cache_dit_runs(pipe: Any) -> list[PeerRun | Unavailable]:
             "calibrator": {"type": "TaylorSeer", "taylorseer_order": 1} if ts else None,
             "cache_dit": version,
         }
-        out.append(PeerRun(name, "cache-dit", params, _CacheDitPeer(fn, bn, rdt, ts)))
+        if pattern is not None:
+            params["block_adapter"] = {"forward_pattern": pattern}
+        out.append(PeerRun(name, "cache-dit", params, _CacheDitPeer(fn, bn, rdt, ts, pattern=pattern)))
     return out
+
+
+def _forward_pattern(pipe: Any, blocks: torch.nn.ModuleList) -> str | None:
+    """The cache-dit ``ForwardPattern`` that the blocks follow, read from one real call of the
+    first block (a one-step generation): whether it takes ``encoder_hidden_states``, and whether it
+    returns the hidden states alone, first or second (told apart by their shape). None when the
+    block fits no pattern, or the two streams have the same shape and the order cannot be told."""
+    from ..demo import conditions
+
+    seen: dict[str, Any] = {}
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        seen.setdefault("hidden", args[0] if args else kwargs.get("hidden_states"))
+        seen.setdefault("output", output)
+
+    takes_encoder = "encoder_hidden_states" in inspect.signature(blocks[0].forward).parameters
+    handle = blocks[0].register_forward_hook(grab, with_kwargs=True)
+    try:
+        pipe(**conditions(pipe, 1), num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    except Exception:  # a pipeline that cannot run a one-step probe gets no adapter
+        return None
+    finally:
+        handle.remove()
+    hidden, out = seen.get("hidden"), seen.get("output")
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    if isinstance(out, torch.Tensor):
+        return "Pattern_2" if takes_encoder else "Pattern_3"
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return None
+    first = [isinstance(o, torch.Tensor) and o.shape == hidden.shape for o in out]
+    if first[0] == first[1]:
+        return None
+    if takes_encoder:
+        return "Pattern_0" if first[0] else "Pattern_1"
+    return "Pattern_4" if first[0] else "Pattern_5"
