@@ -199,3 +199,47 @@ def test_a_peer_that_fails_on_the_model_is_reported_not_fatal(tmp_path: Path) ->
     (gone,) = doc["unavailable"]
     assert gone["name"] == "some peer" and "Broken" in gone["reason"] and "NoneType" in gone["reason"]
     assert json.loads((tmp_path / "r" / "result.json").read_text())["unavailable"] == doc["unavailable"]
+
+
+def test_speedup_interval_and_the_flop_ideal() -> None:
+    from stepcache.bench.harness import beyond_ideal, speedup_interval
+
+    assert speedup_interval([1.0, 1.0], [0.5, 0.5]) is None  # too few pairs for an interval
+    lo, hi = speedup_interval([1.0, 1.1, 0.9, 1.0, 1.05], [0.5, 0.52, 0.48, 0.5, 0.51])
+    assert lo <= 2.0 <= hi and lo > 1.5
+    assert beyond_ideal([1.0] * 5, [0.4] * 5, ideal=2.0)  # 2.5x measured where 2x is the most
+    assert not beyond_ideal([1.0] * 5, [0.5] * 5, ideal=2.0)
+    # noise that straddles the ideal is not called an error
+    assert not beyond_ideal([1.0, 1.4, 0.7, 1.3, 0.8], [0.5, 0.5, 0.5, 0.5, 0.5], ideal=2.2)
+
+
+def test_a_speedup_above_what_its_flops_allow_is_remeasured_then_flagged(tmp_path: Path) -> None:
+    """A run that computes everything (FLOP ideal 1x) timed against references slowed by a busy
+    machine (a hook that repeats the work while detached) reads as a large speedup: it is re-measured, flagged,
+    and the report and the CLI table do not show it as a number."""
+    from stepcache.bench.harness import Candidate
+    from stepcache.bench.report import render
+
+    hooks: list = []
+
+    def work_again(module, args, kwargs) -> None:  # the busy machine: 5x the work, whatever the load
+        for _ in range(4):
+            module.forward(*args, **kwargs)
+
+    def busy(pipe) -> None:  # detached: the reference runs, slowed down
+        hooks.append(pipe.transformer.register_forward_pre_hook(work_again, with_kwargs=True))
+
+    def idle(pipe) -> None:  # attached: the same network, at full speed
+        while hooks:
+            hooks.pop().remove()
+
+    rigged = Candidate("rigged", "peer", {}, attach=idle, detach=busy, peer="test")
+    doc = bench("digits-dit", [rigged], tmp_path / "r", seeds=2, repeats=3, steps=4)
+    (run,) = [r for r in doc["runs"] if r["name"] == "rigged"]
+    assert run["flop_ideal"] == pytest.approx(1.0)
+    assert run["speedup"] > 2 and run["speedup_status"] == "above_flop_ideal"
+    assert len(run["latency_s"]["all"]) == 3 + 6  # the first attempt, then a twice-as-long one
+    assert run["speedup_ci"][0] > 1.0
+    assert "not shown" in render(doc, {})
+    reference = doc["runs"][0]
+    assert reference["speedup_status"] == "ok"

@@ -67,7 +67,12 @@ def _scatter(
     import matplotlib.pyplot as plt
 
     pts = [
-        r for r in runs if r["kind"] != "reference" and r.get(metric) is not None and math.isfinite(r[metric])
+        r
+        for r in runs
+        if r["kind"] != "reference"
+        and r.get(metric) is not None
+        and math.isfinite(r[metric])
+        and r.get("speedup_status") != "above_flop_ideal"  # a measurement error is not a point
     ]
     if not pts:
         return None
@@ -163,6 +168,17 @@ def _grid(reference: np.ndarray, images: np.ndarray) -> str:
     return base64.b64encode(grid_png([reference, images, diff], scale=4)).decode("ascii")
 
 
+def _speed_cells(r: dict[str, Any]) -> list[str]:
+    """Speedup, its interval and its FLOP ideal; a speedup above the ideal beyond its noise is
+    a measurement error and is not shown as a number."""
+    ci = r.get("speedup_ci")
+    interval = _esc(f"[{ci[0]:.2f}, {ci[1]:.2f}]") if ci else "–"
+    ideal = _fmt(r.get("flop_ideal")) + "×" if r.get("flop_ideal") is not None else "–"
+    if r.get("speedup_status") == "above_flop_ideal":
+        return [f"not shown: {_fmt(r['speedup'])}× measured exceeds the ideal", interval, ideal]
+    return [_fmt(r["speedup"]) + "×", interval, ideal]
+
+
 def _fmt(value: Any, spec: str = ".2f") -> str:
     if value is None:
         return "–"
@@ -225,6 +241,8 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
         "run",
         "kind",
         "speedup",
+        "speedup 95% CI",
+        "FLOP ideal",
         "latency (s)",
         "NFE frac",
         "FLOP frac",
@@ -243,7 +261,7 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
         cells = [
             _esc(r["name"]),
             _esc(_family(r) if r["kind"] != "reference" else "reference"),
-            _fmt(r["speedup"]) + "×",
+            *_speed_cells(r),
             _fmt(r["latency_s"]["median"], ".3f"),
             _fmt(r["nfe_fraction"]),
             _fmt(r["flop_fraction"]),

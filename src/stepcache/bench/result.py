@@ -35,6 +35,24 @@ RUN_NUMBERS: dict[str, tuple[bool, bool, bool]] = {
 }
 # Fractions in [0, 1] that older documents do not have: absent, null or a number.
 RUN_FRACTIONS_OPTIONAL = ("adherence",)
+# How a run's speedup stands against its FLOP ideal (absent in older documents).
+SPEEDUP_STATUS = ("ok", "remeasured", "above_flop_ideal")
+
+
+def _check_speed(run: Mapping[str, Any], where: str) -> None:
+    """The optional speed fields: status, FLOP ideal, and the speedup's interval (or null)."""
+    if "speedup_status" in run and run["speedup_status"] not in SPEEDUP_STATUS:
+        raise ResultError(f"{where}.speedup_status: expected one of {', '.join(SPEEDUP_STATUS)}")
+    if "flop_ideal" in run and not _number(f"{where}.flop_ideal", run["flop_ideal"], inf_ok=True) > 0:
+        raise ResultError(f"{where}.flop_ideal: must be > 0")
+    ci = run.get("speedup_ci")
+    if ci is None:
+        return
+    if not isinstance(ci, list) or len(ci) != 2:
+        raise ResultError(f"{where}.speedup_ci: expected [low, high] or null, got {_show(ci)}")
+    low, high = (_number(f"{where}.speedup_ci[{j}]", b) for j, b in enumerate(ci))
+    if not 0 < low <= high:
+        raise ResultError(f"{where}.speedup_ci: expected 0 < low <= high, got {_show(ci)}")
 
 
 class ResultError(ValueError):
@@ -119,6 +137,7 @@ def _validate_run(run: Any, where: str) -> None:
         _number(f"{where}.{key}", run.get(key), nan_ok, inf_ok)
     if not (run["speedup"] > 0 and 0 <= run["flop_fraction"] and 0 <= run["nfe_fraction"] <= 1):
         raise ResultError(f"{where}: speedup must be > 0 and fractions within [0, 1]")
+    _check_speed(run, where)
     for key in RUN_FRACTIONS_OPTIONAL:
         if run.get(key) is not None:
             _number(f"{where}.{key}", run[key], False, False)
