@@ -215,8 +215,8 @@ def test_speedup_interval_and_the_flop_ideal() -> None:
 
 def test_a_speedup_above_what_its_flops_allow_is_remeasured_then_flagged(tmp_path: Path) -> None:
     """A run that computes everything (FLOP ideal 1x) timed against references slowed by a busy
-    machine (a hook that repeats the work while detached) reads as a large speedup: it is re-measured, flagged,
-    and the report and the CLI table do not show it as a number."""
+    machine (a hook that repeats the work while detached) reads as a large speedup: it is
+    re-measured, flagged, and the report and the CLI table do not show it as a number."""
     from stepcache.bench.harness import Candidate
     from stepcache.bench.report import render
 
@@ -243,3 +243,27 @@ def test_a_speedup_above_what_its_flops_allow_is_remeasured_then_flagged(tmp_pat
     assert "not shown" in render(doc, {})
     reference = doc["runs"][0]
     assert reference["speedup_status"] == "ok"
+
+
+def test_band_table_matches_runs_by_flops_and_names_the_lead() -> None:
+    from stepcache.bench.bands import band_table
+
+    def run(name, kind, fraction, psnr, peer=None):
+        return {"name": name, "kind": kind, "peer": peer, "flop_fraction": fraction, "psnr": psnr}
+
+    runs = [
+        run("reference", "reference", 1.0, math.inf),
+        run("ours-slow", "stepcache", 0.8, 40.0),
+        run("ours-fast", "stepcache", 0.45, 31.0),
+        run("fbc", "peer", 0.7, 38.0, "diffusers"),
+        run("dbc", "peer", 0.5, 33.5, "cache-dit"),
+        run("dbc-fast", "peer", 0.3, 25.0, "cache-dit"),
+    ]
+    table = {row["band"]: row for row in band_table(runs, bands=(1.25, 2.0, 3.0, 4.0))}
+    assert table[1.25]["best"]["stepcache"]["name"] == "ours-slow"
+    assert table[1.25]["top_peer"]["name"] == "fbc" and table[1.25]["lead"] == pytest.approx(2.0)
+    # at >= 2x only ours-fast (2.22x) and dbc (2.0x), dbc-fast (3.33x) qualify
+    assert table[2.0]["best"]["stepcache"]["name"] == "ours-fast"
+    assert table[2.0]["top_peer"]["name"] == "dbc" and table[2.0]["lead"] == pytest.approx(-2.5)
+    assert table[3.0]["best"].get("stepcache") is None and table[3.0]["lead"] is None
+    assert table[4.0]["best"] == {} and table[4.0]["top_peer"] is None

@@ -202,6 +202,7 @@ def test_result_documents_carry_adherence_within_bounds_and_the_report_plots_it(
     doc = json.loads(path.read_text())
     validate_result(doc)  # documents written before adherence existed stay valid
     assert "prompt adherence" not in render(doc, {})
+    assert "At matched FLOPs" in render(doc, {})
     for i, run in enumerate(doc["runs"]):
         run["adherence"] = 0.5 + 0.4 * (i % 2)
     validate_result(doc)
@@ -270,7 +271,8 @@ def test_cache_dit_runs_on_sd3_through_its_documented_block_adapter():
     assert {r.params["block_adapter"]["forward_pattern"] for r in runs} == {"Pattern_1"}
 
     def gen():
-        return pipe(prompt=["a red circle"], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+        seed = torch.Generator().manual_seed(0)
+        return pipe(prompt=["a red circle"], num_inference_steps=4, generator=seed)
 
     before = gen().images
     runs[0].attach(pipe)

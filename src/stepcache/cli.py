@@ -282,6 +282,8 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
             fmt(r.get("adherence"), ".0%"),
         )
     console.print(table)
+    if any(r["kind"] == "peer" for r in doc["runs"]):
+        _print_bands(doc["runs"])
     for r in flagged:
         console.print(
             f"[yellow]speedup not shown[/yellow] {escape(r['name'])}: measured {r['speedup']:.2f}x, above "
@@ -291,6 +293,30 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
         console.print(f"[yellow]not run[/yellow] {escape(u['name'])}: {escape(str(u['reason']))}")
     print(out / "result.json")
     print(out / "report.html")
+
+
+def _print_bands(runs: list[dict[str, Any]]) -> None:
+    """stepcache's best run against the best peer run at each FLOP band (see bench.bands)."""
+    from rich.markup import escape
+
+    from .bench.bands import band_table
+
+    table = Table(title="at matched FLOPs (best PSNR per side)")
+    for col in ("FLOPs", "stepcache", "peer", "lead dB"):
+        table.add_column(col, justify="right" if col != "stepcache" and col != "peer" else "left")
+
+    def cell(r: dict[str, Any] | None) -> str:
+        return "-" if r is None else f"{escape(r['name'])} {r['psnr']:.1f}"
+
+    for row in band_table(runs):
+        lead = row["lead"]
+        table.add_row(
+            f">= {row['band']:g}x",
+            cell(row["best"].get("stepcache")),
+            cell(row["top_peer"]),
+            "-" if lead is None else f"{lead:+.1f}",
+        )
+    console.print(table)
 
 
 def _run_bench(fn: Any, **kwargs: Any) -> dict[str, Any]:

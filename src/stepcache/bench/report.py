@@ -168,6 +168,37 @@ def _grid(reference: np.ndarray, images: np.ndarray) -> str:
     return base64.b64encode(grid_png([reference, images, diff], scale=4)).decode("ascii")
 
 
+def _band_section(runs: list[dict[str, Any]]) -> str:
+    """The best stepcache run and the best peer run at each FLOP band, and the lead in dB."""
+    from .bands import band_table, flop_speedup
+
+    with_adherence = any(r.get("adherence") is not None for r in runs)
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        text = f"{_esc(r['name'])}: {_fmt(r['psnr'], '.1f')} dB"
+        if with_adherence:
+            text += f", adherence {_fmt(r.get('adherence'), '.0%')}"
+        speed = "noise" if r.get("speedup_status") == "above_flop_ideal" else _fmt(r["speedup"]) + "×"
+        return text + f" ({_fmt(flop_speedup(r))}× FLOPs, {speed} wall)"
+
+    rows = []
+    for row in band_table(runs):
+        lead = row["lead"]
+        shown = "–" if lead is None else ("identical" if math.isinf(lead) else f"{lead:+.1f} dB")
+        rows.append(
+            f"<tr><td>≥ {row['band']:g}×</td><td>{cell(row['best'].get('stepcache'))}</td>"
+            f"<td>{cell(row['top_peer'])}</td><td>{_esc(shown)}</td></tr>"
+        )
+    head = "<tr><th>FLOP band</th><th>best stepcache run</th><th>best peer run</th><th>lead</th></tr>"
+    return (
+        "<h2>At matched FLOPs</h2><p>Per band, the runs that need at most 1/X of full compute's "
+        "FLOPs; the best by PSNR on each side. FLOPs are exact; wall-clock is shown beside.</p>"
+        f"<table>{head}{''.join(rows)}</table>"
+    )
+
+
 def _speed_cells(r: dict[str, Any]) -> list[str]:
     """Speedup, its interval and its FLOP ideal; a speedup above the ideal beyond its noise is
     a measurement error and is not shown as a number."""
@@ -275,6 +306,7 @@ def render(doc: dict[str, Any], samples: dict[str, np.ndarray]) -> str:
         ]
         table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     table.append("</table>")
+    parts.append(_band_section(runs))
     parts.append("<h2>Every number</h2>" + "".join(table))
     parts.append(
         "<p>efficiency = measured speedup × FLOP fraction (1.0: the FLOPs saved all became time "
