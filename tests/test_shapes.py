@@ -218,6 +218,9 @@ def test_search_constraint_on_adherence():
 
     with pytest.raises(SearchError, match="min_adherence"):
         Target(speedup=2.0, min_adherence=1.5).check()
+    for bad in (True, float("nan"), -0.1, "0.5"):
+        with pytest.raises(SearchError, match="min_adherence"):
+            Target(speedup=2.0, min_adherence=bad).check()
     target = Target(speedup=2.0, min_adherence=0.8)
     target.check()
     assert target.as_dict() == {"speedup": 2.0, "min_adherence": 0.8}

@@ -55,8 +55,9 @@ class Target:
     def check(self) -> None:
         if (self.speedup is None) == (self.min_psnr is None):
             raise SearchError("target: give exactly one of speedup or min_psnr")
-        if self.min_adherence is not None and not (
-            isinstance(self.min_adherence, (int, float)) and 0 <= self.min_adherence <= 1
+        floor = self.min_adherence
+        if floor is not None and (
+            isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1
         ):
             raise SearchError(f"min_adherence: must be a fraction in [0, 1], got {self.min_adherence!r}")
         if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
