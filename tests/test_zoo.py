@@ -142,8 +142,38 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert info["final_loss"] > 0
+    assert info["cpu_counted_from_step"] == 0 and 0 < info["train_cpu_seconds"]
     pipe = zoo.load("digits-dit", weights_dir=interrupted)
     assert pipe(class_labels=[1], num_inference_steps=2).images.shape == (1, 8, 8, 1)
+
+
+def test_a_checkpoint_without_cpu_accounting_counts_cpu_from_where_it_resumes(tmp_path):
+    """Checkpoints written before CPU time was recorded still resume; the CPU count then starts
+    at the checkpoint's step, and train.json says so."""
+    from safetensors.torch import save_file
+
+    cfg = dict(steps=4, batch_size=8, limit_images=64, checkpoint_every=2, warmup=2)
+
+    def stop_at_3(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("digits-dit", tmp_path, TrainConfig(**cfg), progress=stop_at_3)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    tensors, meta = load_file(str(ckpt)), _checkpoint_meta(ckpt)
+    assert float(meta.pop("cpu")) > 0 and meta.pop("cpu_from") == "0"
+    save_file(tensors, str(ckpt), metadata=meta)  # as an older version wrote it
+    info = train("digits-dit", tmp_path, TrainConfig(**cfg))
+    assert info["cpu_counted_from_step"] == 2 and info["train_cpu_seconds"] > 0
+
+
+def _checkpoint_meta(path):
+    import json
+
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + size])["__metadata__"]
 
 
 def test_domain_classifiers():

@@ -128,12 +128,14 @@ def train(
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, elapsed = 0, 0.0
+    # Wall seconds, and process CPU seconds (counted from step ``cpu_from``: a checkpoint written
+    # before CPU was counted resumes with the count starting there).
+    start, elapsed, cpu, cpu_from = 0, 0.0, 0.0, 0
     ckpt = out / "checkpoint.safetensors"
     if resume and os.path.lexists(ckpt):
-        start, elapsed = _load_checkpoint(ckpt, model, ema, opt, gen, cfg, _origin(init_from))
+        start, elapsed, cpu, cpu_from = _load_checkpoint(ckpt, model, ema, opt, gen, cfg, _origin(init_from))
     null = spec.num_classes
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss_val = float("nan")
     for step in range(start, cfg.steps):
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
@@ -162,14 +164,18 @@ def train(
                 elapsed + time.perf_counter() - t0,
                 cfg,
                 _origin(init_from),
+                cpu=(cpu + time.process_time() - c0, cpu_from),
             )
     elapsed += time.perf_counter() - t0
+    cpu += time.process_time() - c0
     save_weights(spec, ema, out)
     ckpt.unlink(missing_ok=True)
     info = {
         "model": key,
         "train": asdict(cfg),
         "train_seconds": round(elapsed, 1),
+        "train_cpu_seconds": round(cpu, 1),
+        "cpu_counted_from_step": cpu_from,
         "final_loss": loss_val,
         "torch_threads": torch.get_num_threads(),
     }
@@ -309,7 +315,16 @@ def _origin(init_from: str | Path | None) -> str:
 
 
 def _save_checkpoint(
-    path: Path, model, ema, opt, gen, step: int, elapsed: float, cfg: TrainConfig, origin: str = ""
+    path: Path,
+    model,
+    ema,
+    opt,
+    gen,
+    step: int,
+    elapsed: float,
+    cfg: TrainConfig,
+    origin: str = "",
+    cpu: tuple[float, int] = (0.0, 0),
 ) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
@@ -322,7 +337,14 @@ def _save_checkpoint(
             if isinstance(val, torch.Tensor):
                 tensors[f"opt.{names[id(p)]}.{key}"] = val.detach().contiguous().clone()
     tensors["rng"] = gen.get_state()
-    meta = {"step": str(step), "elapsed": str(elapsed), "train": json.dumps(asdict(cfg)), "init_from": origin}
+    meta = {
+        "step": str(step),
+        "elapsed": str(elapsed),
+        "cpu": str(cpu[0]),
+        "cpu_from": str(cpu[1]),
+        "train": json.dumps(asdict(cfg)),
+        "init_from": origin,
+    }
     tmp = path.with_name(".checkpoint.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -342,15 +364,25 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise _unusable(path, "not a safetensors file") from None
     try:
         step, elapsed = int(meta["step"]), float(meta["elapsed"])
+        cpu, cpu_from = float(meta.get("cpu", 0.0)), int(meta.get("cpu_from", step))
         train = json.loads(meta.get("train", "{}"))
     except (KeyError, TypeError, ValueError, RecursionError):
         raise _unusable(path, "no step, time or settings in its metadata") from None
-    if step < 0 or not math.isfinite(elapsed) or not isinstance(train, dict):
+    if step < 0 or not math.isfinite(elapsed) or not math.isfinite(cpu) or not 0 <= cpu_from <= step:
+        raise _unusable(path, "its step, time or settings are out of range")
+    if not isinstance(train, dict):
         raise _unusable(path, "its step, time or settings are out of range")
     rng = tensors.get("rng")
     if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
         raise _unusable(path, "no random-number state")
-    return tensors, {"step": step, "elapsed": elapsed, "train": train, "init_from": meta.get("init_from", "")}
+    return tensors, {
+        "step": step,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "cpu_from": cpu_from,
+        "train": train,
+        "init_from": meta.get("init_from", ""),
+    }
 
 
 def check_checkpoint(path: Path) -> None:
@@ -362,7 +394,7 @@ def check_checkpoint(path: Path) -> None:
 
 def _load_checkpoint(
     path: Path, model, ema, opt, gen, cfg: TrainConfig, origin: str = ""
-) -> tuple[int, float]:
+) -> tuple[int, float, float, int]:
     tensors, meta = _read_checkpoint(path)
     saved = meta["train"]
     changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != getattr(cfg, k)]
@@ -381,7 +413,7 @@ def _load_checkpoint(
         _restore(tensors, model, ema, opt, gen)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # tensors of another model
         raise _unusable(path, (str(e).splitlines() or [type(e).__name__])[0]) from None
-    return meta["step"], meta["elapsed"]
+    return meta["step"], meta["elapsed"], meta["cpu"], meta["cpu_from"]
 
 
 def _restore(tensors: dict[str, torch.Tensor], model, ema, opt, gen) -> None:
