@@ -404,10 +404,11 @@ def measure(
                         again, seconds = _timed(lambda: work.generate(pipe))
                     times.append(seconds)
                     deterministic &= bool(np.array_equal(again, images))
-                if not beyond_ideal(ref_times, times, ideal):
+                above = beyond_ideal(ref_times, times, ideal)
+                if not above:
                     break
                 status = "remeasured"
-            if beyond_ideal(ref_times, times, ideal):
+            if above:
                 status = "above_flop_ideal"
         finally:
             cand.detach(pipe)

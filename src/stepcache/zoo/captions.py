@@ -28,6 +28,13 @@ class CaptionBatch:
         return CaptionBatch(self.tokens * keep.view(-1, 1, 1), self.pooled * keep.view(-1, 1))
 
 
+def caption_model_call(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, caption: CaptionBatch):
+    """The denoiser's output for captioned input: an SD3 transformer (it has a pooled projection)
+    takes the tokens and the pooled embedding, a Wan transformer the tokens."""
+    extra = {"pooled_projections": caption.pooled} if model.config.get("pooled_projection_dim") else {}
+    return model(x, encoder_hidden_states=caption.tokens, timestep=t, **extra).sample
+
+
 class ByteImages:
     """uint8 drawings (N, H, W, 3) or (N, F, H, W, 3), indexed as float (B, 3, H, W) or
     (B, 3, F, H, W) in [-1, 1]: what the training loop indexes."""

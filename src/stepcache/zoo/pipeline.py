@@ -195,10 +195,6 @@ class CaptionPipeline(DiffusionPipeline):
     def is_video(self) -> bool:
         return len(self.sample_shape) == 4
 
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor):
-        extra = {"pooled_projections": pooled} if self.transformer.config.get("pooled_projection_dim") else {}
-        return self.transformer(x, encoder_hidden_states=tokens, timestep=t, **extra).sample
-
     @torch.no_grad()
     def __call__(
         self,
@@ -209,6 +205,7 @@ class CaptionPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
     ) -> Any:
+        from .captions import CaptionBatch, caption_model_call
         from .text import encode_tokens
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -221,13 +218,14 @@ class CaptionPipeline(DiffusionPipeline):
         if do_classifier_free_guidance:
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        caption = CaptionBatch(tokens, pooled)
         shape = (len(prompts), *self.sample_shape)
         x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
             for t in self.scheduler.timesteps:
                 x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
-                v = self._denoise(x_in, t.expand(x_in.shape[0]), tokens, pooled)
+                v = caption_model_call(self.transformer, x_in, t.expand(x_in.shape[0]), caption)
                 if do_classifier_free_guidance:
                     v_uncond, v_cond = v.chunk(2)
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -9,7 +9,6 @@ checkpoint that holds weights, EMA, optimizer state and the data RNG.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._io import UnreadableFileError, atomic_write_json, read_limited
-from .captions import CaptionBatch
+from .captions import CaptionBatch, caption_model_call
 from .models import MODELS, TrainConfig, ZooModel, build
 
 # What a training run writes into its folder; the dot files are the temporaries renamed into place.
@@ -71,17 +70,6 @@ def flow_matching_loss(
         emb = torch.where(drop.view(-1, 1), torch.zeros_like(cond), cond)[:, None, :]
         pred = text_model_call(model, x_t, s * 1000, emb)
     return torch.nn.functional.mse_loss(pred, noise - x0)
-
-
-def caption_model_call(
-    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, caption: CaptionBatch
-) -> torch.Tensor:
-    """An SD3 transformer takes the tokens and the pooled embedding; a Wan transformer the tokens."""
-    if "pooled_projections" in inspect.signature(model.forward).parameters:
-        return model(
-            x, encoder_hidden_states=caption.tokens, pooled_projections=caption.pooled, timestep=t
-        ).sample
-    return model(x, encoder_hidden_states=caption.tokens, timestep=t).sample
 
 
 def text_model_call(
