@@ -356,6 +356,22 @@ def test_cost_model_counts_partial_rows_and_left_out_rows() -> None:
     assert cost.speedup("CEGC") == pytest.approx(cost.speedup_rows(["CCCC", "EEEE", "CCGG", "CCCC"], 0.0))
 
 
+def test_cost_model_is_counted_not_timed(digits: tuple) -> None:
+    """Two calibrations on one machine agree exactly (a timed model would differ by noise), and
+    the model's numbers are the FLOPs of the runs they stand for."""
+    from stepcache.bench.harness import _flops
+    from stepcache.search import CostModel
+
+    pipe, ev = digits
+    first, second = CostModel.calibrate(ev, blocks=True), CostModel.calibrate(ev, blocks=True)
+    assert first == second
+    assert first.full == _flops(lambda: ev.work.generate(pipe))
+    n = ev.num_steps
+    # one computed step per generation: every other step an estimate that counts as free
+    assert first.speedup("C" + "E" * (n - 1)) == pytest.approx(n, rel=1e-6)
+    assert first.speedup("C" * n) == 1.0 and first.save_partial > 0
+
+
 def test_evolution_stops_when_every_subset_is_scored_and_handles_one_step(monkeypatch) -> None:
     from stepcache.search.study import CostModel
 

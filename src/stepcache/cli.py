@@ -540,14 +540,16 @@ def search(
     table.add_row(
         f"calibration seeds {cal['seeds']}",
         f"{cal['psnr']:.2f}",
-        f"{cal['predicted_speedup']:.2f}x predicted",
+        f"{cal['predicted_speedup']:.2f}x FLOPs",
     )
     table.add_row(
-        f"held-out seeds {held['seeds']}", f"{held['psnr']:.2f}", f"{held['measured_speedup']:.2f}x measured"
+        f"held-out seeds {held['seeds']}",
+        f"{held['psnr']:.2f}",
+        f"{held['predicted_speedup']:.2f}x FLOPs, {held['measured_speedup']:.2f}x measured",
     )
     if oracle.get("speedup"):
         table.add_row(
-            "oracle (planner on held-out)", f"{oracle['psnr']:.2f}", f"{oracle['speedup']:.2f}x predicted"
+            "oracle (planner on held-out)", f"{oracle['psnr']:.2f}", f"{oracle['speedup']:.2f}x FLOPs"
         )
     console.print(table)
     if held.get("adherence") is not None:

@@ -1,8 +1,10 @@
 """Target-driven policy search: "3x faster at the best PSNR" or "the fastest at PSNR >= 30 dB".
 
 1. Record full-compute reference trajectories on the calibration seeds (cost: 1 generation).
-2. Time each action once (full step, estimated step, conditional-only step): a cost model that
-   predicts a candidate's measured latency from its per-step actions.
+2. Count each action's FLOPs once (full step, estimated step, conditional-only step, partial
+   step): a deterministic cost model that predicts a candidate's work from its per-step actions,
+   so the same command on the same seeds chooses the same policy on a busy or an idle machine.
+   Wall-clock is measured on the held-out seeds and reported beside it, never used to choose.
 3. Search the joint space of ``space.Candidate`` with an Optuna sampler, seeded with the
    planner's answers, or with the planner alone, or with an AutoDiffusion-style evolutionary
    baseline. A candidate's evaluation costs its computed fraction of one calibration generation;
@@ -30,7 +32,7 @@ import numpy as np
 from .. import presets, zoo
 from .._limits import MAX_BUDGET
 from ..api import disable, enable
-from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _timed, adherence, make_workload
+from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _flops, _timed, adherence, make_workload
 from ..errors import UnsupportedModelError
 from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
 from ..policy import Policy
@@ -138,8 +140,10 @@ class Evaluator:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Latency of a generation from its per-step actions: ``full`` minus what each estimated
-    step (E) and each conditional-only step (G) saves, timed once each on this device."""
+    """Work of a generation from its per-step actions: ``full`` minus what each estimated step
+    (E) and each conditional-only step (G) saves, in FLOPs (torch's counter: matrix products,
+    convolutions and attention), counted once per action. Deterministic, unlike timings on a
+    shared machine; an estimated step's elementwise arithmetic counts as free."""
 
     full: float
     save_estimated: float
@@ -152,28 +156,26 @@ class CostModel:
         n = ev.num_steps
         only_first = [True] + [False] * (n - 1)
 
-        def seconds(policy: Policy | None) -> float:
+        def work(policy: Policy | None) -> float:
             if policy is not None:
                 enable(ev.pipe, policy)
             try:
-                return min(_timed(lambda: ev.work.generate(ev.pipe))[1] for _ in range(2))
+                return _flops(lambda: ev.work.generate(ev.pipe))
             finally:
                 disable(ev.pipe)
 
-        full = seconds(None)
-        estimated = seconds(Candidate(1, 1).policy(only_first, cfg=False))
+        full = work(None)
+        estimated = work(Candidate(1, 1).policy(only_first, cfg=False))
         save_g = 0.0
         if ev.cfg and n > 1:
             # step 0 with guidance (full_until is at least 1), the other n - 1 conditional only
-            cond_only = seconds(
-                Candidate(n, 0, cfg_full=0.0, cfg_mode="cond-only").policy([True] * n, cfg=True)
-            )
+            cond_only = work(Candidate(n, 0, cfg_full=0.0, cfg_mode="cond-only").policy([True] * n, cfg=True))
             save_g = max(0.0, (full - cond_only) / (n - 1))
         save_e = max(0.0, (full - estimated) / max(1, n - 1))
         save_p, num_blocks = 0.0, _num_blocks(ev.pipe) if blocks else 0
         if num_blocks >= 2 and n > 1:
             skip_middle = presets.get("dbcache", fn=1, bn=0, threshold=1e9, max_consecutive=100_000, warmup=1)
-            save_p = max(0.0, (full - seconds(skip_middle)) / (n - 1))
+            save_p = max(0.0, (full - work(skip_middle)) / (n - 1))
         return cls(
             full=full,
             save_estimated=save_e,
@@ -872,6 +874,8 @@ def search(
                 "target": target.as_dict(),
                 "searcher": searcher,
                 "seed": seed,
+                # a study begun with the timed cost model must not continue on FLOP counts
+                "cost_unit": "flops",
             }
             opt = _create_study(searcher, store, study_name)
             r = _Run(ev, _prepared_study(opt, study_name, config, calibrate), target, float(budget), 1.0, say)
