@@ -18,11 +18,13 @@ pytest.importorskip("transformers")
 
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     AutoencoderKLWan,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     PixArtAlphaPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     WanPipeline,
 )
@@ -142,16 +144,20 @@ def _flux():
     )
 
 
+# Wan and Qwen-Image share their VAE's design: a tiny one of each.
+VIDEO_VAE = {
+    "base_dim": 8,
+    "z_dim": 4,
+    "dim_mult": [1, 1],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False],
+    "latents_mean": [0.0] * 4,
+    "latents_std": [1.0] * 4,
+}
+
+
 def _wan():
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
+    vae = AutoencoderKLWan(**VIDEO_VAE).eval()
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -178,7 +184,44 @@ def _wan():
     )
 
 
-PIPELINES = {"pixart": (_pixart, 1), "sd3": (_sd3, 1), "flux": (_flux, 2), "wan": (_wan, 2)}
+def _qwenimage():
+    """Qwen-Image: no family adapter (the generic one), true CFG as a second call per step."""
+    vae = AutoencoderKLQwenImage(**VIDEO_VAE).eval()
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny.make("qwenimage"),
+    )
+    pe = torch.randn(1, 5, 12, generator=_gen())
+    mask = torch.ones(1, 5, dtype=torch.long)
+    return (
+        pipe,
+        lambda: (
+            pipe(
+                prompt_embeds=pe,
+                prompt_embeds_mask=mask,
+                negative_prompt_embeds=pe * 0.5,
+                negative_prompt_embeds_mask=mask,
+                true_cfg_scale=2.0,
+                num_inference_steps=4,
+                height=16,
+                width=16,
+                generator=_gen(),
+                output_type="np",
+            ).images
+        ),
+    )
+
+
+PIPELINES = {
+    "pixart": (_pixart, 1),
+    "sd3": (_sd3, 1),
+    "flux": (_flux, 2),
+    "wan": (_wan, 2),
+    "qwenimage": (_qwenimage, 2),
+}
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
@@ -226,3 +269,75 @@ def test_context_knows_step_branch_and_unconditional_rows(name):
         assert seen == [(s, 0, 4, [True, False]) for s in range(4)]
     else:  # conditional then unconditional call, each its own branch
         assert seen == [(s, b, 4, None) for s in range(4) for b in range(2)]
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "qwenimage"])
+@pytest.mark.parametrize("guidance", ["guidance-interval", "cfg-cache"])
+def test_guidance_rules_pair_separate_unconditional_calls(name, guidance):
+    """FLUX true CFG and Wan call the conditional pass, then the unconditional one: a guidance
+    rule leaves out the second call of a step (the network does not run it) and answers it."""
+    build, _ = PIPELINES[name]
+    pipe, run = build()
+    pipe.set_progress_bar_config(disable=True)
+    reference = run()
+    handle = stepcache.enable(pipe, presets.get(guidance, **GUIDANCE_ON_FOUR_STEPS[guidance]))
+    model = pipe.transformer
+    first_block = (model.blocks if name == "wan" else model.transformer_blocks)[0]
+    calls = []
+    hook = first_block.register_forward_pre_hook(lambda m, a: calls.append(1))
+    out = run()
+    hook.remove()
+    stats = handle.stats()
+    stepcache.disable(pipe)
+    actions = stats["actions"]
+    assert actions[0::2] == ["C"] * 4  # the conditional call always runs
+    assert "G" in actions[1::2] and stats["cfg_skipped"] == actions.count("G")
+    assert np.isfinite(out).all() and not np.array_equal(out, reference)
+    assert len(calls) == 8 - actions.count("G")  # the network did not run the left-out calls
+
+
+GUIDANCE_ON_FOUR_STEPS = {
+    "guidance-interval": {"start": 0.0, "end": 0.5},
+    "cfg-cache": {"interval": 2, "warmup": 1},
+}
+
+
+def test_two_experts_one_enable_pipeline_steps_and_separate_caches():
+    """Wan 2.2: ``transformer`` answers the high-noise steps, ``transformer_2`` the low-noise ones.
+    One enable covers both; each counts the pipeline's steps; no cache crosses experts."""
+    pipe, _ = _wan()
+    pipe.register_modules(transformer_2=tiny.make("wan", seed=1))
+    pipe.register_to_config(boundary_ratio=0.6)  # 6 steps: t >= 600 on steps 0-2
+    pipe.set_progress_bar_config(disable=True)
+    pe, _ = _embeds()
+
+    def run():
+        return pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=pe * 0.5,
+            num_inference_steps=6,
+            height=16,
+            width=16,
+            num_frames=5,
+            guidance_scale=3.0,
+            generator=_gen(),
+            output_type="np",
+        ).frames
+
+    reference = run()
+    assert np.array_equal(run(), reference) and stepcache.enable(pipe, None).stats()["steps"] == 0
+    assert np.array_equal(run(), reference)
+    handle = stepcache.enable(pipe, "static-interval")  # by step index: C C E C E C
+    out = run()
+    stats = handle.stats()
+    high, low = stats["experts"]["transformer"], stats["experts"]["transformer_2"]
+    assert high["actions"] == ["C", "C", "C", "C", "E", "E"]  # steps 0-2, cond and uncond call
+    # steps 3-5: step 3 is the low-noise expert's first (nothing of the other's to reuse), and
+    # step 4 is estimated by the pipeline's step index (its own count would say step 1)
+    assert low["actions"] == ["C", "C", "E", "E", "C", "C"]
+    assert stats["steps"] == 12 and stats["actions"] == high["actions"] + low["actions"]
+    assert np.isfinite(out).all() and not np.array_equal(out, reference)
+    stepcache.disable(pipe)
+    assert not handle.active and "progress_bar" not in vars(pipe)
+    assert all("forward" not in vars(m) for m in (pipe.transformer, pipe.transformer_2))
+    assert np.array_equal(run(), reference)

@@ -7,9 +7,14 @@ from typing import Any
 
 import torch
 from diffusers import (
+    CogVideoXTransformer3DModel,
+    CogView4Transformer2DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
+    LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
@@ -123,6 +128,85 @@ def _wan() -> torch.nn.Module:
     )
 
 
+# Families without a hand-written adapter: the generic one finds their stack and streams.
+def _sana() -> torch.nn.Module:
+    return SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=12,
+        sample_size=8,
+        patch_size=1,
+    )
+
+
+def _cogvideox() -> torch.nn.Module:
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=12,
+        num_layers=4,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=5,
+    )
+
+
+def _qwenimage() -> torch.nn.Module:
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _ltx() -> torch.nn.Module:
+    return LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=4,
+        caption_channels=12,
+    )
+
+
+def _cogview4() -> torch.nn.Module:
+    return CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=12,
+        time_embed_dim=8,
+        condition_dim=4,
+        pos_embed_max_size=16,
+        sample_size=8,
+        rope_axes_dim=(4, 4),
+    )
+
+
 FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "dit": _dit,
     "pixart": _pixart,
@@ -131,8 +215,14 @@ FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "unet": _unet,
     "unet-cond": _unet_cond,
     "wan": _wan,
+    "sana": _sana,
+    "cogvideox": _cogvideox,
+    "qwenimage": _qwenimage,
+    "ltx": _ltx,
+    "cogview4": _cogview4,
 }
 TRANSFORMERS = ["dit", "pixart", "sd3", "flux", "wan"]
+GENERIC = ["sana", "cogvideox", "qwenimage", "ltx", "cogview4"]
 
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
@@ -187,6 +277,20 @@ def inputs(name: str, batch: int, seed: int = 0) -> tuple[str, torch.Tensor, dic
         return "sample", r(batch, 4, 8, 8), {"encoder_hidden_states": r(batch, 5, 16)}
     if name == "wan":
         return "hidden_states", r(batch, 4, 2, 8, 8), {"encoder_hidden_states": r(batch, 5, 16)}
+    if name == "sana":
+        return "hidden_states", r(batch, 4, 8, 8), {"encoder_hidden_states": r(batch, 5, 12)}
+    if name == "cogvideox":
+        return "hidden_states", r(batch, 3, 4, 8, 8), {"encoder_hidden_states": r(batch, 5, 12)}
+    if name == "qwenimage":
+        text = {"encoder_hidden_states": r(batch, 5, 12), "encoder_hidden_states_mask": torch.ones(batch, 5)}
+        return "hidden_states", r(batch, 16, 16), {**text, "img_shapes": [(1, 4, 4)] * batch}
+    if name == "ltx":
+        text = {"encoder_hidden_states": r(batch, 5, 12), "encoder_attention_mask": torch.ones(batch, 5)}
+        return "hidden_states", r(batch, 32, 8), {**text, "num_frames": 2, "height": 4, "width": 4}
+    if name == "cogview4":
+        size = torch.tensor([[8, 8]] * batch)
+        extra = {"original_size": size, "target_size": size, "crop_coords": torch.zeros(batch, 2)}
+        return "hidden_states", r(batch, 4, 8, 8), {"encoder_hidden_states": r(batch, 5, 12), **extra}
     raise KeyError(name)
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from . import methods, presets
-from .adapters import adapter_for, find_denoiser
+from .adapters import adapter_for, find_denoisers
 from .errors import PolicyError
 from .policy import Policy
 from .runtime import Handle, attach, detach
+from .runtime.engine import ExpertsHandle
 
 PolicyLike = Policy | str | os.PathLike | Mapping[str, Any] | None
 
@@ -36,18 +37,39 @@ def resolve_policy(policy: PolicyLike) -> Policy:
     raise PolicyError(f"policy: expected a Policy, preset name, path or dict, got {type(policy).__name__}")
 
 
-def enable(pipe_or_module: Any, policy: PolicyLike = None) -> Handle:
-    """Attach ``policy`` to a diffusers pipeline or a bare denoiser module; returns the handle.
+def enable(
+    pipe_or_module: Any,
+    policy: PolicyLike = None,
+    *,
+    sample_arg: str | None = None,
+    timestep_arg: str | None = None,
+) -> Handle | ExpertsHandle:
+    """Attach ``policy`` to a diffusers pipeline, a denoiser module of any class, or a plain
+    ``model(x, sigma, **extra)`` callable; returns the handle (callable like the model).
 
-    Enabling again replaces the previous policy. Nothing about the classes changes; ``disable``
-    restores the exact original objects.
+    Block-level rules need a family the runtime knows; step- and guidance-level rules work on
+    any module. ``sample_arg`` / ``timestep_arg`` name the noisy-sample and time arguments of a
+    model whose names the runtime cannot guess. Enabling again replaces the previous policy.
+    Nothing about the classes changes; ``disable`` restores the exact original objects.
     """
     pol = resolve_policy(policy)
-    model = find_denoiser(pipe_or_module)
-    adapter = adapter_for(model)
-    return attach(pipe_or_module, model, adapter, methods.build(pol), pol)
+    models = find_denoisers(pipe_or_module)
+    adapters = {name: adapter_for(m, sample_arg, timestep_arg) for name, m in models.items()}
+    if len(models) == 1:
+        ((name, model),) = models.items()
+        return attach(pipe_or_module, model, adapters[name], methods.build(pol), pol)
+    disable(pipe_or_module)  # the experts' wrappers nest: take them off in order first
+    handles = {}
+    try:
+        for name, model in models.items():  # own rules per expert: caches never cross
+            handles[name] = attach(pipe_or_module, model, adapters[name], methods.build(pol), pol)
+    except BaseException:
+        disable(pipe_or_module)
+        raise
+    return ExpertsHandle(handles)
 
 
 def disable(pipe_or_module: Any) -> None:
     """Remove stepcache from a pipeline or module; a no-op when it is not enabled."""
-    detach(find_denoiser(pipe_or_module))
+    for model in reversed(list(find_denoisers(pipe_or_module).values())):
+        detach(model)

@@ -90,6 +90,12 @@ class Adapter:
         return mask
 
     # ---- blocks -------------------------------------------------------------------------
+    # A family adapter knows its blocks' streams; a discovering one reads them from one call.
+    needs_probe = False
+
+    def probe(self, blocks: list[nn.Module], signatures: list[inspect.Signature], run: Any) -> None:
+        """Learn what the blocks carry from one real call of the model (``run()``)."""
+
     def blocks(self) -> list[nn.Module] | None:
         """The repeated blocks in execution order, or None when the model has no linear stack."""
         return None
@@ -132,4 +138,6 @@ def _slice(value: Any, rows: torch.Tensor, batch: int) -> Any:
         return value
     if isinstance(value, Mapping):
         return {k: _slice(v, rows, batch) for k, v in value.items()}
+    if type(value) in (tuple, list):  # e.g. rotary (cos, sin) with a batch dimension (LTX)
+        return type(value)(_slice(v, rows, batch) for v in value)
     return value

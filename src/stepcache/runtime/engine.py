@@ -30,7 +30,7 @@ from .interfaces import BranchRule, CallContext, RuleSet, Streams, take, take_st
 from .state import CallScratch, Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
-_CFG_LAYOUTS = (None, "uncond_first", "uncond_last")
+_CFG_LAYOUTS = (None, "uncond_first", "uncond_last", "separate")
 # The guard's range: an estimate whose per-row norm exceeds this many times the largest norm of
 # the real outputs (or residuals) its rule has observed for that row is rejected. Sound
 # extrapolation stays near 1x (1.2x at most across the presets on the zoo models); runaway
@@ -59,6 +59,22 @@ def _first(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out[0]
+
+
+def _output_tensor(out: Any, model: nn.Module) -> torch.Tensor:
+    """The denoiser's output tensor: the output itself, or the first item of a tuple or of a
+    diffusers output; anything else is a model stepcache cannot stand in for."""
+    try:
+        first = _first(out)
+    except (TypeError, KeyError, IndexError):
+        first = None
+    if not isinstance(first, torch.Tensor):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} returned {type(out).__name__}, not a tensor (or a tuple or diffusers "
+            "output whose first item is one), so stepcache cannot stand in for its output; stepcache "
+            "was disabled on it"
+        )
+    return first
 
 
 def _replace_first(template: Any, tensor: torch.Tensor) -> Any:
@@ -185,6 +201,10 @@ class _GuidanceCall:
     cond: torch.Tensor  # batch rows of the conditional half, pair order
     both: torch.Tensor  # pairs whose two rows both run
     dropped: torch.Tensor  # pairs whose unconditional row is left out
+    # the conditional output when it came from an earlier call of the step (separate CFG calls);
+    # None: the conditional rows are in this call's output
+    cond_source: torch.Tensor | None = None
+    ctx: CallContext | None = None  # the rule's view of the call, when it differs from the call's
 
 
 class Handle:
@@ -234,7 +254,8 @@ class Handle:
 
         ``calls_per_step``: denoiser calls per step (2 when conditional and unconditional run as
         separate calls; each keeps its own cache). ``cfg``: where a batched CFG call keeps the
-        unconditional half ("uncond_first" or "uncond_last"), or None.
+        unconditional half ("uncond_first" or "uncond_last"), "separate" when each step calls
+        the conditional pass and then the unconditional one (``calls_per_step=2``), or None.
         """
         if num_steps is not None and (
             isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
@@ -244,8 +265,15 @@ class Handle:
             raise ValueError(f"calls_per_step must be a positive integer, got {calls_per_step!r}")
         if cfg not in _CFG_LAYOUTS:
             raise ValueError(f"cfg must be one of {_CFG_LAYOUTS}, got {cfg!r}")
+        if cfg == "separate" and calls_per_step != 2:
+            raise ValueError(
+                f'cfg="separate" runs two calls per step: pass calls_per_step=2, got {calls_per_step}'
+            )
         self._check_not_replaced("generation()")
-        gen = self._begin(Generation(num_steps, calls_per_step, cfg))
+        if cfg == "separate":
+            gen = self._begin(Generation(num_steps, calls_per_step, None, "separate"))
+        else:
+            gen = self._begin(Generation(num_steps, calls_per_step, cfg, "batched" if cfg else None))
         try:
             yield self
         finally:
@@ -289,6 +317,10 @@ class Handle:
         self._compiled = True
         return self
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model (what a loop over a wrapped plain callable uses)."""
+        return self.model(*args, **kwargs)
+
     @property
     def active(self) -> bool:
         return _HANDLES.get(self.model) is self
@@ -326,24 +358,33 @@ class Handle:
                 self._last_stats = gen.stats.as_dict()
         gen.rule_states.clear()
         gen.templates.clear()
+        gen.cond_out = None
         gen.peaks.clear()
         gen.call = None
 
-    def _pipeline_cfg(self, caller_locals: dict[str, Any]) -> str | None:
-        """Where the pipeline's batched CFG puts the unconditional half, or None without CFG.
+    def _pipeline_cfg(self, caller_locals: dict[str, Any]) -> tuple[str | None, str | None]:
+        """(batched layout, how guidance calls the denoiser) for the generation a pipeline opens.
 
-        Pipelines say it as a property (SD3) or only as a local of ``__call__`` (PixArt), so
-        read the local of the frame that opened the progress bar first.
+        Pipelines say CFG as a property (SD3) or only as a local of ``__call__`` (PixArt; FLUX
+        and Qwen-Image's ``do_true_cfg``), so read the locals of the frame that opened the
+        progress bar first.
         """
+        if caller_locals.get("do_true_cfg") is True:  # true CFG: a second call per step
+            return None, "separate"
         do_cfg = caller_locals.get("do_classifier_free_guidance")
         if not isinstance(do_cfg, bool):
             do_cfg = getattr(self.target, "do_classifier_free_guidance", False)
         if do_cfg is not True:
-            return None
+            return None, None
         # A pipeline may declare its own layout (the zoo's class-conditional pipeline puts the
         # unconditional half last even around a U-Net); otherwise the family's convention.
         declared = getattr(type(self.target), "stepcache_cfg_layout", None)
-        return declared if declared in ("uncond_first", "uncond_last") else self.adapter.pipeline_cfg_layout
+        if declared in ("uncond_first", "uncond_last"):
+            return declared, "batched"
+        layout = self.adapter.pipeline_cfg_layout
+        if self.adapter.family == "generic":  # unknown pipeline: step 0's calls tell
+            return layout, "auto"
+        return layout, "batched" if layout is not None else "separate"
 
     # ---- the denoiser call ----------------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -360,6 +401,12 @@ class Handle:
             return self._orig_forward(*args, **kwargs)
         try:
             return self._call(gen, args, kwargs)
+        except UnsupportedModelError:
+            # The model's call shape is one stepcache cannot handle: leave the model as it was.
+            with contextlib.suppress(Exception):
+                self._end(gen)
+                detach(self.model)
+            raise
         except BaseException:
             # A call that raised leaves no cache behind; its own error is the one to see.
             with contextlib.suppress(Exception):
@@ -375,18 +422,28 @@ class Handle:
             # Arguments the model itself will reject: let it raise its own error.
             return self._orig_forward(*args, **kwargs)
         batch = adapter.batch_size(bound)
+        if self._blocks and adapter.needs_probe and not isinstance(self.rules.block, BranchRule):
+            # once per enable: one plain call (the block hooks pass through outside a call)
+            adapter.probe(
+                self._blocks, self._block_sig, lambda: self._orig_forward(*bound.args, **bound.kwargs)
+            )
         step, branch = gen.next_call()
         signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
         if gen.signature.get(branch, signature) != signature:
             gen.reset_branch(branch)  # new shape mid-generation: old caches do not apply
         gen.signature[branch] = signature
+        if step == 0:
+            gen.step0_calls = max(gen.step0_calls, branch + 1)
+        mode = gen.cfg_mode(step)
         ctx = CallContext(
             step=step,
             branch=branch,
             num_steps=gen.num_steps,
             batch=batch,
             timestep=adapter.timestep(bound),
-            _uncond=lambda: adapter.uncond_rows(bound, gen.cfg_layout),
+            _uncond=(lambda: adapter.uncond_rows(bound, gen.cfg_layout))
+            if mode in (None, "batched")
+            else None,
         )
         first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
@@ -419,22 +476,29 @@ class Handle:
             return _replace_first(gen.templates[branch], est)
 
         # 2. The guidance rule: which unconditional rows of computed pairs to leave out.
-        guide = self._guidance_plan(gen, ctx, step_run)
+        if mode == "separate":
+            guide = self._separate_guidance_plan(gen, ctx, step_run) if branch % 2 else None
+        else:
+            guide = self._guidance_plan(gen, ctx, step_run)
         run = torch.ones(batch, dtype=torch.bool) if step_run is None else step_run.clone()
         if guide is not None:
             run[guide.uncond[guide.dropped]] = False
 
-        # 3. Run the rows that run (all of them, or gather -> run -> scatter).
-        if bool(run.all()):
+        # 3. Run the rows that run (all of them, none, or gather -> run -> scatter).
+        if guide is not None and guide.cond_source is not None and not bool(run.any()):
+            # every row is the guidance rule's or the step rule's: the network does not run
+            out = gen.templates.get(branch, gen.templates.get(0))
+            full, part = torch.empty_like(guide.cond_source), None
+        elif bool(run.all()):
             out = self._run(gen, ctx, bound, None, row_actions)
-            full = part = _first(out)
+            full = part = _output_tensor(out, self.model)
         else:
             run_rows = _global_rows(None, run, device)
             out = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
-            part = _first(out)
+            part = _output_tensor(out, self.model)
             full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
             full.index_copy_(0, run_rows, part)
-        if self.rules.guard:  # on the device, no sync: read once when the generation ends
+        if self.rules.guard and part is not None:  # on the device, no sync: read at the end
             gen.finite.append((step, torch.isfinite(part).all()))
         if est_rows is not None:
             full.index_copy_(0, est_rows, est.to(full.dtype))
@@ -453,6 +517,9 @@ class Handle:
         gen.stats.record(row_actions)
         if any(a != "C" for a in row_actions):
             gen.estimated_steps.append(step)
+        if mode == "separate" and branch % 2 == 0:  # the conditional pass the next call pairs with
+            answered = torch.tensor([a != "E" for a in row_actions])
+            gen.cond_out = (step, branch, full.detach(), answered)
         return out if full is _first(out) else _replace_first(out, full)
 
     def _usable(self, gen: Generation, key: tuple, est: Streams, rows: torch.Tensor | None) -> bool:
@@ -506,6 +573,31 @@ class Handle:
             dropped = both.clone() if keep_none else both & ~keep.cpu()
         return _GuidanceCall(state, uncond, cond, both, dropped)
 
+    def _separate_guidance_plan(
+        self, gen: Generation, ctx: CallContext, step_run: torch.Tensor | None
+    ) -> _GuidanceCall | None:
+        """The unconditional call (odd branch) of a step whose conditional call (the branch
+        before it) came first: its rows pair with that call's rows, one to one; only pairs whose
+        two rows the network answers are candidates. The rule sees pairs as on batched CFG
+        (``ctx.batch`` is both calls' rows). A second-order scheduler's second evaluation is
+        another such pair of calls (branches 2 and 3)."""
+        grule = self.rules.guidance
+        if grule is None or gen.cond_out is None or gen.cond_out[:2] != (ctx.step, ctx.branch - 1):
+            return None
+        _, pair_branch, cond, answered = gen.cond_out
+        if cond.shape[0] != ctx.batch:
+            return None  # the two calls are not one pair per row
+        pair_ctx = CallContext(**{**ctx.__dict__, "batch": 2 * ctx.batch, "branch": pair_branch})
+        state = gen.state_for(pair_branch, "guidance", grule)
+        both = answered.clone() if step_run is None else answered & step_run
+        keep_all, keep_none, keep = _resolve(grule.plan(pair_ctx, state), ctx.batch)
+        if keep_all:
+            dropped = torch.zeros(ctx.batch, dtype=torch.bool)
+        else:
+            dropped = both.clone() if keep_none else both & ~keep.cpu()
+        rows = torch.arange(ctx.batch)
+        return _GuidanceCall(state, rows, rows, both, dropped, cond_source=cond, ctx=pair_ctx)
+
     def _guidance_finish(
         self,
         gen: Generation,
@@ -518,12 +610,14 @@ class Handle:
         """Fill the left-out unconditional rows from the rule's estimate; let it observe the rest."""
         grule = self.rules.guidance
         device = full.device
+        source = full if guide.cond_source is None else guide.cond_source
+        pair_ctx = guide.ctx or ctx
         pair_idx = torch.arange(guide.uncond.numel())
         if bool(guide.dropped.any()):
             pairs = pair_idx[guide.dropped].to(device)
             u_rows = guide.uncond[guide.dropped].to(device)
-            cond = full.index_select(0, guide.cond[guide.dropped].to(device))
-            est = grule.estimate(ctx, guide.state, cond, pairs)
+            cond = source.index_select(0, guide.cond[guide.dropped].to(device))
+            est = grule.estimate(pair_ctx, guide.state, cond, pairs)
             if est is None or (self.rules.guard and not _finite((est,))):
                 gen.stats.fallbacks += 1
                 sub = self._run(
@@ -539,9 +633,9 @@ class Handle:
         observed = guide.both & ~guide.dropped
         if bool(observed.any()):
             grule.observe(
-                ctx,
+                pair_ctx,
                 guide.state,
-                full.index_select(0, guide.cond[observed].to(device)),
+                source.index_select(0, guide.cond[observed].to(device)),
                 full.index_select(0, guide.uncond[observed].to(device)),
                 pair_idx[observed].to(device),
             )
@@ -572,6 +666,12 @@ class Handle:
             out = self._orig_forward(*bound.args, **bound.kwargs)
         finally:
             gen.call = None
+        if (
+            scratch is not None
+            and not isinstance(block, BranchRule)
+            and scratch.next_block != len(self._blocks)
+        ):
+            raise self._stack_changed(f"called {scratch.next_block} of its {len(self._blocks)} blocks")
         if rows is None or ctx.branch not in gen.templates:
             gen.templates[ctx.branch] = out
         return out
@@ -611,11 +711,21 @@ class Handle:
         return _placeholders(scratch.state["shapes"][index])
 
     # ---- block calls ----------------------------------------------------------------------
+    def _stack_changed(self, what: str) -> UnsupportedModelError:
+        """A span of the stack can be skipped only if every call runs all its blocks in order."""
+        return UnsupportedModelError(
+            f"{type(self.model).__name__}: its block stack changed between calls ({what} in this "
+            "call), so block-level rules cannot skip a span of it; stepcache was disabled on it"
+        )
+
     def _block_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
         gen = self._current()
         scratch = gen.call if gen is not None else None
         if scratch is None:
             return self._block_orig[index](*args, **kwargs)
+        if index != scratch.next_block:
+            raise self._stack_changed(f"called block {index} where block {scratch.next_block} comes next")
+        scratch.next_block = index + 1
         head_end, tail_start = scratch.span
         if index < head_end:
             if index == 0:
@@ -791,7 +901,11 @@ def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, poli
         def progress_bar(iterable: Any = None, total: int | None = None) -> Any:
             bar = orig_bar(iterable=iterable, total=total)
             n = total if iterable is None else (len(iterable) if hasattr(iterable, "__len__") else None)
-            gen = Generation(n, None, handle._pipeline_cfg(sys._getframe(1).f_locals))
+            caller = sys._getframe(1)
+            while caller.f_code is progress_bar.__code__:  # another denoiser's wrapper (two experts)
+                caller = caller.f_back
+            gen = Generation(n, None, *handle._pipeline_cfg(caller.f_locals))
+            gen.scheduler_order = int(getattr(getattr(target, "scheduler", None), "order", 1) or 1)
             if iterable is None:
                 return _GenerationBar(handle, bar, gen)
             return _iterate_generation(handle, bar, gen)
@@ -917,6 +1031,46 @@ def detach(model: nn.Module) -> bool:
             obj.__dict__.pop(attr, None)
     handle._installed.clear()
     return True
+
+
+class ExpertsHandle:
+    """One ``enable`` over a pipeline with several denoisers (Wan 2.2's high- and low-noise
+    experts): a handle per denoiser, each counting the pipeline's steps, no cache shared."""
+
+    def __init__(self, handles: dict[str, Handle]):
+        self.handles = handles
+
+    def stats(self) -> dict[str, Any]:
+        """Counts summed over the experts; ``actions`` in the order the experts ran (one after
+        the other); each expert's own under ``experts``."""
+        per = {name: h.stats() for name, h in self.handles.items()}
+        used = [st for st in per.values() if st["steps"]]
+        out: dict[str, Any] = {
+            k: sum(st[k] for st in per.values())
+            for k in next(iter(per.values()))
+            if k not in ("actions", "row_actions")
+        }
+        out["actions"] = [a for st in used for a in st["actions"]]
+        out["row_actions"] = [r for st in used for r in st["row_actions"]]
+        out["experts"] = per
+        return out
+
+    def disable(self) -> None:
+        for h in reversed(list(self.handles.values())):  # each restores what the later one wrapped
+            h.disable()
+
+    def compile(self, **options: Any) -> ExpertsHandle:
+        for h in self.handles.values():
+            h.compile(**options)
+        return self
+
+    @property
+    def active(self) -> bool:
+        return any(h.active for h in self.handles.values())
+
+    @property
+    def policy(self) -> Any:
+        return next(iter(self.handles.values())).policy
 
 
 def handle_of(model: nn.Module) -> Handle | None:

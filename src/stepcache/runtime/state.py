@@ -64,6 +64,7 @@ class CallScratch:
     head_in: tuple | None = None
     mid_in: tuple | None = None
     skipping: bool = False  # linear stack: the middle is being skipped; U-Net: the deep branch
+    next_block: int = 0  # linear stack: the block the model must call next
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
@@ -84,11 +85,27 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
 class Generation:
     """One sampling run. Counts steps; keeps one cache per (branch, level)."""
 
-    def __init__(self, num_steps: int | None, calls_per_step: int | None, cfg_layout: str | None):
+    def __init__(
+        self,
+        num_steps: int | None,
+        calls_per_step: int | None,
+        cfg_layout: str | None,
+        cfg_calls: str | None = None,
+    ):
         self.num_steps = num_steps
         # None: a pipeline's progress bar advances the step; an int: every that many calls do.
         self.calls_per_step = calls_per_step
-        self.cfg_layout = cfg_layout
+        self.cfg_layout = cfg_layout  # where batched CFG puts the unconditional half
+        # How guidance reaches the denoiser: "batched" (one call, two halves), "separate" (a
+        # conditional call, then an unconditional one), "auto" (told by the calls of step 0),
+        # or None (not said: a family's rows may still identify themselves, e.g. DiT's labels).
+        self.cfg_calls = cfg_calls
+        self.step0_calls = 0
+        # network evaluations per scheduler step (Heun: 2): each is a call, or a cond/uncond pair
+        self.scheduler_order = 1
+        # this step's last conditional output when guidance runs as separate calls:
+        # (step, branch, output, rows the network answered)
+        self.cond_out: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
         self.step = 0
         self.branch = -1
         self.calls = 0
@@ -113,6 +130,15 @@ class Generation:
             self.branch += 1
         self.calls += 1
         return self.step, self.branch
+
+    def cfg_mode(self, step: int) -> str | None:
+        """ "batched", "separate" or None for the calls of ``step``. "auto" decides from step 0,
+        whose calls therefore keep their unconditional pass."""
+        if self.cfg_calls != "auto":
+            return self.cfg_calls
+        if step == 0:
+            return "undecided"
+        return "separate" if self.step0_calls >= 2 * self.scheduler_order else "batched"
 
     def advance_step(self, step: int | None = None) -> None:
         self.step = self.step + 1 if step is None else step
