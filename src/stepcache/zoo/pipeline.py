@@ -78,15 +78,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as bar:
-            for t in timesteps:
+        with self.progress_bar(total=num_inference_steps) as bar:
+            for i, t in enumerate(timesteps):
                 x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
                 v = model(x_in, timestep=t.expand(x_in.shape[0]), class_labels=model_labels).sample
                 if do_classifier_free_guidance:
                     v_cond, v_uncond = v.chunk(2)
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)
                 x = self.scheduler.step(v, t, x).prev_sample
-                bar.update()
+                if _step_done(self.scheduler, i, len(timesteps)):
+                    bar.update()
 
         return _finish(self, x, output_type, return_dict)
 
@@ -100,6 +101,13 @@ def _check_common(num_inference_steps: Any, output_type: Any) -> None:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     if output_type not in ("np", "pt", "pil"):
         raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+
+
+def _step_done(scheduler: Any, i: int, calls: int) -> bool:
+    """Whether evaluation ``i`` ends a scheduler step: the progress bar (stepcache's step count)
+    moves once per step, as in diffusers' pipelines, so a second-order scheduler's (Heun's) two
+    evaluations are two calls of one step."""
+    return i == calls - 1 or (i + 1) % int(getattr(scheduler, "order", 1) or 1) == 0
 
 
 def _finish(pipe: DiffusionPipeline, x: torch.Tensor, output_type: str, return_dict: bool) -> Any:
@@ -157,8 +165,9 @@ class TextConditionalPipeline(DiffusionPipeline):
         )
         no_extra = {"resolution": None, "aspect_ratio": None}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
-            for t in self.scheduler.timesteps:
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=num_inference_steps) as bar:
+            for i, t in enumerate(timesteps):
                 x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
                 v = model(
                     x_in,
@@ -170,7 +179,8 @@ class TextConditionalPipeline(DiffusionPipeline):
                     v_uncond, v_cond = v.chunk(2)
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)
                 x = self.scheduler.step(v, t, x).prev_sample
-                bar.update()
+                if _step_done(self.scheduler, i, len(timesteps)):
+                    bar.update()
         return _finish(self, x, output_type, return_dict)
 
 
@@ -222,15 +232,17 @@ class CaptionPipeline(DiffusionPipeline):
         shape = (len(prompts), *self.sample_shape)
         x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
-            for t in self.scheduler.timesteps:
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=num_inference_steps) as bar:
+            for i, t in enumerate(timesteps):
                 x_in = torch.cat([x, x]) if do_classifier_free_guidance else x
                 v = caption_model_call(self.transformer, x_in, t.expand(x_in.shape[0]), caption)
                 if do_classifier_free_guidance:
                     v_uncond, v_cond = v.chunk(2)
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)
                 x = self.scheduler.step(v, t, x).prev_sample
-                bar.update()
+                if _step_done(self.scheduler, i, len(timesteps)):
+                    bar.update()
         if not self.is_video:
             return _finish(self, x, output_type, return_dict)
         frames = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # (N, F, H, W, C)
