@@ -1,4 +1,4 @@
-"""The README's headline tables, from committed compare results (so the prose quotes the files).
+"""The headline tables of docs/measure.md, from committed compare results (so the prose quotes the files).
 
 For each matched speedup (1.2x, 1.5x, 2x, 3x, 4x): the best stepcache run (presets and searched policies) and
 the best peer setting among the runs measured at least that fast (5% timing tolerance), by PSNR.

@@ -1,4 +1,4 @@
-"""The README's runtime-cost tables from benchmarks/results/{cpu,gpu}/perf-*.json.
+"""The runtime-cost tables of docs/results.md from benchmarks/results/{cpu,gpu}/perf-*.json.
 
 Run: python benchmarks/perf_table.py [--summary] benchmarks/results/cpu/perf-*.json
 (--summary: one line per architecture instead of a table per file)

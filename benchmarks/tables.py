@@ -1,4 +1,4 @@
-"""Markdown tables for the README from the committed benchmark JSON (so the prose quotes the files).
+"""Markdown tables for docs/results.md from the committed benchmark JSON (so the prose quotes the files).
 
 Run: python benchmarks/tables.py benchmarks/results/methods-fmnist-dit.json [...]
 """

@@ -1,7 +1,7 @@
 """A fuzzer for the command line: random argument vectors and hostile files for every command.
 
 Each case runs ``stepcache`` in-process on a fresh sandbox folder and checks what a careless or
-hostile user is promised (README, Guarantees):
+hostile user is promised (docs/guarantees.md):
 
 - no traceback: the command exits 0, or fails with a usage error (exit 2) or a handled exit;
 - no hang: every case finishes within a time limit (a FIFO or ``/dev/zero`` must not block);
