@@ -7,15 +7,18 @@ from typing import Any
 
 import torch
 from diffusers import (
+    ChromaTransformer2DModel,
     CogVideoXTransformer3DModel,
     CogView4Transformer2DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     LTXVideoTransformer3DModel,
+    Lumina2Transformer2DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
+    SkyReelsV2Transformer3DModel,
     UNet2DConditionModel,
     UNet2DModel,
     WanTransformer3DModel,
@@ -207,6 +210,54 @@ def _cogview4() -> torch.nn.Module:
     )
 
 
+def _lumina2() -> torch.nn.Module:
+    return Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=4,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        axes_lens=(32, 32, 32),
+        cap_feat_dim=12,
+    )
+
+
+def _skyreels() -> torch.nn.Module:
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=4,
+        rope_max_seq_len=32,
+    )
+
+
+def _chroma() -> torch.nn.Module:
+    return ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    )
+
+
 FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "dit": _dit,
     "pixart": _pixart,
@@ -220,9 +271,12 @@ FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "qwenimage": _qwenimage,
     "ltx": _ltx,
     "cogview4": _cogview4,
+    "lumina2": _lumina2,
+    "skyreels": _skyreels,
+    "chroma": _chroma,
 }
 TRANSFORMERS = ["dit", "pixart", "sd3", "flux", "wan"]
-GENERIC = ["sana", "cogvideox", "qwenimage", "ltx", "cogview4"]
+GENERIC = ["sana", "cogvideox", "qwenimage", "ltx", "cogview4", "lumina2", "skyreels", "chroma"]
 
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
@@ -291,6 +345,18 @@ def inputs(name: str, batch: int, seed: int = 0) -> tuple[str, torch.Tensor, dic
         size = torch.tensor([[8, 8]] * batch)
         extra = {"original_size": size, "target_size": size, "crop_coords": torch.zeros(batch, 2)}
         return "hidden_states", r(batch, 4, 8, 8), {"encoder_hidden_states": r(batch, 5, 12), **extra}
+    if name == "lumina2":
+        mask = torch.ones(batch, 5, dtype=torch.bool)
+        return (
+            "hidden_states",
+            r(batch, 4, 8, 8),
+            {"encoder_hidden_states": r(batch, 5, 12), "encoder_attention_mask": mask},
+        )
+    if name == "skyreels":
+        return "hidden_states", r(batch, 4, 2, 8, 8), {"encoder_hidden_states": r(batch, 5, 16)}
+    if name == "chroma":
+        ids = {"img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3)}
+        return "hidden_states", r(batch, 16, 8), {"encoder_hidden_states": r(batch, 5, 16), **ids}
     raise KeyError(name)
 
 
