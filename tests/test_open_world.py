@@ -341,3 +341,15 @@ def test_a_stack_that_changes_between_calls_is_refused_and_the_model_left_untouc
                 model(torch.randn(2, 8), torch.ones(2))
     assert handle_of(model) is None and "forward" not in vars(model)
     assert all("forward" not in vars(b) for b in model.blocks)
+
+
+@torch.no_grad()
+def test_module_caches_keep_each_call_of_a_module_called_twice_per_forward() -> None:
+    """CogView4 runs one feed-forward on the image tokens and again on the text tokens; FORA
+    replays each call's own output (one cache per module would hand 16 image tokens to 5 text)."""
+    model = tiny.make("cogview4")
+    handle = stepcache.enable(model, stepcache.presets.get("fora", interval=2))
+    with handle.generation(num_steps=6):
+        out = _loop("cogview4", model, slice(0, 1))
+    stepcache.disable(model)
+    assert handle.stats()["actions"] == ["C", "C", "P", "C", "P", "C"] and torch.isfinite(out).all()

@@ -694,21 +694,29 @@ class Handle:
     def _branch_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
         gen = self._current()
         scratch = gen.call if gen is not None else None
+        if scratch is None:
+            return self._block_orig[index](*args, **kwargs)
         replayed = index in self._replayed
-        if scratch is None or not scratch.skipping:
+        # A module may run more than once per forward (CogView4's feed-forward, on the image and
+        # on the text tokens): each of its calls keeps its own output.
+        key = (index, scratch.module_calls.get(index, 0))
+        scratch.module_calls[index] = key[1] + 1
+        shapes = scratch.state.setdefault("shapes", {})
+        known = key in scratch.state if replayed else key in shapes
+        if not scratch.skipping or not known:
             out = self._block_orig[index](*args, **kwargs)
-            if scratch is not None and scratch.rows is None:
+            if scratch.rows is None and not scratch.skipping:
                 # Replayed modules keep their output; the others only its shapes, so their
                 # placeholders cost no memory between steps.
                 if replayed:
-                    scratch.state[index] = _detached(out)
+                    scratch.state[key] = _detached(out)
                 else:
-                    scratch.state.setdefault("shapes", {})[index] = _shapes(out)
+                    shapes[key] = _shapes(out)
                 scratch.state["ready"] = True
             return out
         if replayed:
-            return scratch.state[index]
-        return _placeholders(scratch.state["shapes"][index])
+            return scratch.state[key]
+        return _placeholders(shapes[key])
 
     # ---- block calls ----------------------------------------------------------------------
     def _stack_changed(self, what: str) -> UnsupportedModelError:

@@ -65,6 +65,7 @@ class CallScratch:
     mid_in: tuple | None = None
     skipping: bool = False  # linear stack: the middle is being skipped; U-Net: the deep branch
     next_block: int = 0  # linear stack: the block the model must call next
+    module_calls: dict[int, int] = field(default_factory=dict)  # module caches: calls so far
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
