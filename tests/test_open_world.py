@@ -353,3 +353,21 @@ def test_module_caches_keep_each_call_of_a_module_called_twice_per_forward() -> 
         out = _loop("cogview4", model, slice(0, 1))
     stepcache.disable(model)
     assert handle.stats()["actions"] == ["C", "C", "P", "C", "P", "C"] and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_a_hand_written_loop_says_its_guidance_calls_are_separate(data) -> None:
+    x, cond = data
+    model = Denoiser()
+    handle = stepcache.enable(model, stepcache.presets.get("guidance-interval", start=0.0, end=0.5))
+    with pytest.raises(ValueError, match="calls_per_step=2"):
+        with handle.generation(num_steps=8, cfg="separate"):
+            pass
+    with handle.generation(num_steps=8, calls_per_step=2, cfg="separate"):
+        for i in range(8):
+            sigma = torch.full((3,), 1.0 - i / 8)
+            c, u = model(x, sigma, cond=cond), model(x, sigma, cond=torch.zeros_like(cond))
+            x = x - (u + 3.0 * (c - u)) / 8
+    stepcache.disable(model)
+    assert handle.stats()["actions"] == ["C"] * 8 + ["C", "G"] * 4  # no step-0 wait: it was said
+    assert torch.isfinite(x).all()
