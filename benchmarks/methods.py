@@ -166,7 +166,7 @@ def main() -> None:
         return float(counter.get_total_flops())
 
     def calibrated(name: str) -> stepcache.Policy | None:
-        from stepcache.calibrate import calibrate
+        from stepcache.calibration import calibrate
 
         cond = {"prompt": labels[:CALIB_SEEDS]} if text else {"class_labels": labels[:CALIB_SEEDS]}
         gens = [torch.Generator().manual_seed(s) for s in range(CALIB_SEEDS)]

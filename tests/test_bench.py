@@ -131,7 +131,7 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["bench", "no-such-model", "--preset", "fbcache"], "unknown model"),
+        (["bench", "no-such-model", "--preset", "fbcache"], "is not a zoo key"),
         (["bench", "digits-dit", "--preset", "no-such-preset"], "unknown preset"),
         (["bench", "digits-dit", "--preset", "fbcache", "--seeds", "0"], "seeds"),
         (["bench", "digits-dit"], "--preset or --policy"),

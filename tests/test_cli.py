@@ -135,7 +135,7 @@ def test_calibrate_writes_a_policy_that_loads_and_runs(tmp_path, digits_pipe):
     ("args", "message"),
     [
         (["calibrate", "fbcache"], "no coefficients to fit"),
-        (["calibrate", "magcache", "--model", "nope"], "unknown model"),
+        (["calibrate", "magcache", "--model", "nope"], "is not a zoo key"),
         (["calibrate", "linear-ag", "-p", "end=2"], "linear-ag.end"),
         (
             ["calibrate", "teacache", "--model", "fmnist-unet", "--samples", "1", "--steps", "2"],
@@ -201,6 +201,10 @@ def test_the_package_exposes_its_parts_and_runs_as_a_module():
         "import stepcache\n"
         "assert 'digits-dit' in stepcache.zoo.names()\n"
         "assert stepcache.search.Target(speedup=2.0).speedup == 2.0\n"
+        "assert stepcache.Workload(steps=4).steps == 4\n"
+        "import stepcache.tools as t\n"
+        "assert stepcache.compare is t.compare and stepcache.calibrate is t.calibrate\n"
+        "assert callable(stepcache.bench) and stepcache.bench.bench is not t.bench\n"
         "try:\n"
         "    stepcache.search('no-such-model', speedup=2.0)\n"
         "except stepcache.search.SearchError as e:\n"
@@ -208,7 +212,7 @@ def test_the_package_exposes_its_parts_and_runs_as_a_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "refused: model: unknown zoo model 'no-such-model'" in out.stdout
+    assert "refused: model: 'no-such-model' is not a zoo key" in out.stdout
     cli = subprocess.run(
         [sys.executable, "-m", "stepcache", "zoo", "list"], capture_output=True, text=True, timeout=300
     )

@@ -221,7 +221,7 @@ def test_two_guidance_rules_do_not_compose():
 
 
 def test_linear_ag_fit_recovers_known_coefficients():
-    from stepcache.calibrate import fit_linear_ag
+    from stepcache.calibration import fit_linear_ag
 
     g = torch.Generator().manual_seed(0)
     truth = {1: (0.7, -0.4, 0.9), 2: (1.2, -1.0, 0.5)}
@@ -258,7 +258,7 @@ def test_linear_ag_coefficients_come_in_threes():
 
 
 def test_calibrated_magcache_ratios_have_one_per_step(digits_pipe):
-    from stepcache.calibrate import calibrate
+    from stepcache.calibration import calibrate
 
     def run():
         digits_pipe(class_labels=[1, 2], num_inference_steps=7, generator=torch.Generator().manual_seed(0))

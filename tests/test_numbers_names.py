@@ -20,7 +20,7 @@ from stepcache import presets
 from stepcache._limits import MAX_POLICY_BYTES, MAX_SEED
 from stepcache.api import resolve_policy
 from stepcache.bench.harness import check_args, policies_from
-from stepcache.calibrate import calibrate
+from stepcache.calibration import calibrate
 from stepcache.cli import app
 from stepcache.demo import run_demo
 from stepcache.errors import PolicyError

@@ -18,11 +18,11 @@ import torch
 from typer.testing import CliRunner
 
 from stepcache import Policy, zoo
-from stepcache.bench.harness import EVAL_SEED_BASE, make_workload
+from stepcache.bench.harness import EVAL_SEED_BASE, make_batch
 from stepcache.cli import app
 from stepcache.search import SearchError, SegmentErrors, brute_force, plan, search
+from stepcache.search.evaluate import Evaluator
 from stepcache.search.space import Candidate
-from stepcache.search.study import Evaluator
 from stepcache.search.trajectory import NotFirstOrderError, record
 
 pytest.importorskip("optuna")
@@ -47,7 +47,7 @@ def test_planner_is_optimal_on_synthetic_error_tables(seed: int) -> None:
 @pytest.fixture(scope="module")
 def digits() -> tuple:
     pipe = zoo.load("digits-dit")
-    work = make_workload(pipe, "digits-dit", 8, None, [0, 1, 2])
+    work = make_batch(pipe, "digits-dit", 8, None, [0, 1, 2])
     return pipe, Evaluator(pipe, work)
 
 
@@ -71,13 +71,17 @@ def test_trajectory_replays_the_sampler_exactly(digits: tuple) -> None:
     assert res["cost"] == 1.0 and res["psnr"] == 100.0
 
 
-def test_recording_refuses_a_non_euler_scheduler() -> None:
-    from diffusers import DPMSolverMultistepScheduler
+def test_recording_replays_a_multistep_scheduler_and_refuses_heun() -> None:
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler
 
     pipe = zoo.load("digits-dit")
     pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)
-    work = make_workload(pipe, "digits-dit", 6, None, [0, 1])
-    with pytest.raises(NotFirstOrderError, match="DPMSolverMultistepScheduler"):
+    work = make_batch(pipe, "digits-dit", 6, None, [0, 1])
+    traj = record(pipe, lambda: work.generate(pipe))
+    assert traj.schedulers is not None and len(traj.schedulers) == traj.num_steps == 6
+    assert SegmentErrors(traj, 0)(-1, 0, 1) == 0.0  # step 0 computed: no error after it
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler()
+    with pytest.raises(NotFirstOrderError, match="FlowMatchHeunDiscreteScheduler calls the network 2 times"):
         record(pipe, lambda: work.generate(pipe))
 
 
@@ -106,7 +110,7 @@ def test_saved_policy_reproduces_its_heldout_metrics(searched: tuple[Path, Polic
     out, _ = searched
     pol = Policy.load(out)
     pipe = zoo.load("digits-dit")
-    work = make_workload(pipe, "digits-dit", 12, None, [EVAL_SEED_BASE + i for i in range(4)])
+    work = make_batch(pipe, "digits-dit", 12, None, [EVAL_SEED_BASE + i for i in range(4)])
     res = Evaluator(pipe, work).evaluate(pol)
     assert res["psnr"] == pytest.approx(pol.meta["heldout"]["psnr"], abs=1e-9)
     assert res["actions"] == pol.meta["heldout"]["actions"]
@@ -286,7 +290,7 @@ def test_search_on_a_local_ray_cluster_scores_like_a_local_run(tmp_path: Path) -
     # to float32 rounding (a 1-CPU Ray actor runs one thread, this process may run more, and
     # matmuls split over threads sum in another order).
     pipe = zoo.load("digits-dit")
-    local = Evaluator(pipe, make_workload(pipe, "digits-dit", 8, None, [0, 1, 2])).evaluate(pol)
+    local = Evaluator(pipe, make_batch(pipe, "digits-dit", 8, None, [0, 1, 2])).evaluate(pol)
     assert local["psnr"] == pytest.approx(meta["calibration"]["psnr"], abs=1e-3)
 
 

@@ -214,7 +214,9 @@ def test_result_documents_carry_adherence_within_bounds_and_the_report_plots_it(
 
 
 def test_search_constraint_on_adherence():
-    from stepcache.search.study import SearchError, Target, _Run
+    from stepcache.search import Point, SearchError, Target
+    from stepcache.search.space import Candidate
+    from stepcache.search.study import _Run
 
     with pytest.raises(SearchError, match="min_adherence"):
         Target(speedup=2.0, min_adherence=1.5).check()
@@ -226,11 +228,15 @@ def test_search_constraint_on_adherence():
     assert target.as_dict() == {"speedup": 2.0, "min_adherence": 0.8}
     run = _Run.__new__(_Run)
     run.target = target
-    fast = {"speedup": 2.5, "psnr": 30.0, "adherence": 0.9}
-    assert run.meets(fast)
-    assert not run.meets({**fast, "adherence": 0.7})
-    assert not run.meets({**fast, "adherence": None})
-    assert not run.meets({**fast, "speedup": 1.5})
+
+    def point(**change):
+        values = {"speedup": 2.5, "psnr": 30.0, "adherence": 0.9, **change}
+        return Point(Candidate(4, 0), actions="CEEE", mask=[True, False, False, False], **values)
+
+    assert run.meets(point())
+    assert not run.meets(point(adherence=0.7))
+    assert not run.meets(point(adherence=None))
+    assert not run.meets(point(speedup=1.5))
 
 
 SEARCH_DIGITS = ["search", "digits-dit", "--out", "p.json", "--speedup", "2"]

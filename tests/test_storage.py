@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from stepcache.cli import app
 from stepcache.search import SearchError, search
 from stepcache.search import storage as st
-from stepcache.search.study import CostModel, Evaluator
+from stepcache.search.evaluate import CostModel, Evaluator
 
 optuna = pytest.importorskip("optuna")
 

@@ -375,3 +375,87 @@ def sample(name: str, model: torch.nn.Module, batch: int = 2, steps: int = 6, se
         out = out[0] if not isinstance(out, torch.Tensor) else out
         x = x - out / steps
     return x
+
+
+def sd_pipeline(scheduler: str = "dpm") -> Any:
+    """A tiny Stable-Diffusion-1.5-style pipeline with a real (tiny, random) CLIP text encoder and
+    a character-level CLIP tokenizer written here, so prompts reach the U-Net without downloads.
+    ``scheduler``: dpm (DPM-Solver++ 2M), unipc, ddim, euler or ancestral."""
+    import json
+    import string
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+        UniPCMultistepScheduler,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in string.ascii_lowercase:
+            vocab[c + suffix] = len(vocab)
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/vocab.json", "w") as f:
+            json.dump(vocab, f)
+        with open(f"{d}/merges.txt", "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", model_max_length=16)
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    )
+    schedulers = {
+        "dpm": DPMSolverMultistepScheduler,
+        "unipc": UniPCMultistepScheduler,
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "ancestral": EulerAncestralDiscreteScheduler,
+    }
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=schedulers[scheduler](steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -49,6 +49,28 @@ def _zoo_key(key: str, need_weights: bool = True) -> str:
     return key
 
 
+def _model_spec(model: str) -> str:
+    """A zoo key, a diffusers pipeline folder or a module:function factory; else a usage error."""
+    from .pipelines import PipelineSpecError, check_spec
+
+    try:
+        return check_spec(model)
+    except PipelineSpecError as e:
+        raise typer.BadParameter(str(e), param_hint="MODEL") from None
+
+
+def _workload(path: Path | None) -> Any:
+    """The workload file read and checked before any model loads (a usage error naming it)."""
+    if path is None:
+        return None
+    from .workload import Workload
+
+    try:
+        return Workload.load(path)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--workload") from None
+
+
 def _writable(path: Path, hint: str, files: tuple[str, ...] | None = None) -> None:
     """Refuse an output file (or, with ``files``, a folder for those files) that could not be
     written, before any model loads: a usage error naming the option, and nothing written."""
@@ -103,7 +125,17 @@ Steps = Annotated[
     int | None, typer.Option(min=1, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
 ]
 BenchSeeds = Annotated[
-    int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds (10000, 10001, ...).")
+    int | None,
+    typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Evaluation seeds 10000.. (zoo; default 16)."),
+]
+Model = Annotated[
+    str, typer.Argument(help="Zoo key, diffusers pipeline folder, or module:function returning a pipeline.")
+]
+WorkloadFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="Workload JSON/YAML: inputs, steps, guidance, seeds (needed outside the zoo; docs/workload.md)."
+    ),
 ]
 BenchRepeats = Annotated[
     int, typer.Option(min=1, max=lim.MAX_REPEATS, help="Timed repeats per run (median reported).")
@@ -185,62 +217,83 @@ def demo(
 def calibrate(
     method: Annotated[str, typer.Argument(help="Method with fitted coefficients: linear-ag or magcache.")],
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
-    model: Annotated[str, typer.Option(help="Zoo model key.")] = "fmnist-dit",
+    model: Annotated[
+        str, typer.Option(help="Zoo key, diffusers pipeline folder, or module:function.")
+    ] = "fmnist-dit",
+    workload: WorkloadFile = None,
     steps: Annotated[
         int | None, typer.Option(min=2, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
     ] = None,
     guidance: Guidance = None,
     samples: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_CALIB_SAMPLES, help="Calibration images (seeds 0..N-1).")
-    ] = 32,
+        int | None,
+        typer.Option(min=1, max=lim.MAX_CALIB_SAMPLES, help="Calibration images, seeds 0..N-1 (zoo; 32)."),
+    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option("--param", "-p", help="Other preset parameter KEY=VALUE (repeatable)."),
     ] = None,
 ) -> None:
-    """Fit a method's coefficients on full-compute runs of a zoo model; write the policy."""
-    import torch
-
-    from .calibrate import CALIBRATED
-    from .calibrate import calibrate as fit
-    from .demo import conditions
-    from .policy import Policy
+    """Fit a method's coefficients on full-compute runs of a model; write the policy."""
+    from .calibration import CALIBRATED
+    from .tools import calibrate as fit
 
     if method not in CALIBRATED:
         raise typer.BadParameter(
             f"{method!r} has no coefficients to fit; choose one of {', '.join(CALIBRATED)}"
         )
-    _zoo_key(model)
+    _model_spec(model)
+    wl = _workload(workload)
     try:
         overrides = _parse_params(param or [])
         preset_registry.get(method, **overrides)  # check the overrides before the work
     except PolicyError as e:
         raise typer.BadParameter(str(e), param_hint="--param") from None
     _writable(out, "--out")
-    pipe = zoo_registry.load(model)
-    n_steps = steps or pipe.default_steps
-    scale = pipe.default_guidance if guidance is None else guidance
-    gens = [torch.Generator().manual_seed(s) for s in range(samples)]
-
-    def run() -> None:
-        pipe(**conditions(pipe, samples), num_inference_steps=n_steps, guidance_scale=scale, generator=gens)
-
+    given = [n for n, v in (("steps", steps), ("guidance", guidance), ("samples", samples)) if v is not None]
+    if wl is not None and given:
+        raise typer.BadParameter(f"{given[0]}: set it in the workload, not beside it")
     try:
-        with console.status(f"recording {samples} full-compute samples of {model}"):
-            pol = fit(method, pipe, run, **overrides)
+        with console.status(f"recording full-compute samples of {model}"):
+            if wl is None and model in zoo_registry.names():
+                pol = _calibrate_zoo(fit, method, model, steps, guidance, samples or 32, overrides)
+            else:
+                pol = fit(model, wl, method, command=_command(), **overrides)
     except (UnsupportedModelError, ValueError) as e:  # e.g. teacache on a U-Net; nothing is written
-        raise typer.BadParameter(str(e), param_hint="METHOD / --model") from None
-    meta = {
-        "model": model,
-        "steps": n_steps,
-        "guidance_scale": scale,
-        "found_by": _command(),
-        "calibration": {"seeds": [0, samples - 1], "samples": samples},
-    }
-    pol = Policy.from_dict({**pol.to_dict(), "name": f"{method} ({model})", "meta": meta})
+        raise typer.BadParameter(str(e), param_hint="METHOD / --model / --workload") from None
     pol.save(out)
-    console.print(f"fitted {method} on {samples} samples of {model} ({n_steps} steps, guidance {scale})")
+    meta = pol.meta
+    console.print(
+        f"fitted {method} on {meta['calibration']['samples']} samples of {meta['model']} "
+        f"({meta['steps']} steps, guidance {meta['guidance_scale']})"
+    )
     print(out)
+
+
+def _calibrate_zoo(
+    fit: Any,
+    method: str,
+    model: str,
+    steps: int | None,
+    guidance: float | None,
+    samples: int,
+    overrides: dict[str, Any],
+) -> Any:
+    """A zoo model's calibration on its own conditioning, with the step and guidance options."""
+    from .demo import conditions
+    from .pipelines import Target
+    from .workload import Workload
+
+    pipe = zoo_registry.load(model)
+    cond = conditions(pipe, samples)
+    wl = Workload(
+        inputs=cond,
+        steps=steps or pipe.default_steps,
+        guidance=pipe.default_guidance if guidance is None else guidance,
+        calib_seeds=samples,
+        heldout_seeds=1,
+    )
+    return fit(Target(pipe, model, zoo=True), wl, method, command=_command(), **overrides)
 
 
 def _bench_progress() -> Any:
@@ -291,6 +344,8 @@ def _print_bench(doc: dict[str, Any], out: Path) -> None:
         )
     for u in doc.get("unavailable", []):
         console.print(f"[yellow]not run[/yellow] {escape(u['name'])}: {escape(str(u['reason']))}")
+    for metric, why in doc["protocol"].get("metrics_skipped", {}).items():
+        console.print(f"[dim]not measured: {metric} ({why})[/dim]")
     print(out / "result.json")
     print(out / "report.html")
 
@@ -336,7 +391,7 @@ def _run_bench(fn: Any, **kwargs: Any) -> dict[str, Any]:
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Argument(help="Zoo model key.")],
+    model: Model,
     out: Annotated[Path, typer.Option(help="Folder for result.json, samples and report.html.")],
     preset: Annotated[
         list[str] | None, typer.Option("--preset", help="Preset to measure (repeatable).")
@@ -345,9 +400,10 @@ def bench(
         list[Path] | None, typer.Option("--policy", help="Policy JSON file (repeatable).")
     ] = None,
     steps: Steps = None,
-    seeds: BenchSeeds = 16,
+    seeds: BenchSeeds = None,
     repeats: BenchRepeats = 5,
     guidance: Guidance = None,
+    workload: WorkloadFile = None,
 ) -> None:
     """Measure policies against full compute: speedup, FLOPs, PSNR/SSIM with CIs, FD, accuracy."""
     from .bench import bench as run
@@ -356,7 +412,8 @@ def bench(
 
     if not preset and not policy:
         raise typer.BadParameter("give at least one --preset or --policy")
-    _zoo_key(model)
+    _model_spec(model)
+    wl = _workload(workload)
     _writable(out, "--out", BENCH_FILES)
     try:
         cands = policies_from(preset, [str(p) for p in policy or []])
@@ -371,13 +428,14 @@ def bench(
         seeds=seeds,
         repeats=repeats,
         guidance=guidance,
+        workload=wl,
     )
     _print_bench(doc, out)
 
 
 @app.command()
 def compare(
-    model: Annotated[str, typer.Argument(help="Zoo model key.")],
+    model: Model,
     out: Annotated[Path, typer.Option(help="Folder for result.json, samples and report.html.")],
     peers: Annotated[str, typer.Option(help="Comma-separated peers: cache-dit, diffusers ('' for none).")] = (
         "cache-dit,diffusers"
@@ -387,16 +445,18 @@ def compare(
         typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),
     ] = None,
     steps: Steps = None,
-    seeds: BenchSeeds = 16,
+    seeds: BenchSeeds = None,
     repeats: BenchRepeats = 5,
     guidance: Guidance = None,
+    workload: WorkloadFile = None,
 ) -> None:
     """stepcache's preset sweep vs cache-dit and diffusers' cache hooks, same model, seeds and steps."""
     from .bench.compare import compare as run
     from .bench.harness import BENCH_FILES
     from .policy import Policy
 
-    _zoo_key(model)
+    _model_spec(model)
+    wl = _workload(workload)
     _writable(out, "--out", BENCH_FILES)
     try:
         pols = [Policy.load(p) for p in policy or []]
@@ -413,13 +473,14 @@ def compare(
         seeds=seeds,
         repeats=repeats,
         guidance=guidance,
+        workload=wl,
     )
     _print_bench(doc, out)
 
 
 @app.command()
 def search(
-    model: Annotated[str, typer.Argument(help="Zoo model key.")],
+    model: Model,
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
     speedup: Annotated[
         float | None,
@@ -454,12 +515,14 @@ def search(
     study: Annotated[
         str | None, typer.Option(callback=_unicode, help="Study name; the same name resumes it.")
     ] = None,
+    workload: WorkloadFile = None,
     calib_seeds: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_CALIB_SEEDS, help="Calibration seeds 0..K-1.")
-    ] = 16,
+        int | None, typer.Option(min=1, max=lim.MAX_CALIB_SEEDS, help="Calibration seeds 0..K-1 (zoo; 16).")
+    ] = None,
     heldout_seeds: Annotated[
-        int, typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Held-out seeds 10000..10000+M-1.")
-    ] = 16,
+        int | None,
+        typer.Option(min=1, max=lim.MAX_EVAL_SEEDS, help="Held-out seeds 10000..10000+M-1 (zoo; 16)."),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(min=2, max=lim.MAX_STEPS, help="Sampling steps (model default if unset).")
     ] = None,
@@ -480,12 +543,13 @@ def search(
     ] = False,
 ) -> None:
     """Find the policy that meets a target (--speedup X or --min-psnr Q) without gradients."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .search import SearchError
     from .search import search as run
 
-    _zoo_key(model)
+    _model_spec(model)
+    wl = _workload(workload)
     # Every output is checked before the search, not after an hour of it.
     _writable(out, "--out")
     if report is not None:
@@ -502,12 +566,14 @@ def search(
         TextColumn("{task.completed:.2f}/{task.total:g} gen-equiv"),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     ) as bar:
         task = bar.add_task("", total=budget)
         try:
             pol = run(
                 model,
+                wl,
                 speedup=speedup,
                 min_psnr=min_psnr,
                 min_adherence=min_adherence,
@@ -571,10 +637,11 @@ def search(
             model=model,
             candidates=[policy_candidate(pol, pol.name)],
             out_dir=report,
-            steps=meta["steps"],
-            seeds=heldout_seeds,
+            steps=meta["steps"] if wl is None else None,
+            seeds=(heldout_seeds or 16) if wl is None else None,
             repeats=5,
-            guidance=meta["guidance_scale"],
+            guidance=meta["guidance_scale"] if wl is None else None,
+            workload=wl,
         )
         _print_bench(doc, report)
     print(out)

@@ -211,9 +211,9 @@ def _check_json_value(path: str, value: Any, depth: int = 0) -> Any:
 _META_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,),
     "model_hash": (str,),
-    "scheduler": (str,),
+    "scheduler": (str, type(None)),
     "steps": (int,),
-    "guidance_scale": (int, float),
+    "guidance_scale": (int, float, type(None)),  # None: a pipeline without a guidance scale
     "resolution": (int, list),
     "found_by": (str,),
     "target": (dict,),
@@ -224,6 +224,7 @@ _META_FIELDS: dict[str, tuple[type, ...]] = {
     "oracle": (dict,),
     "search": (dict,),
     "notes": (str,),
+    "workload": (dict,),  # what the user's pipeline generated (stepcache.Workload.to_dict())
 }
 
 _TOP_FIELDS = ("schema", "name", "rules", "meta", "guard")

@@ -1,5 +1,11 @@
-"""The measurement harness: ``bench`` (stepcache policies), ``compare`` (with peers), ``report``."""
+"""The measurement harness: ``bench`` (stepcache policies), ``compare`` (with peers), ``report``.
 
+The module itself is callable: ``stepcache.bench(pipe, workload, policies)`` is
+``stepcache.tools.bench``, the user-facing form; ``stepcache.bench.bench`` takes prepared runs.
+"""
+
+import sys
+import types
 from typing import Any
 
 from .harness import Candidate, bench, peer_candidate, policies_from, policy_candidate, reference_candidate
@@ -27,3 +33,13 @@ __all__ = [
     "validate_result",
     "write_report",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ..tools import bench as bench_policies
+
+        return bench_policies(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

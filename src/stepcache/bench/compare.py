@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .. import presets, zoo
+from .. import presets
 from ..policy import Policy
 from .harness import (
     BENCH_FILES,
@@ -77,19 +77,23 @@ def stepcache_candidates(
 
 
 def compare(
-    model: str,
-    out_dir: str | os.PathLike,
+    model: Any,
+    out_dir: str | os.PathLike | None,
     peers: list[str] | None = None,
     policies: list[Policy] | None = None,
     sweep: list[tuple[str, dict[str, Any]]] | None = None,
     steps: int | None = None,
-    seeds: int = 16,
+    seeds: int | None = None,
     repeats: int = 5,
     guidance: float | None = None,
     command: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    workload: Any = None,
 ) -> dict[str, Any]:
-    """stepcache's sweep (and ``policies``) vs the named peers on zoo model ``model``."""
+    """stepcache's sweep (and ``policies``) vs the named peers on ``model`` (a zoo key, a pipeline
+    spec or object, with ``workload`` outside the zoo; see ``bench``)."""
+    from ..pipelines import load_pipeline
+    from .harness import resolve
     from .peers import PEERS, Unavailable, peer_runs
 
     peers = list(PEERS) if peers is None else peers
@@ -98,13 +102,18 @@ def compare(
         raise ValueError(
             f"peers: unknown peer(s) {', '.join(map(repr, bad))}; choose from {', '.join(PEERS)}"
         )
-    check_args(model, out_dir, steps, seeds, repeats, guidance)
-    check_out_dir(out_dir, BENCH_FILES)  # the peers' setup loads the model: check before it
+    wl = resolve(model, workload, steps, guidance, seeds)
+    check_args(model, out_dir, steps, seeds or 16, repeats, guidance)
+    if out_dir is not None:  # the peers' setup loads the model: check before it
+        check_out_dir(out_dir, BENCH_FILES)
     taken = {sweep_name(p, o) for p, o in (SWEEP if sweep is None else sweep)}
     for i, pol in enumerate(policies or []):  # a clash would otherwise surface after the model loads
         if (pol.name or f"policy {i}") in taken:
             raise ValueError(f"policy {i}: its name {pol.name!r} is also a run of the sweep; rename it")
-    pipe = zoo.load(model)
+    target = load_pipeline(model)
+    pipe = target.pipe
+    if wl is not None:
+        wl.check_pipeline(pipe)
     cands, unavailable = stepcache_candidates(pipe, sweep, policies)
     for run in peer_runs(pipe, peers) if peers else []:
         if isinstance(run, Unavailable):
@@ -112,7 +121,7 @@ def compare(
         else:
             cands.append(peer_candidate(run))
     return bench(
-        model,
+        target,
         cands,
         out_dir,
         steps=steps,
@@ -122,4 +131,5 @@ def compare(
         unavailable=unavailable,
         command=command,
         progress=progress,
+        workload=wl,
     )

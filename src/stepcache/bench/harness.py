@@ -88,31 +88,36 @@ def unsupported(pipe: Any, cand: Candidate) -> str | None:
 
 
 @dataclass
-class Workload:
-    """The batch every candidate generates: conditioning, seeds, steps, guidance."""
+class Batch:
+    """The batch every candidate generates: conditioning, seeds, steps, guidance. ``model`` names
+    it in reports (a zoo key finds the zoo's judges by it); ``extra`` is passed to every call."""
 
     model: str
     steps: int
-    guidance: float
+    guidance: float | None
     seeds: list[int]
     cond: dict[str, list]
     labels: list[int] | None = field(default=None)
     captions: list[str] | None = field(default=None)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def generate(self, pipe: Any) -> np.ndarray:
+        from ..pipelines import images_of
+
         # One generator per sample, so each seed's noise does not depend on the batch.
         gens = [torch.Generator().manual_seed(s) for s in self.seeds]
-        out = pipe(**self.cond, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens)
-        return np.asarray(out.images, dtype=np.float32)
+        kw: dict[str, Any] = {**self.cond, **self.extra, "num_inference_steps": self.steps, "generator": gens}
+        if self.guidance is not None:
+            kw["guidance_scale"] = self.guidance
+        return images_of(pipe(**kw))
 
 
-def make_workload(
-    pipe: Any, model: str, steps: int | None, guidance: float | None, seeds: list[int]
-) -> Workload:
+def make_batch(pipe: Any, model: str, steps: int | None, guidance: float | None, seeds: list[int]) -> Batch:
+    """A zoo model's batch: its own conditioning per seed and its default steps and guidance."""
     from ..demo import conditions
 
     cond = conditions(pipe, len(seeds), list(seeds))
-    return Workload(
+    return Batch(
         model=model,
         steps=steps or pipe.default_steps,
         guidance=pipe.default_guidance if guidance is None else guidance,
@@ -120,6 +125,39 @@ def make_workload(
         cond=cond,
         labels=cond.get("class_labels"),
         captions=cond.get("prompt"),
+    )
+
+
+def workload_batch(pipe: Any, name: str, workload: Any, seeds: list[int] | tuple[int, ...]) -> Batch:
+    """The user's workload on ``seeds`` of their pipeline: the workload's arguments, steps and
+    guidance, or the pipeline's own defaults where the workload leaves them out."""
+    import inspect
+
+    from ..workload import WorkloadError, default_guidance, takes
+
+    steps = workload.steps
+    if steps is None:
+        try:
+            default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+        except (TypeError, ValueError):
+            default = None
+        steps = default.default if default is not None and isinstance(default.default, int) else None
+        if steps is None:
+            raise WorkloadError(f"steps: {type(pipe).__name__} declares no default step count; set it")
+    guidance = workload.guidance if workload.guidance is not None else default_guidance(pipe)
+    cond = workload.cond(len(seeds))
+    extra = workload.call_kwargs(pipe)
+    if not cond and "batch_size" not in extra and takes(pipe, "batch_size"):
+        extra["batch_size"] = len(seeds)  # an unconditional pipeline sizes its batch by this
+    return Batch(
+        model=name,
+        steps=steps,
+        guidance=guidance,
+        seeds=list(seeds),
+        cond=cond,
+        labels=cond.get("class_labels"),
+        captions=cond.get("prompt"),
+        extra=extra,
     )
 
 
@@ -292,6 +330,19 @@ class Judge:
         return frechet_distance(self.real_feats, self.clf.features(images))
 
 
+# What each judged metric needs; a model without it reports null, and the protocol says why.
+JUDGED = {
+    "class_acc": "needs a classifier of the model's classes (the zoo's class-conditional models)",
+    "fd_domain": "needs a feature net of the model's domain (the zoo's Fashion-MNIST models)",
+    "adherence": "needs a prompt judge (the zoo's shapes models)",
+}
+
+
+def skipped_metrics(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The judged metrics no run could report, with what they need."""
+    return {k: why for k, why in JUDGED.items() if rows and all(r.get(k) is None for r in rows)}
+
+
 def check_out_dir(out_dir: str | os.PathLike, files: tuple[str, ...] = ()) -> Path:
     """Prove, before any long work starts, that ``out_dir`` can be written, and create it; each of
     ``files`` already there must be a regular file (a directory in its place is refused).
@@ -312,8 +363,8 @@ def check_out_file(path: str | os.PathLike, what: str = "out") -> Path:
 
 
 def check_args(
-    model: str,
-    out_dir: str | os.PathLike,
+    model: Any,
+    out_dir: str | os.PathLike | None,
     steps: int | None,
     seeds: int,
     repeats: int,
@@ -322,15 +373,17 @@ def check_args(
     """Check a bench's arguments before anything is loaded or written; returns the out dir.
 
     Every size is bounded by what one batch on the machine holds (see ``_limits``)."""
-    if (problem := zoo.model_problem(model)) is not None:
-        raise ValueError(f"model: {problem}")
+    if isinstance(model, str):
+        from ..pipelines import check_spec
+
+        check_spec(model)
     check_int("seeds", seeds, 1, MAX_EVAL_SEEDS)
     check_int("repeats", repeats, 1, MAX_REPEATS)
     if steps is not None:
         check_int("steps", steps, 1, MAX_STEPS)
     if guidance is not None:
         check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
-    return check_out_dir(out_dir)
+    return check_out_dir(out_dir) if out_dir is not None else None
 
 
 def check_run_names(candidates: list[Candidate]) -> None:
@@ -348,7 +401,7 @@ def check_run_names(candidates: list[Candidate]) -> None:
 
 def measure(
     pipe: Any,
-    work: Workload,
+    work: Batch,
     candidates: list[Candidate],
     repeats: int = 5,
     progress: Callable[[str, int, int], None] | None = None,
@@ -362,7 +415,9 @@ def measure(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     say = progress or (lambda name, i, n: None)
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    from ..adapters import find_denoiser
+
+    denoiser = find_denoiser(pipe)
     judge = Judge(work.model, len(work.seeds))
 
     work.generate(pipe)  # process warm-up: first-call allocations stay out of every number
@@ -458,42 +513,90 @@ def measure(
     return rows, samples
 
 
+def resolve(
+    model: Any,
+    workload: Any,
+    steps: int | None,
+    guidance: float | None,
+    seeds: int | None,
+    check_only: bool = False,
+) -> Any:
+    """Checks ``model`` and ``workload`` together (a workload, or the zoo's defaults tuned by
+    ``steps``, ``guidance`` and ``seeds``, never both); returns the workload (None for zoo
+    defaults). A model outside the zoo needs a workload: what it generates is the user's."""
+    from ..pipelines import check_spec, is_zoo
+    from ..workload import WorkloadError, as_workload
+
+    if isinstance(model, str):
+        check_spec(model)  # a spec that names nothing is the first thing to say
+    if workload is None:
+        if not is_zoo(model):
+            shown = model if isinstance(model, str) else type(model).__name__
+            raise WorkloadError(
+                f"workload: {shown} is not a zoo model; give a workload (its prompts or other inputs, "
+                "steps, guidance and seeds) with --workload FILE or workload="
+            )
+        return None
+    given = [n for n, v in (("steps", steps), ("guidance", guidance), ("seeds", seeds)) if v is not None]
+    if given:
+        raise WorkloadError(f"{given[0]}: set it in the workload, not beside it")
+    return as_workload(workload)
+
+
+def heldout_batch(target: Any, workload: Any, steps: int | None, guidance: float | None, seeds: int) -> Batch:
+    """The evaluation batch: the workload's held-out seeds, or the zoo's 10_000 + i."""
+    if workload is None:
+        return make_batch(
+            target.pipe, target.name, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)]
+        )
+    workload.check_pipeline(target.pipe)
+    return workload_batch(target.pipe, target.name, workload, workload.heldout_seeds)
+
+
 def bench(
-    model: str,
+    model: Any,
     candidates: list[Candidate],
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None,
     steps: int | None = None,
-    seeds: int = 16,
+    seeds: int | None = None,
     repeats: int = 5,
     guidance: float | None = None,
     unavailable: list[dict[str, str]] | None = None,
     command: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    workload: Any = None,
 ) -> dict[str, Any]:
-    """Measure ``candidates`` (the reference is added first) on zoo model ``model``.
+    """Measure ``candidates`` (the reference is added first) on ``model``: a zoo key, a pipeline
+    spec (folder, ``module:function``) or a pipeline object, with ``workload`` for the latter two.
 
-    Writes ``out_dir/result.json``, ``out_dir/samples.safetensors`` and ``out_dir/report.html``;
-    returns the result document. Arguments are checked before anything is loaded or written.
+    Writes ``out_dir/result.json``, ``out_dir/samples.safetensors`` and ``out_dir/report.html``
+    (nothing when ``out_dir`` is None); returns the result document. Arguments are checked
+    before anything is loaded or written.
     """
+    from ..pipelines import load_pipeline
     from .report import render
     from .result import SCHEMA, decode_samples, encode_samples, validate_result
 
     check_run_names(candidates)
-    out = check_args(model, out_dir, steps, seeds, repeats, guidance)
-    check_out_dir(out, BENCH_FILES)
+    wl = resolve(model, workload, steps, guidance, seeds)
+    n_seeds = len(wl.heldout_seeds) if wl is not None else (16 if seeds is None else seeds)
+    out = check_args(model, out_dir, steps, n_seeds, repeats, guidance)
+    if out is not None:
+        check_out_dir(out, BENCH_FILES)
 
-    pipe = zoo.load(model)
+    target = load_pipeline(model)
+    pipe = target.pipe
+    work = heldout_batch(target, wl, steps, guidance, n_seeds)
     for cand in candidates:  # a method the model cannot run fails here, before any generation
         reason = unsupported(pipe, cand) if cand.kind == "stepcache" else None
         if reason is not None:
             raise ValueError(f"{cand.name}: {reason}")
-    work = make_workload(pipe, model, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)])
     runs = [c for c in candidates if c.kind != "reference"]
     failed: list[dict[str, str]] = []
     rows, samples = measure(pipe, work, [reference_candidate(), *runs], repeats, progress, failed)
     doc = {
         "schema": SCHEMA,
-        "model": model,
+        "model": target.name,
         **environment(),
         "command": command or "python " + " ".join(sys.argv),
         "protocol": {
@@ -501,15 +604,19 @@ def bench(
             "guidance": work.guidance,
             "seeds": [work.seeds[0], work.seeds[-1]],
             "num_seeds": len(work.seeds),
+            **({"workload": wl.to_dict()} if wl is not None else {}),
             "repeats": repeats,
             "timing": "CUDA events" if torch.cuda.is_available() else "time.perf_counter",
             "warmup_excluded": True,
             "ci": "95% percentile bootstrap of the per-image mean",
+            "metrics_skipped": skipped_metrics(rows),
         },
         "runs": rows,
         "unavailable": [*(unavailable or []), *failed],
     }
     validate_result(doc)
+    if out is None:  # measured for the caller only
+        return doc
     # Everything is rendered in memory first; result.json, which marks the folder as a finished
     # run, is renamed into place last, so a failure leaves the previous run's files intact.
     samples_bytes = encode_samples(samples)

@@ -115,7 +115,8 @@ def _validate_protocol(proto: Any) -> None:
         raise ResultError(f"protocol: expected an object, got {_show(proto)}")
     for key in ("steps", "num_seeds", "repeats"):
         _positive_int(f"protocol.{key}", proto.get(key))
-    if _number("protocol.guidance", proto.get("guidance")) < 0:
+    # null: a pipeline without a guidance scale
+    if proto.get("guidance") is not None and _number("protocol.guidance", proto.get("guidance")) < 0:
         raise ResultError("protocol.guidance: must be >= 0")
 
 

@@ -7,11 +7,16 @@ The module itself is callable: ``stepcache.search("fmnist-dit", speedup=2)`` is
 import sys
 import types
 
+from .evaluate import CostModel, SearchError
 from .planner import SegmentErrors, brute_force, plan
-from .study import SEARCHERS, CostModel, SearchError, Target, search
+from .space import SPACE, Point
+from .study import SEARCHERS, SearchConfig, Target, search
 
 __all__ = [
     "SEARCHERS",
+    "SPACE",
+    "Point",
+    "SearchConfig",
     "CostModel",
     "SearchError",
     "SegmentErrors",

@@ -33,6 +33,7 @@ class SegmentErrors:
         tr = self.traj
         n = tr.num_steps
         x = tr.x[i].clone()
+        state = tr.start(i)
         out = [0.0] * (n + 1)
         for s in range(i, n):
             if s == i or self.order == 0 or p < 0:
@@ -40,7 +41,7 @@ class SegmentErrors:
             else:
                 wp, wi = lagrange_weights([float(tr.t[p]), float(tr.t[i])], float(tr.t[s]))
                 v = wp * tr.v[p] + wi * tr.v[i]
-            x = x + tr.dt[s] * v
+            x = tr.advance(state, s, x, v)
             out[s + 1] = float(((x - tr.x[s + 1]) ** 2).mean())
         return out
 

@@ -1,7 +1,8 @@
 """Candidate evaluations on Ray workers (the optional ``ray`` extra).
 
-Each worker is a Ray actor that loads the same zoo model and scores policies against the
-reference images the driver recorded (sent once, so workers spend no budget on references).
+Each worker is a Ray actor that loads the same pipeline (zoo key, folder or factory) and scores
+policies against the reference images the driver recorded (sent once, so workers spend no budget
+on references).
 ``address=None`` starts a local cluster on this machine; a real cluster's address joins it.
 """
 
@@ -18,13 +19,26 @@ from ..policy import Policy
 class _Worker:
     """Lives in a Ray worker process: one pipeline, one evaluator, many policies."""
 
-    def __init__(self, model: str, steps: int, guidance: float, seeds: list[int], reference: np.ndarray):
-        from .. import zoo
-        from ..bench.harness import make_workload
-        from .study import Evaluator
+    def __init__(
+        self,
+        spec: str,
+        workload: dict[str, Any] | None,
+        steps: int,
+        guidance: float | None,
+        seeds: list[int],
+        reference: np.ndarray,
+    ):
+        from ..bench.harness import make_batch, workload_batch
+        from ..pipelines import load_pipeline
+        from ..workload import Workload
+        from .evaluate import Evaluator
 
-        pipe = zoo.load(model)
-        self.ev = Evaluator(pipe, make_workload(pipe, model, steps, guidance, seeds), reference=reference)
+        target = load_pipeline(spec)
+        if workload is None:
+            batch = make_batch(target.pipe, target.name, steps, guidance, seeds)
+        else:
+            batch = workload_batch(target.pipe, target.name, Workload.from_dict(workload), seeds)
+        self.ev = Evaluator(target.pipe, batch, reference=reference)
 
     def evaluate(self, policy: dict[str, Any]) -> dict[str, Any]:
         res = self.ev.evaluate(Policy.from_dict(policy))
@@ -35,7 +49,13 @@ class RayPool:
     """``size`` workers; ``evaluate`` scores a list of policies, one per worker at a time."""
 
     def __init__(
-        self, model: str, work: Any, reference: np.ndarray, workers: int, address: str | None = None
+        self,
+        spec: str,
+        workload: Any,
+        work: Any,
+        reference: np.ndarray,
+        workers: int,
+        address: str | None = None,
     ):
         try:
             import ray
@@ -58,7 +78,14 @@ class RayPool:
         self._ray = ray
         self.size = workers
         self.actors = [
-            actor.remote(model, work.steps, work.guidance, list(work.seeds), reference)
+            actor.remote(
+                spec,
+                workload.to_dict() if workload is not None else None,
+                work.steps,
+                work.guidance,
+                list(work.seeds),
+                reference,
+            )
             for _ in range(workers)
         ]
 

@@ -11,7 +11,7 @@ blocks means no block rule) and its threshold.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import presets
@@ -79,3 +79,103 @@ class Candidate:
         if len(parts) == 1:
             return Policy.from_dict({**parts[0].to_dict(), "name": name})
         return compose(*parts, name=name)
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One knob of the space. ``high`` may name a bound that depends on the run (``k_max``:
+    the most computed steps that can meet the speed target; ``fn_max``: leading blocks)."""
+
+    name: str
+    kind: str  # "int", "float" or "cat"
+    low: float = 0
+    high: float | str = 0
+    log: bool = False
+    choices: tuple[str, ...] = ()
+    needs: str = ""  # "": always; "cfg": guidance is on; "blocks": a block stack; "block_rule": block_fn > 0
+
+
+# The space, declared once: Optuna proposes from it and a fixed candidate is stored through it.
+SPACE = (
+    Dim("order", "int", 0, 2),
+    Dim("computed", "int", 1, "k_max"),
+    Dim("cfg_full", "float", 0.0, 1.0, needs="cfg"),
+    Dim("cfg_mode", "cat", choices=CFG_MODES, needs="cfg"),
+    Dim("cfg_interval", "int", 1, 6, needs="cfg"),
+    Dim("block_fn", "int", 0, "fn_max", needs="blocks"),  # 0: no block rule
+    Dim("block_bn", "int", 0, 1, needs="block_rule"),
+    Dim("block_threshold", "float", 0.03, 0.5, log=True, needs="block_rule"),
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What the space depends on for one search."""
+
+    k_max: int
+    cfg: bool
+    num_blocks: int
+
+    def active(self, dim: Dim, values: dict[str, Any]) -> bool:
+        if dim.needs == "cfg":
+            return self.cfg
+        if dim.needs == "blocks":
+            return self.num_blocks >= 2
+        if dim.needs == "block_rule":
+            return self.num_blocks >= 2 and values.get("block_fn", 0) > 0
+        return True
+
+    def high(self, dim: Dim) -> float:
+        named = {"k_max": self.k_max, "fn_max": min(2, self.num_blocks - 1)}
+        return named[dim.high] if isinstance(dim.high, str) else dim.high
+
+
+def suggest(trial: Any, bounds: Bounds) -> Candidate:
+    """The candidate an Optuna trial proposes (or was enqueued with)."""
+    values: dict[str, Any] = {}
+    for dim in SPACE:
+        if not bounds.active(dim, values):
+            continue
+        if dim.kind == "int":
+            values[dim.name] = trial.suggest_int(dim.name, int(dim.low), int(bounds.high(dim)))
+        elif dim.kind == "float":
+            values[dim.name] = trial.suggest_float(dim.name, dim.low, bounds.high(dim), log=dim.log)
+        else:
+            values[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
+    return Candidate(**values)
+
+
+def params(cand: Candidate, bounds: Bounds) -> dict[str, Any]:
+    """A candidate as the trial parameters ``suggest`` reads back (to enqueue it)."""
+    values: dict[str, Any] = {}
+    for dim in SPACE:
+        if bounds.active(dim, values):
+            values[dim.name] = getattr(cand, dim.name)
+    return values
+
+
+@dataclass
+class Point:
+    """One evaluated candidate: its schedule, what it did per step (and per row), its
+    calibration PSNR and adherence, its FLOP speedup, and what evaluating it cost."""
+
+    candidate: Candidate
+    psnr: float
+    speedup: float
+    actions: str
+    mask: list[bool]
+    cost: float = 0.0
+    row_actions: list[str] = field(default_factory=list)
+    adherence: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.candidate.as_dict(),
+            "psnr": self.psnr,
+            "speedup": self.speedup,
+            "actions": self.actions,
+            "mask": list(self.mask),
+            "cost": self.cost,
+            "row_actions": list(self.row_actions),
+            "adherence": self.adherence,
+        }

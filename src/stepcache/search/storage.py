@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .space import CFG_MODES, Candidate
-from .study import CostModel, SearchError
+from .evaluate import CostModel, SearchError
+from .space import CFG_MODES, Candidate, Point
 
 OPEN_ATTEMPTS = 8
 HEARTBEAT_S = 30.0
@@ -267,7 +267,7 @@ def checked_candidate(d: Any, num_steps: int) -> Candidate:
     return Candidate(**d)
 
 
-def checked_point(p: Any, num_steps: int) -> dict[str, Any]:
+def checked_point(p: Any, num_steps: int) -> Point:
     """A stored evaluation: the candidate, its schedule and what was measured."""
     if not isinstance(p, dict):
         raise ValueError("point")
@@ -289,16 +289,16 @@ def checked_point(p: Any, num_steps: int) -> dict[str, Any]:
     adherence = p.get("adherence")
     if adherence is not None and not (_is_real(adherence) and 0 <= adherence <= 1):
         raise ValueError("point adherence")
-    return {
-        "candidate": cand.as_dict(),
-        "psnr": float(psnr),
-        "speedup": float(speed),
-        "actions": actions,
-        "mask": list(mask),
-        "cost": float(cost),
-        "row_actions": list(rows),
-        "adherence": None if adherence is None else float(adherence),
-    }
+    return Point(
+        candidate=cand,
+        psnr=float(psnr),
+        speedup=float(speed),
+        actions=actions,
+        mask=list(mask),
+        cost=float(cost),
+        row_actions=list(rows),
+        adherence=None if adherence is None else float(adherence),
+    )
 
 
 def checked_cost_model(d: Any) -> CostModel:

@@ -27,25 +27,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
-from .. import presets, zoo
+from .. import zoo
 from .._limits import MAX_BUDGET
 from ..api import disable, enable
-from ..bench.harness import EVAL_SEED_BASE, Judge, Workload, _flops, _timed, adherence, make_workload
-from ..errors import UnsupportedModelError
-from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
+from ..bench.harness import EVAL_SEED_BASE, Judge, _timed, make_batch
+from ..pipelines import fingerprint
 from ..policy import Policy
-from .planner import SegmentErrors, plan
-from .space import CFG_MODES, Candidate
-from .trajectory import record
+from .evaluate import CostModel, Evaluator, SearchError, policy_key
+from .space import Bounds, Candidate, Point, params, suggest
+from .trajectory import NotFirstOrderError
 
 SEARCHERS = ("tpe", "nsga2", "cmaes", "random", "planner", "evolution")
-PSNR_CAP = 100.0  # dB given to an image identical to its reference, so means stay finite
-
-
-class SearchError(ValueError):
-    """A search request that cannot be carried out; the message names the argument."""
 
 
 @dataclass(frozen=True)
@@ -78,151 +70,10 @@ class Target:
         return base if self.min_adherence is None else f"{base}-adh{self.min_adherence:g}"
 
 
-def policy_key(policy: Policy) -> str:
-    """Identifies what a policy computes, whatever its name or meta."""
-    return str(sorted(policy.to_dict()["rules"].items()))
-
-
-class Evaluator:
-    """A seed set's reference (trajectory and images) and the evaluation of candidate policies."""
-
-    def __init__(self, pipe: Any, work: Workload, reference: np.ndarray | None = None):
-        """Records the reference trajectory, or, given ``reference`` images (a remote worker
-        that only scores candidates), takes them as they are."""
-        self.pipe, self.work = pipe, work
-        self.traj = record(pipe, lambda: work.generate(pipe)) if reference is None else None
-        self.reference = self.traj.images if self.traj is not None else reference
-        self.cfg = work.guidance > 1.0
-        self._errors = {order: SegmentErrors(self.traj, order) for order in (0, 1)} if self.traj else {}
-        self._masks: dict[tuple[int, int], list[bool]] = {}
-        self._cache: dict[str, dict[str, Any]] = {}
-        self.reference_adherence = adherence(work.model, self.reference, work.captions)
-
-    @property
-    def num_steps(self) -> int:
-        return self.traj.num_steps
-
-    def mask(self, computed: int, order: int) -> list[bool]:
-        """The planner's schedule for ``computed`` steps (exact for order <= 1, reused above)."""
-        key = (computed, min(order, 1))
-        if key not in self._masks:
-            self._masks[key] = plan(self._errors[key[1]], self.num_steps, computed)[0]
-        return self._masks[key]
-
-    def evaluate(self, policy: Policy) -> dict[str, Any]:
-        """Fidelity of ``policy`` on this seed set; ``cost`` is the fraction of network rows it
-        ran (0 when the same policy was evaluated before: its result is reused)."""
-        key = policy_key(policy)
-        if key in self._cache:
-            return {**self._cache[key], "cost": 0.0}
-        handle = enable(self.pipe, policy)
-        try:
-            images = self.work.generate(self.pipe)
-            stats = handle.stats()
-        finally:
-            disable(self.pipe)
-        psnr = psnr_per_image(images, self.reference)
-        letters = "".join(stats["row_actions"])
-        result = {
-            "psnr": float(np.minimum(psnr, PSNR_CAP).mean()),
-            "psnr_ci": list(bootstrap_ci(np.minimum(psnr, PSNR_CAP))),
-            "ssim": float(ssim_per_image(images, self.reference).mean()),
-            "actions": "".join(stats["actions"]),
-            "row_actions": list(stats["row_actions"]),
-            # Partial rows ran the span's ends; counted as half a row, a rough share.
-            "cost": (letters.count("C") + 0.5 * letters.count("P")) / len(letters),
-            "adherence": adherence(self.work.model, images, self.work.captions),
-            "images": images,
-        }
-        self._cache[key] = result
-        return result
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Work of a generation from its per-step actions: ``full`` minus what each estimated step
-    (E) and each conditional-only step (G) saves, in FLOPs (torch's counter: matrix products,
-    convolutions and attention), counted once per action. Deterministic, unlike timings on a
-    shared machine; an estimated step's elementwise arithmetic counts as free."""
-
-    full: float
-    save_estimated: float
-    save_cond_only: float
-    save_partial: float = 0.0  # per step whose every row skips all blocks but the first
-    num_blocks: int = 0
-
-    @classmethod
-    def calibrate(cls, ev: Evaluator, blocks: bool = False) -> CostModel:
-        n = ev.num_steps
-        only_first = [True] + [False] * (n - 1)
-
-        def work(policy: Policy | None) -> float:
-            if policy is not None:
-                enable(ev.pipe, policy)
-            try:
-                return _flops(lambda: ev.work.generate(ev.pipe))
-            finally:
-                disable(ev.pipe)
-
-        full = work(None)
-        estimated = work(Candidate(1, 1).policy(only_first, cfg=False))
-        save_g = 0.0
-        if ev.cfg and n > 1:
-            # step 0 with guidance (full_until is at least 1), the other n - 1 conditional only
-            cond_only = work(Candidate(n, 0, cfg_full=0.0, cfg_mode="cond-only").policy([True] * n, cfg=True))
-            save_g = max(0.0, (full - cond_only) / (n - 1))
-        save_e = max(0.0, (full - estimated) / max(1, n - 1))
-        save_p, num_blocks = 0.0, _num_blocks(ev.pipe) if blocks else 0
-        if num_blocks >= 2 and n > 1:
-            skip_middle = presets.get("dbcache", fn=1, bn=0, threshold=1e9, max_consecutive=100_000, warmup=1)
-            save_p = max(0.0, (full - work(skip_middle)) / (n - 1))
-        return cls(
-            full=full,
-            save_estimated=save_e,
-            save_cond_only=save_g,
-            save_partial=save_p,
-            num_blocks=num_blocks,
-        )
-
-    def speedup(self, actions: str) -> float:
-        latency = (
-            self.full - actions.count("E") * self.save_estimated - actions.count("G") * self.save_cond_only
-        )
-        return self.full / max(latency, 1e-9)
-
-    def speedup_rows(self, row_actions: list[str], middle_fraction: float) -> float:
-        """Speedup from what each row did per step (as ``stats()["row_actions"]`` reports it):
-        estimated steps, left-out unconditional rows, and rows whose middle blocks were skipped."""
-        latency = self.full
-        for rows in row_actions:
-            if set(rows) == {"E"}:
-                latency -= self.save_estimated
-                continue
-            latency -= self.save_cond_only * min(1.0, 2 * rows.count("G") / len(rows))
-            latency -= self.save_partial * middle_fraction * rows.count("P") / len(rows)
-        return self.full / max(latency, 1e-9)
-
-    def optimistic(self, actions: str, middle_fraction: float) -> float:
-        """Upper bound before running: every computed step after the first also partial."""
-        partial = sum(1 for i, a in enumerate(actions) if a in "CG" and i > 0)
-        latency = self.full / self.speedup(actions) - partial * self.save_partial * middle_fraction
-        return self.full / max(latency, 1e-9)
-
-
-def _num_blocks(pipe: Any) -> int:
-    """Blocks in the denoiser's stack; 0 (no block level to search) for a model without one."""
-    from ..adapters import adapter_for, find_denoiser
-
-    try:
-        return len(adapter_for(find_denoiser(pipe)).blocks() or [])
-    except UnsupportedModelError:
-        return 0
-
-
-def _pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _pareto(points: list[Point]) -> list[Point]:
     from ..bench.report import pareto_front
 
-    front = pareto_front([(p["speedup"], p["psnr"]) for p in points])
+    front = pareto_front([(p.speedup, p.psnr) for p in points])
     return [points[i] for i in front]
 
 
@@ -240,11 +91,18 @@ class _Run:
     ):
         self.ev, self.cost, self.target, self.budget, self.used = ev, cost, target, budget, used
         self.progress = progress
-        self.evaluated: list[dict[str, Any]] = []
+        self.evaluated: list[Point] = []
         self.pool: Any = None  # a remote pool (``remote.RayPool``), or None: evaluate here
         # Results by policy_key, without images: a policy seen before (in this process or in the
         # resumed part of a study) costs nothing, wherever it would run.
-        self.known: dict[str, dict[str, Any]] = {}
+        self.known: dict[str, Point | dict[str, Any]] = {}
+
+    def settle_guidance(self) -> None:
+        """A guidance scale above 1 that the runtime finds no unconditional pass for (a distilled
+        guidance embedding, FLUX's ``guidance_scale``) leaves nothing to search at the guidance
+        level: the cost model then measured no saving for conditional-only steps."""
+        if self.ev.cfg and self.cost.save_cond_only <= 0:
+            self.ev.cfg = False
 
     def predict(self, cand: Candidate) -> tuple[list[bool], str, float]:
         """Mask, step actions and predicted speedup; with a block rule, whose partial steps depend
@@ -275,7 +133,7 @@ class _Run:
             fastest["block_fn"] = 1
         return fastest
 
-    def run_many(self, cands: list[Candidate]) -> list[dict[str, Any]]:
+    def run_many(self, cands: list[Candidate]) -> list[Point]:
         """Evaluate candidates (on the pool's workers, in parallel when it has several)."""
         prepared = [(cand, *self.predict(cand)) for cand in cands]
         policies = [cand.policy(mask, self.ev.cfg) for cand, mask, _, _ in prepared]
@@ -288,53 +146,54 @@ class _Run:
         unpaid = set(fresh)  # each fresh policy pays once, even when a batch holds it twice
         points = []
         for (cand, mask, _, _), key in zip(prepared, keys, strict=True):
-            res = {**self.known[key], "cost": self.known[key]["cost"] if key in unpaid else 0.0}
+            res = _as_result(self.known[key])
+            cost = res["cost"] if key in unpaid else 0.0
             unpaid.discard(key)
-            self.used += res["cost"]
+            self.used += cost
             speed = self.cost.speedup_rows(res["row_actions"], cand.middle_fraction(self.cost.num_blocks))
-            point = {
-                "candidate": cand.as_dict(),
-                "psnr": res["psnr"],
-                "speedup": speed,
-                "actions": res["actions"],
-                "mask": mask,
-                "cost": res["cost"],
-                "row_actions": res["row_actions"],
-                "adherence": res.get("adherence"),
-            }
+            point = Point(
+                candidate=cand,
+                psnr=res["psnr"],
+                speedup=speed,
+                actions=res["actions"],
+                mask=list(mask),
+                cost=cost,
+                row_actions=list(res["row_actions"]),
+                adherence=res.get("adherence"),
+            )
             self.evaluated.append(point)
             points.append(point)
         best = self.best()
         self.progress(
-            self.used, self.budget, f"best {best['psnr']:.1f} dB at {best['speedup']:.2f}x" if best else ""
+            self.used, self.budget, f"best {best.psnr:.1f} dB at {best.speedup:.2f}x" if best else ""
         )
         return points
 
-    def remember(self, point: dict[str, Any]) -> None:
+    def remember(self, point: Point) -> None:
         """A point evaluated before (a resumed study's): counted, and free when proposed again."""
         self.evaluated.append(point)
-        self.used += point["cost"]
-        if point["row_actions"]:  # stored since the study kept them; older points pay again
-            policy = Candidate(**point["candidate"]).policy(point["mask"], self.ev.cfg)
+        self.used += point.cost
+        if point.row_actions:  # stored since the study kept them; older points pay again
+            policy = point.candidate.policy(point.mask, self.ev.cfg)
             self.known.setdefault(policy_key(policy), point)
 
-    def score(self, point: dict[str, Any]) -> float:
+    def score(self, point: Point) -> float:
         """One number to maximise: PSNR for a speed target; predicted speedup for a PSNR target
         (negative, by the PSNR shortfall, when the PSNR target is missed)."""
         if self.target.speedup is not None:  # too slow once measured: ranked below every fast one
-            return point["psnr"] if self.meets(point) else -100.0 + point["speedup"]
-        shortfall = self.target.min_psnr - point["psnr"]
-        return point["speedup"] if shortfall <= 0 else -shortfall
+            return point.psnr if self.meets(point) else -100.0 + point.speedup
+        shortfall = self.target.min_psnr - point.psnr
+        return point.speedup if shortfall <= 0 else -shortfall
 
-    def meets(self, point: dict[str, Any]) -> bool:
+    def meets(self, point: Point) -> bool:
         floor = self.target.min_adherence
-        if floor is not None and (point.get("adherence") is None or point["adherence"] < floor - 1e-9):
+        if floor is not None and (point.adherence is None or point.adherence < floor - 1e-9):
             return False
         if self.target.speedup is not None:
-            return self.feasible_speed(point["speedup"])
-        return point["psnr"] >= self.target.min_psnr
+            return self.feasible_speed(point.speedup)
+        return point.psnr >= self.target.min_psnr
 
-    def best(self) -> dict[str, Any] | None:
+    def best(self) -> Point | None:
         ok = [p for p in self.evaluated if self.meets(p)]
         return max(ok, key=self.score) if ok else None
 
@@ -364,32 +223,17 @@ class _Run:
         return seeds
 
 
-def _suggest(trial: Any, k_max: int, cfg: bool, num_blocks: int) -> Candidate:
-    kw: dict[str, Any] = {
-        "order": trial.suggest_int("order", 0, 2),
-        "computed": trial.suggest_int("computed", 1, k_max),
-    }
-    if cfg:
-        kw["cfg_full"] = trial.suggest_float("cfg_full", 0.0, 1.0)
-        kw["cfg_mode"] = trial.suggest_categorical("cfg_mode", list(CFG_MODES))
-        kw["cfg_interval"] = trial.suggest_int("cfg_interval", 1, 6)
-    if num_blocks >= 2:  # the block level: none (0), or dbcache's span and threshold
-        kw["block_fn"] = trial.suggest_int("block_fn", 0, min(2, num_blocks - 1))
-        if kw["block_fn"] > 0:
-            kw["block_bn"] = trial.suggest_int("block_bn", 0, 1)
-            kw["block_threshold"] = trial.suggest_float("block_threshold", 0.03, 0.5, log=True)
-    return Candidate(**kw)
-
-
-def _params(cand: Candidate, cfg: bool, num_blocks: int) -> dict[str, Any]:
-    d: dict[str, Any] = {"order": cand.order, "computed": cand.computed}
-    if cfg:
-        d.update(cfg_full=cand.cfg_full, cfg_mode=cand.cfg_mode, cfg_interval=cand.cfg_interval)
-    if num_blocks >= 2:
-        d["block_fn"] = cand.block_fn
-        if cand.block_fn > 0:
-            d.update(block_bn=cand.block_bn, block_threshold=cand.block_threshold)
-    return d
+def _as_result(known: Point | dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's result, whether it was run here (a dict) or read back (a stored Point)."""
+    if isinstance(known, Point):
+        return {
+            "psnr": known.psnr,
+            "actions": known.actions,
+            "cost": known.cost,
+            "row_actions": known.row_actions,
+            "adherence": known.adherence,
+        }
+    return known
 
 
 def _sampler_at(searcher: str, seed: int) -> Callable[[int], Any]:
@@ -497,17 +341,15 @@ def _resume(study: Any, study_name: str, r: _Run) -> _Resumed:
     return _Resumed(queue, 1 + max(done | open_at.keys(), default=-1), points)
 
 
-def _ask(
-    study: Any, where: dict[str, Any], fixed: Candidate | None, k_max: int, cfg: bool, blocks: int
-) -> tuple[Any, Candidate]:
+def _ask(study: Any, where: dict[str, Any], fixed: Candidate | None, bounds: Bounds) -> tuple[Any, Candidate]:
     """A trial proposing ``fixed`` (a planner seed, or what a dead process was evaluating) or what
     the study's sampler proposes, recorded with its place in the sequence (``where``): for a fixed
     one at its creation, so that no trial of the study is ever without it for long."""
     if fixed is not None:
         proposal = {**where, "candidate": fixed.as_dict()}
-        study.enqueue_trial(_params(fixed, cfg, blocks), user_attrs={"proposal": proposal})
+        study.enqueue_trial(params(fixed, bounds), user_attrs={"proposal": proposal})
     trial = study.ask()  # pops the trial just enqueued: the lock keeps every other one away
-    cand = _suggest(trial, k_max, cfg, blocks)
+    cand = suggest(trial, bounds)
     if fixed is None:
         trial.set_user_attr("proposal", {**where, "candidate": cand.as_dict()})
     return trial, cand
@@ -518,12 +360,12 @@ def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = No
 
     multi = searcher == "nsga2"
     sampler_at = _sampler_at(searcher, seed)
-    cfg, blocks = r.ev.cfg, r.cost.num_blocks
     resumed = _resume(study, study.study_name, r)
     queue, at = resumed.queue, resumed.next_at
     r.progress(r.used, r.budget, "resumed" if resumed.points else "")
     # No candidate computing more steps than this meets a speed target, whatever its guidance.
     k_max = max(1, (r.largest_feasible(0, **r.fastest_settings()) or Candidate(1, 0)).computed)
+    bounds = Bounds(k_max=k_max, cfg=r.ev.cfg, num_blocks=r.cost.num_blocks)
     width = r.pool.size if r.pool is not None else 1
     limit = max(200, int(100 * r.budget))  # infeasible proposals cost nothing; bound them
     while True:
@@ -542,7 +384,7 @@ def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = No
             if pos is None:
                 pos, at = at, at + 1
             study.sampler = sampler_at(pos)
-            trial, cand = _ask(study, {"at": pos, "seed": seed_no}, fixed, k_max, cfg, blocks)
+            trial, cand = _ask(study, {"at": pos, "seed": seed_no}, fixed, bounds)
             _, actions, speed = r.predict(cand)
             if not r.feasible_speed(speed):
                 study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
@@ -559,9 +401,9 @@ def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = No
         if batch:
             points = r.run_many([cand for _, cand in batch])
             for (trial, _), point in zip(batch, points, strict=True):
-                trial.set_user_attr("point", point)
-                trial.set_user_attr("cost", point["cost"])
-                study.tell(trial, [point["psnr"], point["speedup"]] if multi else r.score(point))
+                trial.set_user_attr("point", point.as_dict())
+                trial.set_user_attr("cost", point.cost)
+                study.tell(trial, [point.psnr, point.speedup] if multi else r.score(point))
         if exhausted or not batch:
             break
     return {
@@ -581,23 +423,24 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
         raise SearchError("speedup: no timestep subset reaches this target")
     n, k = r.ev.num_steps, start.computed
 
-    def evaluate(steps: frozenset[int]) -> dict[str, Any] | None:
-        mask = [s in steps for s in range(n)]
+    def evaluate(steps: frozenset[int]) -> Point | None:
+        mask = [s in steps for s in range(n)]  # the timesteps that run
         actions = Candidate(k, 0).actions(mask, False)
         if not r.affordable(actions):
             return None
         res = r.ev.evaluate(Candidate(k, 0).policy(mask, cfg=False))
         r.used += res["cost"]
-        point = {
-            "candidate": {"computed": k, "order": 0, "timesteps": sorted(steps)},
-            "psnr": res["psnr"],
-            "speedup": r.cost.speedup(actions),
-            "actions": res["actions"],
-            "mask": mask,
-            "adherence": res.get("adherence"),
-        }
+        point = Point(
+            candidate=Candidate(k, 0),
+            psnr=res["psnr"],
+            speedup=r.cost.speedup(actions),
+            actions=res["actions"],
+            mask=mask,
+            cost=res["cost"],
+            adherence=res.get("adherence"),
+        )
         r.evaluated.append(point)
-        r.progress(r.used, r.budget, f"best {max(p['psnr'] for p in r.evaluated):.1f} dB")
+        r.progress(r.used, r.budget, f"best {max(p.psnr for p in r.evaluated):.1f} dB")
         return point
 
     def mutate(steps: frozenset[int]) -> frozenset[int]:
@@ -624,7 +467,7 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
             point = evaluate(steps)
             if point is None:
                 return {"searcher": "evolution", "generations": generations}
-            scored[steps] = point["psnr"]
+            scored[steps] = point.psnr
         generations += 1
         if len(scored) >= subsets or k == 1:
             break
@@ -640,6 +483,16 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
             if child not in scored and child not in population:
                 population.append(child)
     return {"searcher": "evolution", "generations": generations, "exhausted_subsets": len(scored) >= subsets}
+
+
+def _resolution(pipe: Any, ev: Evaluator) -> int | list[int]:
+    """A zoo model's sample size, else the height and width of the reference images."""
+    from ..adapters import find_denoiser
+
+    size = getattr(getattr(find_denoiser(pipe), "config", None), "sample_size", None)
+    if isinstance(size, int) and getattr(pipe, "default_steps", None) is not None:
+        return size
+    return [int(ev.reference.shape[1]), int(ev.reference.shape[2])]
 
 
 def _model_hash(model: str) -> str:
@@ -687,7 +540,7 @@ def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: flo
 
 
 def _check_request(
-    model: str,
+    model: Any,
     target: Target,
     budget: Any,
     searcher: str,
@@ -700,10 +553,16 @@ def _check_request(
     steps: Any,
 ) -> None:
     """Every argument a search can refuse before it loads a model."""
-    if (problem := zoo.model_problem(model)) is not None:
-        raise SearchError(f"model: {problem}")
-    if target.min_adherence is not None and zoo.spec(model).world is None:
-        raise SearchError(f"min_adherence: {model} has no prompt judge (the shapes models have one)")
+    from ..pipelines import PipelineSpecError, check_spec, is_zoo
+
+    if isinstance(model, str):
+        try:
+            check_spec(model)
+        except PipelineSpecError as e:
+            raise SearchError(str(e)) from None
+    if target.min_adherence is not None and not (is_zoo(model) and zoo.spec(model).world is not None):
+        shown = model if isinstance(model, str) else type(model).__name__
+        raise SearchError(f"min_adherence: {shown} has no prompt judge (the shapes models have one)")
     if searcher not in SEARCHERS:
         raise SearchError(f"searcher: unknown {searcher!r}; choose from {', '.join(SEARCHERS)}")
     _check_storage(searcher, storage, study)
@@ -711,6 +570,11 @@ def _check_request(
         raise SearchError(f"engine: choose local or ray, got {engine!r}")
     if engine == "ray" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise SearchError(f"workers: must be a positive integer, got {workers!r}")
+    if engine == "ray" and not isinstance(model, str):
+        raise SearchError(
+            "engine: Ray workers load the pipeline themselves; pass a spec (zoo key, folder or "
+            "module:function), not a pipeline object"
+        )
     if engine == "ray" and searcher == "evolution":
         raise SearchError("engine: the evolutionary baseline runs locally only")
     if engine == "ray":
@@ -814,33 +678,74 @@ def _check_reachable(r: _Run) -> None:
         )
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a search runs (the target aside): its budget in full-generation equivalents of the
+    calibration batch, the searcher and its seed, the Optuna storage and study to resume, the zoo
+    seed counts, steps and guidance (a workload carries its own), the held-out oracle, whether
+    the block level is searched, and where candidates are evaluated (``local`` or ``ray``)."""
+
+    budget: float = 10.0
+    searcher: str = "tpe"
+    storage: str | None = None
+    study: str | None = None
+    calib_seeds: int | None = None
+    heldout_seeds: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    oracle: bool = True
+    blocks: bool = False
+    engine: str = "local"
+    workers: int = 2
+    ray_address: str | None = None
+
+
 def search(
-    model: str,
+    model: Any,
+    workload: Any = None,
     *,
     speedup: float | None = None,
     min_psnr: float | None = None,
     min_adherence: float | None = None,
-    budget: float = 10.0,
-    searcher: str = "tpe",
-    storage: str | None = None,
-    study: str | None = None,
-    calib_seeds: int = 16,
-    heldout_seeds: int = 16,
-    steps: int | None = None,
-    guidance: float | None = None,
+    config: SearchConfig | None = None,
     out: str | os.PathLike | None = None,
-    seed: int = 0,
-    oracle: bool = True,
-    blocks: bool = False,
-    engine: str = "local",
-    workers: int = 2,
-    ray_address: str | None = None,
     command: str | None = None,
     progress: Callable[[float, float, str], None] | None = None,
+    **settings: Any,
 ) -> Policy:
-    """Find a policy for zoo model ``model`` that meets the target; see the module docstring."""
+    """Find a policy that meets the target on ``model``: a zoo key, a pipeline spec (diffusers
+    folder, ``module:function``) or a pipeline object, generating ``workload`` (required outside
+    the zoo; its calibration and held-out seeds, steps and guidance are the search's). How it
+    runs is a ``SearchConfig``, given whole as ``config`` or field by field as keywords
+    (``budget=5``). See the module docstring."""
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise SearchError(f"{unknown[0]}: not a search setting; settings are {', '.join(sorted(fields))}")
+    cfg = dataclasses.replace(config or SearchConfig(), **settings)
+    budget, searcher, storage, study = cfg.budget, cfg.searcher, cfg.storage, cfg.study
+    calib_seeds, heldout_seeds, steps, guidance = cfg.calib_seeds, cfg.heldout_seeds, cfg.steps, cfg.guidance
+    seed, oracle, blocks = cfg.seed, cfg.oracle, cfg.blocks
+    engine, workers, ray_address = cfg.engine, cfg.workers, cfg.ray_address
+    from ..bench.harness import resolve, workload_batch
+    from ..pipelines import PipelineSpecError, load_pipeline
+    from ..workload import WorkloadError
+
     target = Target(speedup, min_psnr, min_adherence)
     target.check()
+    try:
+        wl = resolve(model, workload, steps, guidance, None)
+    except (WorkloadError, PipelineSpecError) as e:
+        raise SearchError(str(e)) from None
+    if wl is not None:
+        given = [
+            n for n, v in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)) if v is not None
+        ]
+        if given:
+            raise SearchError(f"{given[0]}: set it in the workload, not beside it")
+    calib_seeds = 16 if calib_seeds is None else calib_seeds
+    heldout_seeds = 16 if heldout_seeds is None else heldout_seeds
     _check_request(
         model, target, budget, searcher, storage, study, engine, workers, calib_seeds, heldout_seeds, steps
     )
@@ -849,24 +754,41 @@ def search(
 
         check_out_dir(os.path.dirname(os.path.abspath(out)))
     say = progress or (lambda used, total, note: None)
-    study_name = study or f"stepcache-{model}-{target.slug()}-{searcher}"
+    label = model if isinstance(model, str) else type(model).__name__
+    study_name = study or f"stepcache-{label}-{target.slug()}-{searcher}"
 
+    # Loaded (and the workload checked against it) before the study's storage is opened: a
+    # pipeline that fails to load leaves nothing behind.
+    say(0.0, budget, "loading the pipeline")
+    try:
+        loaded = load_pipeline(model)
+        pipe = loaded.pipe
+        if wl is None:
+            calib = make_batch(pipe, loaded.name, steps, guidance, list(range(calib_seeds)))
+        else:
+            wl.check_pipeline(pipe)
+            calib = workload_batch(pipe, loaded.name, wl, wl.calib_seeds)
+    except (WorkloadError, PipelineSpecError) as e:
+        raise SearchError(str(e)) from None
     with _held_study(storage if searcher != "evolution" else None, study_name) as (store, lock):
-        pipe = zoo.load(model)
-        calib = make_workload(pipe, model, steps, guidance, list(range(calib_seeds)))
         say(0.0, budget, "recording reference trajectories")
-        ev = Evaluator(pipe, calib)
+        try:
+            ev = Evaluator(pipe, calib)
+        except NotFirstOrderError as e:
+            raise SearchError(f"scheduler: {e}") from None
 
         def calibrate() -> CostModel:
             return CostModel.calibrate(ev, blocks=blocks)
 
         if searcher == "evolution":
             r = _Run(ev, calibrate(), target, float(budget), 1.0, say)
+            r.settle_guidance()
             _check_reachable(r)
             info = _evolution(r, seed)
         else:
             config = {
-                "model": model,
+                "model": loaded.name,
+                **({"workload": wl.to_dict()} if wl is not None else {}),
                 "steps": calib.steps,
                 "guidance": calib.guidance,
                 "calib_seeds": calib_seeds,
@@ -879,12 +801,13 @@ def search(
             }
             opt = _create_study(searcher, store, study_name)
             r = _Run(ev, _prepared_study(opt, study_name, config, calibrate), target, float(budget), 1.0, say)
+            r.settle_guidance()
             _check_reachable(r)
             if engine == "ray":
                 from .remote import RayPool
 
                 say(r.used, budget, f"starting {workers} Ray workers")
-                r.pool = RayPool(model, calib, ev.reference, workers, ray_address)
+                r.pool = RayPool(model, wl, calib, ev.reference, workers, ray_address)
             try:
                 info = _optuna_search(r, searcher, opt, seed, lock)
             finally:
@@ -899,42 +822,44 @@ def search(
     if best is None:
         raise SearchError("budget: exhausted before any candidate could be evaluated")
 
-    chosen_mask = best["mask"]
-    cdict = {k: v for k, v in best["candidate"].items() if k != "timesteps"}
-    chosen = Candidate(**cdict)
-    policy = chosen.policy(chosen_mask, ev.cfg, name=f"searched {model} {target.slug()}")
+    chosen = best.candidate
+    policy = chosen.policy(best.mask, ev.cfg, name=f"searched {label} {target.slug()}")
     say(r.used, budget, "held-out evaluation")
-    heldout_work = make_workload(
-        pipe, model, calib.steps, calib.guidance, [EVAL_SEED_BASE + i for i in range(heldout_seeds)]
-    )
+    if wl is None:
+        heldout_work = make_batch(
+            pipe, loaded.name, calib.steps, calib.guidance, [EVAL_SEED_BASE + i for i in range(heldout_seeds)]
+        )
+    else:
+        heldout_work = workload_batch(pipe, loaded.name, wl, wl.heldout_seeds)
     ev_ho = Evaluator(pipe, heldout_work)
+    ev_ho.cfg = ev.cfg
     held = heldout_metrics(pipe, ev_ho, policy)
-    held["predicted_speedup"] = best["speedup"]
+    held["predicted_speedup"] = best.speedup
     limit = _oracle(ev_ho, cost, chosen, held["psnr"]) if oracle else None
     if limit and limit.get("speedup"):
-        limit["searched_over_oracle_speedup"] = best["speedup"] / limit["speedup"]
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+        limit["searched_over_oracle_speedup"] = best.speedup / limit["speedup"]
     meta = {
-        "model": model,
-        "model_hash": _model_hash(model),
+        "model": loaded.name,
+        "model_hash": _model_hash(loaded.name) if loaded.zoo else fingerprint(pipe),
         "scheduler": type(pipe.scheduler).__name__,
         "steps": calib.steps,
         "guidance_scale": calib.guidance,
-        "resolution": int(denoiser.config.sample_size),
+        "resolution": _resolution(pipe, ev),
+        **({"workload": wl.to_dict()} if wl is not None else {}),
         "found_by": command or "python " + " ".join(sys.argv),
         "target": {**target.as_dict(), "met_on_calibration": target_met},
         "budget_used": round(r.used, 4),
         "calibration": {
-            "seeds": [0, calib_seeds - 1],
-            "psnr": best["psnr"],
-            "predicted_speedup": best["speedup"],
-            "actions": best["actions"],
-            "adherence": best.get("adherence"),
+            "seeds": [calib.seeds[0], calib.seeds[-1]],
+            "psnr": best.psnr,
+            "predicted_speedup": best.speedup,
+            "actions": best.actions,
+            "adherence": best.adherence,
             "reference_adherence": ev.reference_adherence,
         },
         "heldout": held,
         "pareto": [
-            {"psnr": p["psnr"], "speedup": p["speedup"], "candidate": p["candidate"]}
+            {"psnr": p.psnr, "speedup": p.speedup, "candidate": p.candidate.as_dict()}
             for p in _pareto(r.evaluated)
         ],
         "oracle": limit or {},
@@ -943,7 +868,7 @@ def search(
             "budget": budget,
             "evaluated": len(r.evaluated),
             "cost_model": asdict(cost),
-            "candidate": best["candidate"],
+            "candidate": best.candidate.as_dict(),
         },
     }
     policy = Policy.from_dict({**policy.to_dict(), "meta": meta})

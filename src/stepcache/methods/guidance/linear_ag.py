@@ -1,7 +1,7 @@
 """LinearAG (the linear variant of Adaptive Guidance; Castillo et al., 2023). On many steps the
 unconditional prediction is an affine function of predictions already at hand: estimate
 ``u_i = a_i c_i + b_i c_(i-1) + g_i u_(i-1)`` instead of computing it, with per-step coefficients
-fitted by least squares on full-compute calibration runs (:func:`stepcache.calibrate.fit`).
+fitted by least squares on full-compute calibration runs (:func:`stepcache.calibration.calibrate`).
 
 Without fitted coefficients it uses (1, -1, 1): ``u_i = u_(i-1) + (c_i - c_(i-1))``, i.e. the
 guidance difference of the previous step carried over. Estimated steps: every ``interval``-th
