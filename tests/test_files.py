@@ -185,6 +185,12 @@ def test_several_files_are_staged_before_any_replaces_its_old_one(tmp_path: Path
 def result_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "res"
     bench("digits-dit", policies_from(["static-interval"], None), out, seeds=2, repeats=1, steps=4)
+    # One timed repeat on a busy machine can land above the FLOP ideal and be flagged (left out of
+    # plots); these tests are about hostile files, so the timing noise must not decide what they see.
+    doc = json.loads((out / "result.json").read_text())
+    for run in doc["runs"]:
+        run["speedup_status"] = "ok"
+    (out / "result.json").write_text(json.dumps(doc))
     return out
 
 

@@ -108,7 +108,7 @@ def test_the_planner_replays_a_multistep_scheduler_exactly(scheduler):
         latents = run(True)
     finally:
         stepcache.disable(pipe)
-    real = float(((latents.double() - traj.x[-1]) ** 2).mean())
+    real = float(((latents.float() - traj.x[-1]) ** 2).mean())
     assert real > 0
     assert predicted == pytest.approx(real, rel=1e-4)
 
@@ -193,29 +193,35 @@ def test_a_pipeline_outside_the_zoo_needs_a_workload():
 def test_cli_searches_benches_compares_and_calibrates_a_saved_pipeline_folder(sd_folder, tmp_path):
     wl = tmp_path / "workload.json"
     wl.write_text(json.dumps(WORKLOAD))
-    policy, report = tmp_path / "p.json", tmp_path / "report"
+    policy = tmp_path / "p.json"
     res = runner.invoke(
         app,
         ["search", str(sd_folder), "--workload", str(wl), "--speedup", "2", "--budget", "3",
-         "--out", str(policy), "--report", str(report)],
+         "--out", str(policy)],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     pol = Policy.load(policy)
     assert pol.meta["model"] == str(sd_folder) and pol.meta["workload"]["steps"] == 8
-    doc = json.loads((report / "result.json").read_text())
-    validate_result(doc)
-    assert doc["model"] == str(sd_folder) and doc["protocol"]["seeds"] == [500, 502]
 
     cmp = tmp_path / "cmp"
     res = runner.invoke(
         app,
         ["compare", str(sd_folder), "--workload", str(wl), "--peers", "diffusers", "--policy", str(policy),
-         "--repeats", "1", "--out", str(cmp)],
+         "--preset", "static-interval", "--preset", "deepcache", "--repeats", "1", "--out", str(cmp)],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     doc = json.loads((cmp / "result.json").read_text())
     validate_result(doc)
+    assert doc["model"] == str(sd_folder) and doc["protocol"]["seeds"] == [500, 502]
     assert {"reference", "stepcache"} <= {r["kind"] for r in doc["runs"]}
+    swept = {r["name"] for r in doc["runs"] + doc["unavailable"] if r["kind"] == "stepcache"}
+    assert swept == {
+        "static-interval",
+        "static-interval interval=3",
+        "deepcache",
+        "deepcache interval=5",
+        pol.name,
+    }
     assert pol.name in {r["name"] for r in doc["runs"]}
     peers = [r for r in doc["runs"] + doc["unavailable"] if r["kind"] == "peer"]
     assert peers and all(r["name"].startswith("diffusers ") for r in peers)

@@ -258,6 +258,43 @@ def _chroma() -> torch.nn.Module:
     )
 
 
+def _flux2() -> torch.nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        timestep_guidance_channels=8,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=False,
+    )
+
+
+def _hunyuanvideo() -> torch.nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=3,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=False,
+        text_embed_dim=16,
+        pooled_projection_dim=12,
+        rope_axes_dim=(2, 2, 4),
+    )
+
+
 FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "dit": _dit,
     "pixart": _pixart,
@@ -274,9 +311,22 @@ FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "lumina2": _lumina2,
     "skyreels": _skyreels,
     "chroma": _chroma,
+    "flux2": _flux2,
+    "hunyuanvideo": _hunyuanvideo,
 }
 TRANSFORMERS = ["dit", "pixart", "sd3", "flux", "wan"]
-GENERIC = ["sana", "cogvideox", "qwenimage", "ltx", "cogview4", "lumina2", "skyreels", "chroma"]
+GENERIC = [
+    "sana",
+    "cogvideox",
+    "qwenimage",
+    "ltx",
+    "cogview4",
+    "lumina2",
+    "skyreels",
+    "chroma",
+    "flux2",
+    "hunyuanvideo",
+]
 
 
 def make(name: str, seed: int = 0) -> torch.nn.Module:
@@ -357,6 +407,18 @@ def inputs(name: str, batch: int, seed: int = 0) -> tuple[str, torch.Tensor, dic
     if name == "chroma":
         ids = {"img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3)}
         return "hidden_states", r(batch, 16, 8), {"encoder_hidden_states": r(batch, 5, 16), **ids}
+    if name == "flux2":  # ids are (t, h, w, l) per token, batched
+        img = torch.stack(
+            torch.meshgrid(
+                torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1), indexing="ij"
+            ),
+            -1,
+        ).reshape(1, -1, 4)
+        ids = {"img_ids": img.expand(batch, -1, -1), "txt_ids": torch.zeros(batch, 5, 4)}
+        return "hidden_states", r(batch, 16, 8), {"encoder_hidden_states": r(batch, 5, 16), **ids}
+    if name == "hunyuanvideo":
+        text = {"encoder_hidden_states": r(batch, 5, 16), "encoder_attention_mask": torch.ones(batch, 5)}
+        return "hidden_states", r(batch, 4, 2, 8, 8), {**text, "pooled_projections": r(batch, 12)}
     raise KeyError(name)
 
 

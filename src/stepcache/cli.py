@@ -444,6 +444,10 @@ def compare(
         list[Path] | None,
         typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),
     ] = None,
+    preset: Annotated[
+        list[str] | None,
+        typer.Option("--preset", help="Only these presets of the sweep (repeatable; default all)."),
+    ] = None,
     steps: Steps = None,
     seeds: BenchSeeds = None,
     repeats: BenchRepeats = 5,
@@ -463,11 +467,21 @@ def compare(
     except PolicyError as e:
         raise typer.BadParameter(str(e), param_hint="--policy") from None
     names = [p.strip() for p in peers.split(",") if p.strip()]
+    sweep = None
+    if preset:
+        from .bench.compare import SWEEP
+
+        unknown = sorted(set(preset) - {p for p, _ in SWEEP})
+        if unknown:
+            swept = ", ".join(dict.fromkeys(p for p, _ in SWEEP))
+            raise typer.BadParameter(f"{unknown[0]!r} is not in the sweep ({swept})", param_hint="--preset")
+        sweep = [(p, o) for p, o in SWEEP if p in preset]
     doc = _run_bench(
         run,
         model=model,
         peers=names,
         policies=pols,
+        sweep=sweep,
         out_dir=out,
         steps=steps,
         seeds=seeds,

@@ -50,7 +50,7 @@ class Trajectory:
         if state is None:
             return x + self.dt[s] * v
         out = state.step(v.to(self.dtype), self.timesteps[s], x.to(self.dtype), return_dict=False)
-        return out[0].double()
+        return out[0].float()
 
 
 class NotFirstOrderError(ValueError):
@@ -78,9 +78,9 @@ def _recording(scheduler: Any) -> Iterator[list[tuple[Any, ...]]]:
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0]
         records.append(
             (
-                model_output.detach().double().cpu(),
-                sample.detach().double().cpu(),
-                prev.detach().double().cpu(),
+                model_output.detach().float().cpu(),
+                sample.detach().float().cpu(),
+                prev.detach().float().cpu(),
                 t,
                 before,
                 timestep,
