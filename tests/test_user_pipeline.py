@@ -202,6 +202,7 @@ def test_cli_searches_benches_compares_and_calibrates_a_saved_pipeline_folder(sd
     assert res.exit_code == 0, res.output
     pol = Policy.load(policy)
     assert pol.meta["model"] == str(sd_folder) and pol.meta["workload"]["steps"] == 8
+    assert pol.name == "searched tiny-sd speedup2"  # the folder's name, not its whole path
 
     cmp = tmp_path / "cmp"
     res = runner.invoke(

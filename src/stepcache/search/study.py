@@ -485,6 +485,17 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
     return {"searcher": "evolution", "generations": generations, "exhausted_subsets": len(scored) >= subsets}
 
 
+def _label(model: Any) -> str:
+    """A short name for the policy and the study: the zoo key, the factory, the folder's own
+    name (not its whole path: a policy name holds 200 characters), or the pipeline's class."""
+    if not isinstance(model, str):
+        return type(model).__name__
+    from pathlib import Path
+
+    name = Path(model).name if Path(model).is_dir() else model
+    return name[:80] or "pipeline"
+
+
 def _resolution(pipe: Any, ev: Evaluator) -> int | list[int]:
     """A zoo model's sample size, else the height and width of the reference images."""
     from ..adapters import find_denoiser
@@ -754,7 +765,7 @@ def search(
 
         check_out_dir(os.path.dirname(os.path.abspath(out)))
     say = progress or (lambda used, total, note: None)
-    label = model if isinstance(model, str) else type(model).__name__
+    label = _label(model)
     study_name = study or f"stepcache-{label}-{target.slug()}-{searcher}"
 
     # Loaded (and the workload checked against it) before the study's storage is opened: a
