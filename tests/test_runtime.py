@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTPipeline
 
 import stepcache
 from stepcache import UnsupportedModelError, presets
@@ -70,14 +70,7 @@ def test_caching_policies_change_the_output_then_disable_restores_it(family):
 
 
 def _tiny_dit_pipeline():
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    ).eval()
+    vae = tiny.make_vae()
     pipe = DiTPipeline(transformer=tiny.make("dit"), vae=vae, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

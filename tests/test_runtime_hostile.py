@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+from diffusers import DDIMScheduler, DiTPipeline
 
 import stepcache
 from stepcache import Policy, presets
@@ -25,14 +25,7 @@ def _unguarded(policy: Policy) -> Policy:
 
 def _dit_pipeline(dtype: torch.dtype = torch.float32) -> DiTPipeline:
     """A tiny DiT with a real scheduler that does not clip (so nothing hides a runaway latent)."""
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    ).eval()
+    vae = tiny.make_vae()
     pipe = DiTPipeline(
         transformer=tiny.make("dit").to(dtype), vae=vae.to(dtype), scheduler=DDIMScheduler(clip_sample=False)
     )

@@ -439,6 +439,20 @@ def sample(name: str, model: torch.nn.Module, batch: int = 2, steps: int = 6, se
     return x
 
 
+def make_vae() -> torch.nn.Module:
+    """A one-level 4-channel AutoencoderKL for tiny pipelines at 8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    ).eval()
+
+
 def sd_pipeline(scheduler: str = "dpm") -> Any:
     """A tiny Stable-Diffusion-1.5-style pipeline with a real (tiny, random) CLIP text encoder and
     a character-level CLIP tokenizer written here, so prompts reach the U-Net without downloads.
@@ -448,7 +462,6 @@ def sd_pipeline(scheduler: str = "dpm") -> Any:
     import tempfile
 
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
@@ -494,14 +507,7 @@ def sd_pipeline(scheduler: str = "dpm") -> Any:
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
+    vae = make_vae()
     schedulers = {
         "dpm": DPMSolverMultistepScheduler,
         "unipc": UniPCMultistepScheduler,
@@ -510,7 +516,7 @@ def sd_pipeline(scheduler: str = "dpm") -> Any:
         "ancestral": EulerAncestralDiscreteScheduler,
     }
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
+        vae=vae,
         text_encoder=CLIPTextModel(text_config).eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),

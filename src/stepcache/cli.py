@@ -250,15 +250,18 @@ def calibrate(
     except PolicyError as e:
         raise typer.BadParameter(str(e), param_hint="--param") from None
     _writable(out, "--out")
-    given = [n for n, v in (("steps", steps), ("guidance", guidance), ("samples", samples)) if v is not None]
-    if wl is not None and given:
-        raise typer.BadParameter(f"{given[0]}: set it in the workload, not beside it")
     try:
         with console.status(f"recording full-compute samples of {model}"):
-            if wl is None and model in zoo_registry.names():
-                pol = _calibrate_zoo(fit, method, model, steps, guidance, samples or 32, overrides)
-            else:
-                pol = fit(model, wl, method, command=_command(), **overrides)
+            pol = fit(
+                model,
+                wl,
+                method,
+                samples=samples,
+                steps=steps,
+                guidance=guidance,
+                command=_command(),
+                **overrides,
+            )
     except (UnsupportedModelError, ValueError) as e:  # e.g. teacache on a U-Net; nothing is written
         raise typer.BadParameter(str(e), param_hint="METHOD / --model / --workload") from None
     pol.save(out)
@@ -268,32 +271,6 @@ def calibrate(
         f"({meta['steps']} steps, guidance {meta['guidance_scale']})"
     )
     print(out)
-
-
-def _calibrate_zoo(
-    fit: Any,
-    method: str,
-    model: str,
-    steps: int | None,
-    guidance: float | None,
-    samples: int,
-    overrides: dict[str, Any],
-) -> Any:
-    """A zoo model's calibration on its own conditioning, with the step and guidance options."""
-    from .demo import conditions
-    from .pipelines import Target
-    from .workload import Workload
-
-    pipe = zoo_registry.load(model)
-    cond = conditions(pipe, samples)
-    wl = Workload(
-        inputs=cond,
-        steps=steps or pipe.default_steps,
-        guidance=pipe.default_guidance if guidance is None else guidance,
-        calib_seeds=samples,
-        heldout_seeds=1,
-    )
-    return fit(Target(pipe, model, zoo=True), wl, method, command=_command(), **overrides)
 
 
 def _bench_progress() -> Any:

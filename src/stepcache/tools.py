@@ -110,18 +110,21 @@ def calibrate(
     *,
     out: str | os.PathLike | None = None,
     samples: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
     command: str | None = None,
     **overrides: Any,
 ) -> Policy:
     """``method``'s coefficients (linear-ag, magcache, teacache) fitted on full-compute runs of
-    the workload's calibration seeds (``samples`` of them for a zoo model without a workload);
-    the returned policy records where they came from. ``out`` also saves it."""
-    from .bench.harness import make_batch, resolve, workload_batch
+    the workload's calibration seeds (on a zoo model without a workload: ``samples`` seeds, 32 by
+    default, at ``steps`` and ``guidance``); the returned policy records where they came from.
+    ``out`` also saves it."""
+    from .bench.harness import batch_for, resolve
     from .calibration import calibrate as fit
     from .calibration import check_calibrate_args
     from .pipelines import load_pipeline
 
-    wl = resolve(model, workload, None, None, None)
+    wl = resolve(model, workload, steps, guidance, None)
     check_calibrate_args(method, lambda: None, overrides)
     if wl is not None and samples is not None:
         raise ValueError("samples: the workload's calib_seeds say how many; not both")
@@ -130,11 +133,7 @@ def calibrate(
 
         check_out_file(out)
     target = load_pipeline(model)
-    if wl is None:
-        batch = make_batch(target.pipe, target.name, None, None, list(range(samples or 32)))
-    else:
-        wl.check_pipeline(target.pipe)
-        batch = workload_batch(target.pipe, target.name, wl, wl.calib_seeds)
+    batch = batch_for(target, wl, "calib", samples or 32, steps, guidance)
     pol = fit(method, target.pipe, lambda: batch.generate(target.pipe), **overrides)
     meta: dict[str, Any] = {
         "model": target.name,

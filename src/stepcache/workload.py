@@ -256,15 +256,16 @@ def takes(pipe: Any, name: str) -> bool:
     return params is not None and name in params
 
 
-def default_guidance(pipe: Any) -> float | None:
-    """The ``guidance_scale`` the pipeline uses when none is given, if it declares one."""
+def declared_default(pipe: Any, name: str, kind: type | tuple[type, ...]) -> Any:
+    """The default ``pipe(...)`` declares for keyword ``name`` when it is of ``kind`` (not a
+    bool), else None: what the pipeline uses when the workload leaves ``name`` out."""
     try:
-        param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        param = inspect.signature(pipe.__call__).parameters.get(name)
     except (TypeError, ValueError):
         return None
-    if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
+    if param is None or not isinstance(param.default, kind) or isinstance(param.default, bool):
         return None
-    return float(param.default)
+    return param.default
 
 
 def as_workload(value: Any) -> Workload:

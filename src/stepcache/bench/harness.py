@@ -131,20 +131,17 @@ def make_batch(pipe: Any, model: str, steps: int | None, guidance: float | None,
 def workload_batch(pipe: Any, name: str, workload: Any, seeds: list[int] | tuple[int, ...]) -> Batch:
     """The user's workload on ``seeds`` of their pipeline: the workload's arguments, steps and
     guidance, or the pipeline's own defaults where the workload leaves them out."""
-    import inspect
+    from ..workload import WorkloadError, declared_default, takes
 
-    from ..workload import WorkloadError, default_guidance, takes
-
-    steps = workload.steps
+    steps = (
+        workload.steps if workload.steps is not None else declared_default(pipe, "num_inference_steps", int)
+    )
     if steps is None:
-        try:
-            default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-        except (TypeError, ValueError):
-            default = None
-        steps = default.default if default is not None and isinstance(default.default, int) else None
-        if steps is None:
-            raise WorkloadError(f"steps: {type(pipe).__name__} declares no default step count; set it")
-    guidance = workload.guidance if workload.guidance is not None else default_guidance(pipe)
+        raise WorkloadError(f"steps: {type(pipe).__name__} declares no default step count; set it")
+    guidance = workload.guidance
+    if guidance is None:
+        guidance = declared_default(pipe, "guidance_scale", (int, float))
+        guidance = None if guidance is None else float(guidance)
     cond = workload.cond(len(seeds))
     extra = workload.call_kwargs(pipe)
     if not cond and "batch_size" not in extra and takes(pipe, "batch_size"):
@@ -519,7 +516,6 @@ def resolve(
     steps: int | None,
     guidance: float | None,
     seeds: int | None,
-    check_only: bool = False,
 ) -> Any:
     """Checks ``model`` and ``workload`` together (a workload, or the zoo's defaults tuned by
     ``steps``, ``guidance`` and ``seeds``, never both); returns the workload (None for zoo
@@ -543,14 +539,23 @@ def resolve(
     return as_workload(workload)
 
 
-def heldout_batch(target: Any, workload: Any, steps: int | None, guidance: float | None, seeds: int) -> Batch:
-    """The evaluation batch: the workload's held-out seeds, or the zoo's 10_000 + i."""
+def batch_for(
+    target: Any,
+    workload: Any,
+    which: str,
+    count: int,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> Batch:
+    """The batch of ``which`` seeds ("calib" or "heldout"): the workload's own (checked against
+    the pipeline), or on a zoo model without one ``count`` seeds, 0.. for calibration and
+    10_000.. held out, at ``steps`` and ``guidance`` (the model's defaults where None)."""
     if workload is None:
-        return make_batch(
-            target.pipe, target.name, steps, guidance, [EVAL_SEED_BASE + i for i in range(seeds)]
-        )
+        base = 0 if which == "calib" else EVAL_SEED_BASE
+        return make_batch(target.pipe, target.name, steps, guidance, [base + i for i in range(count)])
     workload.check_pipeline(target.pipe)
-    return workload_batch(target.pipe, target.name, workload, workload.heldout_seeds)
+    seeds = workload.calib_seeds if which == "calib" else workload.heldout_seeds
+    return workload_batch(target.pipe, target.name, workload, seeds)
 
 
 def bench(
@@ -586,7 +591,7 @@ def bench(
 
     target = load_pipeline(model)
     pipe = target.pipe
-    work = heldout_batch(target, wl, steps, guidance, n_seeds)
+    work = batch_for(target, wl, "heldout", n_seeds, steps, guidance)
     for cand in candidates:  # a method the model cannot run fails here, before any generation
         reason = unsupported(pipe, cand) if cand.kind == "stepcache" else None
         if reason is not None:

@@ -30,7 +30,7 @@ from typing import Any
 from .. import zoo
 from .._limits import MAX_BUDGET
 from ..api import disable, enable
-from ..bench.harness import EVAL_SEED_BASE, Judge, _timed, make_batch
+from ..bench.harness import EVAL_SEED_BASE, Judge, _timed
 from ..pipelines import fingerprint
 from ..policy import Policy
 from .evaluate import CostModel, Evaluator, SearchError, policy_key
@@ -95,7 +95,7 @@ class _Run:
         self.pool: Any = None  # a remote pool (``remote.RayPool``), or None: evaluate here
         # Results by policy_key, without images: a policy seen before (in this process or in the
         # resumed part of a study) costs nothing, wherever it would run.
-        self.known: dict[str, Point | dict[str, Any]] = {}
+        self.known: dict[str, dict[str, Any]] = {}
 
     def settle_guidance(self) -> None:
         """A guidance scale above 1 that the runtime finds no unconditional pass for (a distilled
@@ -146,7 +146,7 @@ class _Run:
         unpaid = set(fresh)  # each fresh policy pays once, even when a batch holds it twice
         points = []
         for (cand, mask, _, _), key in zip(prepared, keys, strict=True):
-            res = _as_result(self.known[key])
+            res = self.known[key]
             cost = res["cost"] if key in unpaid else 0.0
             unpaid.discard(key)
             self.used += cost
@@ -175,7 +175,7 @@ class _Run:
         self.used += point.cost
         if point.row_actions:  # stored since the study kept them; older points pay again
             policy = point.candidate.policy(point.mask, self.ev.cfg)
-            self.known.setdefault(policy_key(policy), point)
+            self.known.setdefault(policy_key(policy), point.as_dict())
 
     def score(self, point: Point) -> float:
         """One number to maximise: PSNR for a speed target; predicted speedup for a PSNR target
@@ -221,19 +221,6 @@ class _Run:
                 if cand is not None and cand not in seeds:
                     seeds.append(cand)
         return seeds
-
-
-def _as_result(known: Point | dict[str, Any]) -> dict[str, Any]:
-    """An evaluation's result, whether it was run here (a dict) or read back (a stored Point)."""
-    if isinstance(known, Point):
-        return {
-            "psnr": known.psnr,
-            "actions": known.actions,
-            "cost": known.cost,
-            "row_actions": known.row_actions,
-            "adherence": known.adherence,
-        }
-    return known
 
 
 def _sampler_at(searcher: str, seed: int) -> Callable[[int], Any]:
@@ -739,7 +726,7 @@ def search(
     calib_seeds, heldout_seeds, steps, guidance = cfg.calib_seeds, cfg.heldout_seeds, cfg.steps, cfg.guidance
     seed, oracle, blocks = cfg.seed, cfg.oracle, cfg.blocks
     engine, workers, ray_address = cfg.engine, cfg.workers, cfg.ray_address
-    from ..bench.harness import resolve, workload_batch
+    from ..bench.harness import batch_for, resolve
     from ..pipelines import PipelineSpecError, load_pipeline
     from ..workload import WorkloadError
 
@@ -774,11 +761,7 @@ def search(
     try:
         loaded = load_pipeline(model)
         pipe = loaded.pipe
-        if wl is None:
-            calib = make_batch(pipe, loaded.name, steps, guidance, list(range(calib_seeds)))
-        else:
-            wl.check_pipeline(pipe)
-            calib = workload_batch(pipe, loaded.name, wl, wl.calib_seeds)
+        calib = batch_for(loaded, wl, "calib", calib_seeds, steps, guidance)
     except (WorkloadError, PipelineSpecError) as e:
         raise SearchError(str(e)) from None
     with _held_study(storage if searcher != "evolution" else None, study_name) as (store, lock):
@@ -836,13 +819,7 @@ def search(
     chosen = best.candidate
     policy = chosen.policy(best.mask, ev.cfg, name=f"searched {label} {target.slug()}")
     say(r.used, budget, "held-out evaluation")
-    if wl is None:
-        heldout_work = make_batch(
-            pipe, loaded.name, calib.steps, calib.guidance, [EVAL_SEED_BASE + i for i in range(heldout_seeds)]
-        )
-    else:
-        heldout_work = workload_batch(pipe, loaded.name, wl, wl.heldout_seeds)
-    ev_ho = Evaluator(pipe, heldout_work)
+    ev_ho = Evaluator(pipe, batch_for(loaded, wl, "heldout", heldout_seeds, calib.steps, calib.guidance))
     ev_ho.cfg = ev.cfg
     held = heldout_metrics(pipe, ev_ho, policy)
     held["predicted_speedup"] = best.speedup
