@@ -74,6 +74,9 @@ def test_demo_with_overrides_and_policy_file(tmp_path):
         (["demo", "--steps", "-3"], "steps"),
         (["zoo", "info", "nope"], "unknown model 'nope'"),
         (["zoo", "train", "digits-dit"], "--out"),
+        (["compare", "digits-dit", "--out", "cmp", "--tune-peers", "0"], "tune-peers"),
+        (["compare", "digits-dit", "--out", "cmp", "--tune-peers", "nan"], "tune-peers"),
+        (["compare", "digits-dit", "--out", "cmp", "--peers", "", "--tune-peers", "2"], "no peer to tune"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args, message, tmp_path):

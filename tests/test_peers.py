@@ -3,6 +3,7 @@ generations and detaches to bit-identical output; cache-dit is optional and repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from stepcache import zoo
-from stepcache.bench.peers import PEERS, PeerRun, Unavailable, peer_runs
+from stepcache.bench.peers import METHODS, PEERS, Knob, PeerRun, Unavailable, peer_methods, peer_runs
 
 # FasterCache's frequency split calls torch.meshgrid without indexing=
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid")
@@ -124,7 +125,7 @@ def test_diffusers_run(pipe, reference, name):
     assert c.last <= pipe.default_steps and c.attn <= ref_attn
     if method in LOOSE_BLOCK_SKIP and run.params["threshold"] == LOOSE_BLOCK_SKIP[method]:
         assert c.last < pipe.default_steps
-    knob = run.params.get("cache_interval", run.params.get("spatial_skip"))
+    knob = run.params.get("cache_interval", run.params.get("spatial_attention_block_skip_range"))
     if method in LOOSE_ATTENTION_SKIP and knob == LOOSE_ATTENTION_SKIP[method]:
         assert c.attn < ref_attn
 
@@ -176,15 +177,139 @@ def test_cache_dit_detach_restores_the_order_of_flux_block_lists():
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import tiny
 
-    from stepcache.bench.peers import _CacheDitPeer
+    from stepcache.bench.peer_hooks import _CacheDitPeer
 
     model = tiny.make("flux")
     hidden_arg, x, kw = tiny.inputs("flux", 1)
     order = list(model._modules)
-    peer = _CacheDitPeer(1, 0, 1e9, taylorseer=False, warmup=1)
+    peer = _CacheDitPeer(
+        {
+            "Fn_compute_blocks": 1,
+            "Bn_compute_blocks": 0,
+            "residual_diff_threshold": 1e9,
+            "max_warmup_steps": 1,
+        }
+    )
     peer.attach(model, "cache-dit")
     with torch.no_grad(), peer.generation(model, "cache-dit"):
         for t in (1.0, 0.5):
             model(**{hidden_arg: x}, timestep=torch.full((1,), t), **kw)
     peer.detach(model)
     assert list(model._modules) == order
+
+
+# ------------------------------------------------------------------------- peers as data, tuned peers
+
+
+def _built_config(run: PeerRun):
+    """The library's config object a run was built with (read back after attach)."""
+    impl = run._impl
+    return impl._config if hasattr(impl, "_config") else impl._configs()["cache_config"]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.peer == "diffusers"], ids=lambda m: m.method)
+def test_recorded_parameters_are_the_built_configuration(pipe, method):
+    config = method.documented(pipe)
+    run = method.run(pipe, config)
+    assert {k: v for k, v in run.params.items() if k not in ("method", "diffusers")} == config
+    run.attach(pipe)
+    try:
+        built = _built_config(run)
+        for key, value in config.items():
+            if hasattr(built, key) and not callable(getattr(built, key)):
+                got = getattr(built, key)
+                got = str(got).removeprefix("torch.") if isinstance(got, torch.dtype) else got
+                assert list(got) == value if isinstance(got, tuple) else got == value, key
+    finally:
+        run.detach(pipe)
+
+
+def test_cache_dit_recorded_parameters_are_the_built_configuration(pipe):
+    pytest.importorskip("cache_dit")
+    (method,) = peer_methods("cache-dit")
+    config = {**method.documented(pipe), "residual_diff_threshold": 0.3, "taylorseer_order": 1}
+    run = method.run(pipe, config)
+    built = run._impl._configs()
+    for key, value in config.items():
+        if key != "taylorseer_order":
+            assert getattr(built["cache_config"], key) == value, key
+    assert built["calibrator_config"].taylorseer_order == 1
+
+
+def test_knobs_suggest_values_inside_their_space():
+    import optuna
+
+    knobs = (
+        Knob("t", 0.01, 1.0, log=True),
+        Knob("k", 2, 5, integer=True),
+        Knob("ids", choices=(["a"], [1, 2])),
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        t, k, ids = (knob.suggest(trial) for knob in knobs)
+        study.tell(trial, 0.0)
+        assert 0.01 <= t <= 1.0 and k in range(2, 6) and isinstance(k, int) and ids in (["a"], [1, 2])
+
+
+@pytest.fixture(scope="module")
+def calibration(pipe):
+    from stepcache.bench.harness import make_batch
+    from stepcache.bench.tune import Calibration
+
+    return Calibration.measure(pipe, make_batch(pipe, "digits-dit", None, None, [0, 1, 2, 3]))
+
+
+def test_tuning_stays_in_its_budget_and_is_reproducible(pipe, calibration):
+    from stepcache.bench.tune import tune
+
+    (fbc,) = [m for m in METHODS if m.method == "FirstBlockCache"]
+    band, budget = 1.5, 3.0
+    first = tune(pipe, fbc, calibration, band, budget, seed=0)
+    again = tune(pipe, fbc, calibration, band, budget, seed=0)
+    # a trial starts only while the budget covers one at the band's edge
+    assert budget - 1 / band < first.used <= budget + 1 - 1 / band
+    assert abs(first.used - sum(t.cost for t in first.trials)) < 1e-9
+    assert len(first.trials) >= 3
+    assert first.config is not None and first.flop_speedup >= band
+    assert first.psnr == max(t.psnr for t in first.trials if t.flop_speedup >= band)
+    assert (again.config, again.psnr, again.used) == (first.config, first.psnr, first.used)
+
+
+def test_trials_known_from_another_band_cost_nothing(pipe, calibration):
+    from stepcache.bench.tune import tune
+
+    (fbc,) = [m for m in METHODS if m.method == "FirstBlockCache"]
+    known: dict = {}
+    low = tune(pipe, fbc, calibration, 1.25, 2.0, known=known)
+    high = tune(pipe, fbc, calibration, 2.0, 2.0, known=known)
+    assert len(known) == len(low.trials) + len(high.trials)
+    keys = {json.dumps(t.config, sort_keys=True) for t in low.trials}
+    assert not keys & {json.dumps(t.config, sort_keys=True) for t in high.trials}  # none paid twice
+
+
+def test_tuned_runs_are_named_by_band_and_record_their_tuning(pipe, calibration):
+    from stepcache.bench.tune import tuned_runs
+
+    (fbc,) = [m for m in METHODS if m.method == "FirstBlockCache"]
+    refused = dataclasses.replace(fbc, method="Refused", why_not=lambda pipe: "Refused: not on this model")
+    runs, tunings = tuned_runs(pipe, [fbc, refused], calibration, (1.25, 50.0), 3.0)
+    fbc = [r for r in runs if isinstance(r, PeerRun)]
+    assert fbc and all(r.name.startswith("diffusers FirstBlockCache tuned >=") for r in fbc)
+    for r in fbc:
+        for rec in r.params["tuned"]:
+            assert rec["band"] == 1.25 and rec["calib_flop_speedup"] >= 1.25 and rec["budget"] == 3.0
+    # nothing reaches 50x: said so, not silently dropped; a method that cannot run says why
+    assert [t.band for t in tunings if t.config is None] == [50.0]
+    missing = {r.name: r.reason for r in runs if isinstance(r, Unavailable)}
+    assert missing == {"diffusers Refused tuned": "Refused: not on this model"}
+
+
+def test_compare_refuses_a_bad_tuning_budget():
+    from stepcache.bench.compare import compare
+
+    for bad in (0, -1, float("nan"), float("inf"), 1e9):
+        with pytest.raises(ValueError, match="tune_peers"):
+            compare("digits-dit", None, tune_peers=bad)
+    with pytest.raises(ValueError, match="tune_peers: no peer"):
+        compare("digits-dit", None, peers=[], tune_peers=1.0)

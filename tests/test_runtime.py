@@ -608,3 +608,26 @@ def test_no_state_survives_a_change_of_resolution():
     assert torch.equal(generate(16), alone[16])
     assert handle.stats()["actions"] == ["C", "C", "P", "P", "C", "P"]  # the cache really worked
     stepcache.disable(model)
+
+
+@pytest.mark.parametrize(
+    ("preset", "params"),
+    [
+        ("fbcache", {"threshold": 0.4, "max_consecutive": 3}),
+        ("teacache", {"threshold": 0.3}),
+        ("magcache", {"threshold": 0.06, "max_consecutive": 3, "warmup": 1}),
+    ],
+)
+def test_the_two_cfg_rows_of_a_sample_take_one_decision(digits_pipe, preset, params):
+    # A split pair (one row fresh, the other stale) scales the stale row's error by the guidance.
+    handle = stepcache.enable(digits_pipe, presets.get(preset, **params))
+    digits_pipe(
+        class_labels=[0, 1, 7, 8],
+        num_inference_steps=12,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12, 13)],
+    )
+    stepcache.disable(digits_pipe)
+    rows = ["".join(step[i] for step in handle.stats()["row_actions"]) for i in range(8)]
+    assert rows[:4] == rows[4:]  # the zoo pipeline batches [cond, uncond]: row k pairs with row k + 4
+    assert len(set(rows)) > 1, "samples should decide differently for this test to mean something"

@@ -34,7 +34,7 @@ import stepcache
 from stepcache._env import environment
 from stepcache._io import atomic_write_json
 from stepcache.bench.harness import _flops, _timed
-from stepcache.bench.peers import _CacheDitPeer
+from stepcache.bench.peer_hooks import _CacheDitPeer
 from stepcache.bench.syncs import HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,6 +264,17 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def _f1b0(rdt: float) -> dict[str, Any]:
+    """cache-dit DBCache F1B0 at this threshold, after one warm-up step."""
+    return {
+        "Fn_compute_blocks": 1,
+        "Bn_compute_blocks": 0,
+        "residual_diff_threshold": rdt,
+        "max_warmup_steps": 1,
+        "enable_separate_cfg": False,  # one call per step here
+    }
+
+
 def _randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=_GEN)
 
@@ -392,7 +403,7 @@ def attach(model: torch.nn.Module, run: dict[str, Any]) -> tuple[Any, Callable[[
             raise ValueError(
                 f"cache-dit {cache_dit.__version__} has no block adapter for {type(model).__name__}"
             )
-        peer = run.setdefault("impl", _CacheDitPeer(1, 0, run["rdt"], taylorseer=False, warmup=1))
+        peer = run.setdefault("impl", _CacheDitPeer(_f1b0(run["rdt"])))
         peer.attach(model, run["policy"])
         return None, none, lambda: peer.generation(model, run["policy"])
     handle = stepcache.enable(model, run["pol"]) if run["pol"] is not None else None

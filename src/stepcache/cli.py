@@ -356,7 +356,12 @@ def _run_bench(fn: Any, **kwargs: Any) -> dict[str, Any]:
         task = bar.add_task("measuring", total=None)
 
         def progress(name: str, i: int, n: int) -> None:
-            bar.update(task, total=n, completed=i, description=f"measuring {name}")
+            bar.update(
+                task,
+                total=n,
+                completed=i,
+                description=name if name.startswith("tuning ") else f"measuring {name}",
+            )
 
         try:
             doc = fn(progress=progress, command=_command(), **kwargs)
@@ -430,6 +435,14 @@ def compare(
     repeats: BenchRepeats = 5,
     guidance: Guidance = None,
     workload: WorkloadFile = None,
+    tune_peers: Annotated[
+        float | None,
+        typer.Option(
+            callback=_finite(0.0, 1000.0, above=True),
+            help="Also tune each peer method for every FLOP band with this budget (full-generation "
+            "equivalents of the calibration batch, as search --budget) and measure the winners.",
+        ),
+    ] = None,
 ) -> None:
     """stepcache's preset sweep vs cache-dit and diffusers' cache hooks, same model, seeds and steps."""
     from .bench.compare import compare as run
@@ -465,6 +478,7 @@ def compare(
         repeats=repeats,
         guidance=guidance,
         workload=wl,
+        tune_peers=tune_peers,
     )
     _print_bench(doc, out)
 

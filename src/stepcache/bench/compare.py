@@ -7,6 +7,7 @@ The stepcache side is a sweep of every preset at its default and at more aggress
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,8 @@ from .harness import (
     policy_candidate,
     unsupported,
 )
+
+MAX_TUNE_BUDGET = 1000.0  # full-generation equivalents per peer method and band
 
 # (preset, overrides): the default and a faster setting of each method, a mixed policy, and the
 # fixed-schedule extrapolators at the intervals that reach 3x and 4x.
@@ -89,12 +92,18 @@ def compare(
     command: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     workload: Any = None,
+    tune_peers: float | None = None,
+    calib_seeds: int = 16,
 ) -> dict[str, Any]:
     """stepcache's sweep (and ``policies``) vs the named peers on ``model`` (a zoo key, a pipeline
-    spec or object, with ``workload`` outside the zoo; see ``bench``)."""
+    spec or object, with ``workload`` outside the zoo; see ``bench``).
+
+    Each peer runs its documented settings; with ``tune_peers`` (a budget in full-generation
+    equivalents, what ``stepcache.search`` gets per target) each peer method is also tuned for
+    every FLOP band on the calibration seeds (``bench.tune``) and its winners measured here."""
     from ..pipelines import load_pipeline
-    from .harness import resolve
-    from .peers import PEERS, Unavailable, peer_runs
+    from .harness import batch_for, resolve
+    from .peers import PEERS, Unavailable, peer_methods, peer_runs
 
     peers = list(PEERS) if peers is None else peers
     bad = [p for p in peers if p not in PEERS]
@@ -102,20 +111,35 @@ def compare(
         raise ValueError(
             f"peers: unknown peer(s) {', '.join(map(repr, bad))}; choose from {', '.join(PEERS)}"
         )
+    if tune_peers is not None and not (0 < tune_peers <= MAX_TUNE_BUDGET and math.isfinite(tune_peers)):
+        raise ValueError(f"tune_peers: a budget in (0, {MAX_TUNE_BUDGET:g}] generations, got {tune_peers!r}")
+    if tune_peers is not None and not peers:
+        raise ValueError("tune_peers: no peer to tune; name one with peers=")
     wl = resolve(model, workload, steps, guidance, seeds)
     check_args(model, out_dir, steps, seeds or 16, repeats, guidance)
     if out_dir is not None:  # the peers' setup loads the model: check before it
         check_out_dir(out_dir, BENCH_FILES)
     taken = {sweep_name(p, o) for p, o in (SWEEP if sweep is None else sweep)}
     for i, pol in enumerate(policies or []):  # a clash would otherwise surface after the model loads
-        if (pol.name or f"policy {i}") in taken:
-            raise ValueError(f"policy {i}: its name {pol.name!r} is also a run of the sweep; rename it")
+        name = pol.name or f"policy {i}"
+        if name in taken:
+            raise ValueError(
+                f"policy {i}: its name {pol.name!r} is also a run of the sweep or a policy before it; rename it"
+            )
+        taken.add(name)
     target = load_pipeline(model)
     pipe = target.pipe
     if wl is not None:
         wl.check_pipeline(pipe)
     cands, unavailable = stepcache_candidates(pipe, sweep, policies)
-    for run in peer_runs(pipe, peers) if peers else []:
+    runs = peer_runs(pipe, peers) if peers else []
+    if peers and tune_peers is not None:
+        from .bands import BANDS
+        from .tune import Calibration, tuned_runs
+
+        cal = Calibration.measure(pipe, batch_for(target, wl, "calib", calib_seeds, steps, guidance))
+        runs += tuned_runs(pipe, peer_methods(peers), cal, BANDS, tune_peers, progress=progress)[0]
+    for run in runs:
         if isinstance(run, Unavailable):
             unavailable.append({"name": run.name, "kind": "peer", "peer": run.peer, "reason": run.reason})
         else:

@@ -232,11 +232,16 @@ class StepProbe:
 
 
 def _flops(fn: Callable[[], Any]) -> float:
+    return _flops_and_images(fn)[1]
+
+
+def _flops_and_images(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``'s result and the FLOPs it took (torch's counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        out = fn()
+    return out, float(counter.get_total_flops())
 
 
 def _row_fraction(actions: list[str]) -> float:

@@ -1,48 +1,65 @@
-"""Other libraries' caching methods as benchmark runs on a zoo pipeline: diffusers' cache hooks and
-cache-dit's DBCache, each at its documented default and a sweep of its main knob. ``peer_runs`` lists
-them for one pipeline; a setting that cannot run on its denoiser comes back as ``Unavailable`` with why.
+"""Other libraries' caching methods as data.
+
+Each ``PeerMethod`` declares, for one method of one peer (diffusers' cache hooks, cache-dit's
+DBCache): the setting its documentation gives a model it has no preset for, the documented sweep
+of its main knob, and its tuning space (``Knob``s), all as the library's own keyword arguments. A
+run's recorded parameters are the configuration it was built from, nothing written down beside
+it. ``peer_runs`` lists the documented settings for a pipeline; ``bench.tune`` searches each
+method's space with the budget stepcache's own search gets. A method that cannot run on the
+denoiser comes back as ``Unavailable`` with why.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import inspect
-import io
-import logging
+import json
 import re
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .peer_hooks import (
+    _ATTENTION_NAMES,
+    _BLOCK_LISTS,
+    _attention_modules,
+    _block_list,
+    _block_reason,
+    _CacheDitPeer,
+    _denoiser,
+    _DiffusersPeer,
+    _forward_pattern,
+    _Peer,
+    _sea_raw_vision,
+    _StepTracker,
+)
+
 PEERS = ("cache-dit", "diffusers")
 PEERS_INSTALL = 'pip install "stepcache[peers]"'
-
-# diffusers' hooks keep their state per cache-context name. Our pipelines run CFG as one batch of
-# 2N rows per step, so one context covers the whole call (diffusers' own pipelines say "cond" too).
-_CONTEXT = "cond"
-# Block lists diffusers' block-level hooks look for (diffusers.hooks._common).
-_BLOCK_LISTS = (
-    "transformer_blocks",
-    "blocks",
-    "single_transformer_blocks",
-    "layers",
-    "visual_transformer_blocks",
-)
-# TaylorSeer's default identifiers (r"^transformer_blocks.*attn", ...) are matched with re.fullmatch,
-# so they miss diffusers' "attn1"/"attn2" and U-Net "attentions.N" names; this names every attention.
-_ATTENTION_NAMES = r".*\.(attn\d*|attentions\.\d+)"
 _MAG_CALIBRATION_SAMPLES = 4
 
-# denoiser -> name of the peer run attached to it (one at a time)
-_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
+@dataclass(frozen=True)
+class Knob:
+    """One tunable argument: a range (``low``..``high``, integer or float, log-scaled or not) or a
+    list of JSON values (``choices``)."""
 
-# --------------------------------------------------------------------------------------------- public
+    name: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    integer: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices:
+            picked = trial.suggest_categorical(self.name, [json.dumps(c) for c in self.choices])
+            return json.loads(picked)
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
 
 @dataclass
@@ -72,775 +89,507 @@ class Unavailable:
     reason: str
 
 
-def peer_runs(pipe: Any, peers: list[str]) -> list[PeerRun | Unavailable]:
-    """All settings of the named peers ("diffusers", "cache-dit") for this pipeline."""
+@dataclass(frozen=True)
+class PeerMethod:
+    """One method of one peer, as data. ``documented(pipe)`` is the configuration its docs give a
+    model they do not know; ``sweep`` overrides it, one documented setting each; ``space(pipe)``
+    are the knobs a tuning search varies on top of ``documented``; ``why_not(pipe)`` says why it
+    cannot run there; ``build(pipe, config)`` makes the attachable peer from a configuration."""
+
+    peer: str
+    method: str
+    documented: Callable[[Any], dict[str, Any]]
+    sweep: tuple[dict[str, Any], ...]
+    space: Callable[[Any], tuple[Knob, ...]]
+    why_not: Callable[[Any], str | None]
+    build: Callable[[Any, dict[str, Any]], _Peer]
+    version: Callable[[], str | None] = lambda: None
+    describe: Callable[[dict[str, Any]], str] = lambda overrides: "".join(
+        f" {_SHORT.get(k, k)}={_show(v)}" for k, v in overrides.items()
+    )
+
+    @property
+    def label(self) -> str:
+        return f"{self.peer} {self.method}"
+
+    def run(self, pipe: Any, config: dict[str, Any], name: str | None = None, **meta: Any) -> PeerRun:
+        """A run of this method built from ``config`` (the library's keyword arguments); its
+        recorded parameters are ``config`` itself, the method and the library version."""
+        params = {"method": self.method, **config, **meta, self.peer: self.version()}
+        return PeerRun(name or self.label, self.peer, params, self.build(pipe, dict(config)))
+
+    def runs(self, pipe: Any) -> list[PeerRun | Unavailable]:
+        """The documented sweep on ``pipe``, each named by its overrides."""
+        reason = self.why_not(pipe)
+        base = self.documented(pipe) if reason is None else {}
+        out: list[PeerRun | Unavailable] = []
+        for overrides in self.sweep:
+            name = self.label + self.describe(overrides)
+            if reason is not None:
+                out.append(Unavailable(name, self.peer, reason))
+                continue
+            config = {**base, **overrides}
+            try:
+                out.append(self.run(pipe, config, name, peer_default=config == base))
+            except ValueError as e:  # a setting this model cannot take (e.g. more blocks than it has)
+                out.append(Unavailable(name, self.peer, str(e)))
+        return out
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# Run names keep the historic short forms of long keyword names.
+_SHORT = {
+    "spatial_attention_block_skip_range": "spatial_skip",
+    "taylor_factors_dtype": "dtype",
+}
+
+
+def peer_methods(peers: list[str] | str) -> list[PeerMethod]:
+    """The methods of the named peers ("diffusers", "cache-dit"), in a fixed order."""
     if isinstance(peers, str):
         peers = [peers]
     bad = [p for p in peers if p not in PEERS]
     if bad:
         raise ValueError(f"unknown peer(s) {', '.join(map(repr, bad))}; valid peers: {', '.join(PEERS)}")
-    out: list[PeerRun | Unavailable] = []
-    for peer in dict.fromkeys(peers):
-        out += _diffusers_runs(pipe) if peer == "diffusers" else _cache_dit_runs(pipe)
-    return out
+    return [m for p in dict.fromkeys(peers) for m in METHODS if m.peer == p]
 
 
-# ------------------------------------------------------------------------------------ shared plumbing
-
-
-def _denoiser(pipe: Any) -> torch.nn.Module:
-    """The pipeline's denoiser, or the module itself when given a bare denoiser."""
-    if isinstance(pipe, torch.nn.Module):  # pipelines are not modules
-        return pipe
-    for attr in ("transformer", "unet"):
-        module = getattr(pipe, attr, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TypeError(f"{type(pipe).__name__} holds neither a transformer nor a unet")
-
-
-def _block_list(denoiser: torch.nn.Module) -> torch.nn.ModuleList | None:
-    for name in _BLOCK_LISTS:
-        blocks = getattr(denoiser, name, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    return None
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """diffusers' and cache-dit's log lines at ERROR only (both announce every enable and disable)."""
-    names = ["diffusers", "CACHE_DIT"] + [
-        n for n in list(logging.root.manager.loggerDict) if n.startswith(("diffusers.", "cache_dit"))
-    ]
-    saved = [(lg, lg.level) for lg in map(logging.getLogger, names)]
-    for lg, _ in saved:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
-
-
-class _Snapshot:
-    """Every module's own attributes, submodule slots and ``forward`` before a peer touched them.
-
-    Both peers leave traces that their own removal keeps: diffusers an empty ``_diffusers_hook``
-    registry and a ``forward`` bound on the instance; cache-dit its DiT patch (``forward``,
-    ``_is_patched``, and ``_norm1_emb``, which is registered as a submodule and so shows in
-    ``state_dict``). ``restore`` puts the module tree back as it was.
-    """
-
-    _MISSING = object()
-
-    def __init__(self, root: torch.nn.Module):
-        self.modules = [
-            (m, set(m.__dict__), dict(m._modules), m.__dict__.get("forward", self._MISSING))
-            for m in root.modules()
-        ]
-
-    def restore(self) -> None:
-        for module, names, submodules, forward in self.modules:
-            for name in set(module.__dict__) - names:
-                del module.__dict__[name]
-            # Order matters too: diffusers' FirstBlockCache takes the first block list it finds as
-            # the head, and cache-dit re-adds FLUX's two lists the other way round.
-            if list(module._modules.items()) != list(submodules.items()):
-                module._modules.clear()
-                module._modules.update(submodules)
-            if forward is self._MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = forward
-
-
-def _claim(denoiser: torch.nn.Module, name: str) -> None:
-    holder = _ATTACHED.get(denoiser)
-    if holder is not None:
-        raise RuntimeError(f"{name}: {holder!r} is attached to this pipeline; detach it first")
-    _ATTACHED[denoiser] = name
-
-
-def _release(denoiser: torch.nn.Module) -> None:
-    _ATTACHED.pop(denoiser, None)
-
-
-class _Peer:
-    def attach(self, pipe: Any, name: str) -> None:
-        raise NotImplementedError
-
-    def detach(self, pipe: Any) -> None:
-        raise NotImplementedError
-
-    def generation(self, pipe: Any, name: str) -> AbstractContextManager:
-        raise NotImplementedError
+def peer_runs(pipe: Any, peers: list[str] | str) -> list[PeerRun | Unavailable]:
+    """All documented settings of the named peers' methods for this pipeline."""
+    return [run for method in peer_methods(peers) for run in method.runs(pipe)]
 
 
 # ------------------------------------------------------------------------------------------ diffusers
 
 
-def _diffusers_context_takes_metadata() -> bool:
-    from diffusers.models.cache_utils import CacheMixin
+def _diffusers_version() -> str:
+    import diffusers
 
-    params = inspect.signature(CacheMixin.cache_context).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-class _StepTracker:
-    """Torch hooks on the denoiser that give diffusers' hooks what our pipelines' loops don't.
-
-    Before each call: the step index, step count, timestep and sigma (read from the pipeline's
-    scheduler and the call) and, for hooks that need one, a diffusers cache context carrying them
-    (``CacheMixin.cache_context``, entered around the call). FasterCache assumes the CFG batch is
-    [uncond, cond]; with ``swap_cfg`` the halves of a [cond, uncond] batch are exchanged on the way
-    in and back on the way out (the denoisers treat rows independently, so nothing else changes).
-    """
-
-    def __init__(
-        self,
-        pipe: Any,
-        denoiser: torch.nn.Module,
-        context: bool,
-        swap_cfg: bool = False,
-        on_call: Callable[[int | None], None] | None = None,
-    ):
-        self.pipe, self.denoiser = pipe, denoiser
-        self.context, self.swap_cfg, self.on_call = context, swap_cfg, on_call
-        self.metadata = context and _diffusers_context_takes_metadata()
-        self.timestep: float | None = None
-        self.calls = 0
-        self._entered: AbstractContextManager | None = None
-        self._handles: list[Any] = []
-
-    def install(self) -> None:
-        self._handles = [
-            self.denoiser.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.denoiser.register_forward_hook(self._after, with_kwargs=True),
-        ]
-
-    def remove(self) -> None:
-        self._leave()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def reset(self) -> None:
-        self._leave()
-        self.timestep, self.calls = None, 0
-
-    def current_timestep(self) -> float:
-        """PAB's and FasterCache's ``current_timestep_callback``."""
-        if self.timestep is None:
-            raise RuntimeError("the current timestep is only known during a denoiser call")
-        return self.timestep
-
-    def _leave(self) -> None:
-        if self._entered is not None:
-            entered, self._entered = self._entered, None
-            entered.__exit__(None, None, None)
-
-    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        sched = getattr(self.pipe, "scheduler", None)
-        timesteps = getattr(sched, "timesteps", None)
-        steps = len(timesteps) if timesteps is not None else None
-        index = getattr(sched, "step_index", None) if sched is not None else None
-        if index is None:  # FlowMatch/DDIM-style schedulers set it at the first step() call
-            index = 0 if hasattr(sched, "step_index") else self.calls
-        t = kwargs.get("timestep")
-        if isinstance(t, torch.Tensor):
-            t = float(t.reshape(-1)[0])
-        elif t is None and timesteps is not None and index < len(timesteps):
-            t = float(timesteps[index])
-        self.timestep = None if t is None else float(t)
-        self.calls += 1
-        if self.on_call is not None:
-            self.on_call(steps)
-        if self.context:
-            from diffusers.models.cache_utils import CacheMixin
-
-            self._leave()
-            meta: dict[str, Any] = {}
-            if self.metadata:
-                sigmas = getattr(sched, "sigmas", None)
-                if sigmas is not None and index < len(sigmas):
-                    sigma = float(sigmas[index])
-                elif self.timestep is not None:
-                    sigma = self.timestep / float(getattr(sched.config, "num_train_timesteps", 1000))
-                else:
-                    sigma = None
-                meta = {"step_index": index, "num_inference_steps": steps, "timestep": t, "sigma": sigma}
-            self._entered = CacheMixin.cache_context(module, _CONTEXT, **meta)
-            self._entered.__enter__()
-        if self.swap_cfg:
-            args, kwargs = self._swap_inputs(args, kwargs)
-        return args, kwargs
-
-    def _after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        self._leave()
-        if not self.swap_cfg:
-            return output
-        if isinstance(output, torch.Tensor):
-            return _swap_halves(output)
-        if isinstance(output, tuple):
-            return (_swap_halves(output[0]), *output[1:])
-        output.sample = _swap_halves(output.sample)
-        return output
-
-    @staticmethod
-    def _swap_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        rows = first.shape[0] if isinstance(first, torch.Tensor) else 0
-        if rows % 2:
-            raise RuntimeError("FasterCache needs the CFG batch (an even number of rows); use guidance > 1")
-
-        def swap(x: Any) -> Any:
-            return _swap_halves(x) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == rows else x
-
-        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+    return diffusers.__version__
 
 
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[0] // 2
-    return torch.cat([x[half:], x[:half]])
+def _steps(pipe: Any) -> int:
+    return int(getattr(pipe, "default_steps", 20))
 
 
-@dataclass
-class _Attached:
-    denoiser: torch.nn.Module
-    snapshot: _Snapshot
-    tracker: _StepTracker
-    hooks_before: dict[torch.nn.Module, set[str]]
+def _guidance(pipe: Any) -> float:
+    return float(getattr(pipe, "default_guidance", 2.0))
 
 
-def _hook_names(root: torch.nn.Module) -> dict[torch.nn.Module, set[str]]:
-    return {m: set(m._diffusers_hook.hooks) for m in root.modules() if hasattr(m, "_diffusers_hook")}
+def _hook_missing(method: str) -> str | None:
+    import diffusers.hooks as dh
 
-
-def _remove_added_hooks(root: torch.nn.Module, before: dict[torch.nn.Module, set[str]]) -> None:
-    """Remove every diffusers hook registered under ``root`` since ``before``, newest first per module."""
-    for module in root.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is None:
-            continue
-        for name in reversed(list(registry._hook_order)):
-            if name not in before.get(module, set()):
-                registry.remove_hook(name, recurse=False)
-    registry = getattr(root, "_diffusers_hook", None)
-    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
-        registry.invalidate_child_registries_cache()
-
-
-# (denoiser) -> {(steps, guidance): ratios}: one MagCache calibration per model serves every threshold
-_MAG_RATIOS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, float], list[float]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-class _DiffusersPeer(_Peer):
-    """One diffusers hook configuration, applied with its ``apply_*`` function to the bare denoiser.
-
-    Our denoisers are not ``CacheMixin``s (no ``enable_cache``/``disable_cache``) and our pipelines
-    enter no cache context, so ``_StepTracker`` supplies the context per call, hooks are removed by
-    name, and ``generation`` resets every stateful hook (``HookRegistry.reset_stateful_hooks``, what
-    ``CacheMixin._reset_stateful_cache`` does at the end of a diffusers pipeline call).
-    """
-
-    def __init__(
-        self,
-        apply_name: str,
-        make_config: Callable[[_StepTracker, list[float] | None], Any],
-        context: bool = True,
-        swap_cfg: bool = False,
-        mag_calibration: dict[str, Any] | None = None,
-    ):
-        self.apply_name, self.make_config = apply_name, make_config
-        self.context, self.swap_cfg = context, swap_cfg
-        self.mag_calibration = mag_calibration
-        self._config: Any = None
-        self._mag_base: list[float] | None = None
-        self._state: _Attached | None = None
-
-    def attach(self, pipe: Any, name: str) -> None:
-        import diffusers.hooks as dh
-
-        if self._state is not None:
-            raise RuntimeError(f"{name}: already attached; detach it first")
-        denoiser = _denoiser(pipe)
-        _claim(denoiser, name)
-        on_call = self._on_call if self.mag_calibration is not None else None
-        tracker = _StepTracker(pipe, denoiser, self.context, self.swap_cfg, on_call)
-        state = _Attached(denoiser, _Snapshot(denoiser), tracker, _hook_names(denoiser))
-        try:
-            with _quiet():
-                ratios = self._calibrate_mag(pipe, denoiser) if self.mag_calibration is not None else None
-                self._config = self.make_config(tracker, ratios)
-                getattr(dh, self.apply_name)(denoiser, self._config)
-            registry = dh.HookRegistry.check_if_exists_or_initialize(denoiser)
-            if hasattr(registry, "invalidate_child_registries_cache"):  # stale after new block hooks
-                registry.invalidate_child_registries_cache()
-            tracker.install()
-        except BaseException:
-            self._undo(state)
-            raise
-        self._state = state
-
-    def detach(self, pipe: Any) -> None:
-        if self._state is not None:
-            state, self._state = self._state, None
-            self._undo(state)
-
-    @staticmethod
-    def _undo(state: _Attached) -> None:
-        try:
-            state.tracker.remove()
-            _remove_added_hooks(state.denoiser, state.hooks_before)
-        finally:
-            state.snapshot.restore()
-            _release(state.denoiser)
-
-    def generation(self, pipe: Any, name: str) -> AbstractContextManager:
-        return self._generation(name)
-
-    @contextlib.contextmanager
-    def _generation(self, name: str) -> Iterator[None]:
-        from diffusers.hooks import HookRegistry
-
-        state = self._state
-        if state is None:
-            raise RuntimeError(f"{name}: attach(pipe) before generation(pipe)")
-        HookRegistry.check_if_exists_or_initialize(state.denoiser).reset_stateful_hooks(recurse=True)
-        state.tracker.reset()
-        try:
-            yield
-        finally:
-            state.tracker.reset()
-
-    # MagCache ---------------------------------------------------------------------------------------
-
-    def _on_call(self, steps: int | None) -> None:
-        """A run with another step count than calibrated: MagCache's own nearest interpolation."""
-        from diffusers.hooks.mag_cache import nearest_interp
-
-        cfg = self._config
-        if steps and self._mag_base is not None and steps != cfg.num_inference_steps:
-            cfg.mag_ratios = nearest_interp(torch.tensor(self._mag_base), steps)
-            cfg.num_inference_steps = steps
-
-    def _calibrate_mag(self, pipe: Any, denoiser: torch.nn.Module) -> list[float]:
-        """MagCache's documented calibration: one run with ``calibrate=True``, which prints the ratios."""
-        from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
-        from ..demo import conditions
-
-        cal = self.mag_calibration or {}
-        steps, guidance, n = int(cal["steps"]), float(cal["guidance"]), int(cal["samples"])
-        known = _MAG_RATIOS.setdefault(denoiser, {})
-        if (steps, guidance) not in known:
-            before = _hook_names(denoiser)
-            tracker = _StepTracker(pipe, denoiser, context=True)
-            printed = io.StringIO()
-            try:
-                apply_mag_cache(denoiser, MagCacheConfig(calibrate=True, num_inference_steps=steps))
-                tracker.install()
-                gens = [torch.Generator().manual_seed(s) for s in range(n)]
-                with contextlib.redirect_stdout(printed):
-                    pipe(
-                        **conditions(pipe, n),
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        generator=gens,
-                    )
-            finally:
-                tracker.remove()
-                _remove_added_hooks(denoiser, before)
-            found = re.search(r"Calibration Complete[^\n]*\n\s*(\[[^\]]*\])", printed.getvalue())
-            if found is None:
-                raise RuntimeError("MagCache calibration printed no ratios (has diffusers' output changed?)")
-            ratios = [float(r) for r in ast.literal_eval(found.group(1))]
-            if len(ratios) != steps:
-                raise RuntimeError(f"MagCache calibration gave {len(ratios)} ratios for {steps} steps")
-            known[(steps, guidance)] = ratios
-        self._mag_base = known[(steps, guidance)]
-        return self._mag_base
-
-
-def _sea_raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
-    """SeaCache's ``raw_vision_callback`` for image latents: each row of (B, C, H, W) as (C, 1, H, W)."""
-    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        return None
-    return [row.unsqueeze(1) for row in x]
-
-
-def _attention_modules(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
-
-    return [(n, m) for n, m in denoiser.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))]
-
-
-def _block_reason(method: str, denoiser: torch.nn.Module) -> str | None:
-    """Why a block-level hook (FirstBlockCache, MagCache, SeaCache) cannot wrap this denoiser."""
-    cls = type(denoiser).__name__
-    blocks = _block_list(denoiser)
-    if blocks is None:
-        return (
-            f"{method}: {cls} has no list of transformer blocks (a ModuleList child named one of "
-            f"{', '.join(_BLOCK_LISTS)}) for the hook to skip; a U-Net's down/mid/up blocks change "
-            "resolution and pass skip connections"
-        )
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    block_cls = type(blocks[0])
-    try:
-        TransformerBlockRegistry.get(block_cls)
-    except ValueError:
-        return (
-            f"{method}: {cls}'s blocks ({block_cls.__name__}) are not in diffusers' TransformerBlockRegistry"
-        )
+    if getattr(dh, f"{method}Config", None) is None:
+        return f"{method}: not in the installed diffusers {_diffusers_version()}"
     return None
 
 
-def _diffusers_runs(pipe: Any) -> list[PeerRun | Unavailable]:
-    import diffusers
+def _block_hook_reason(method: str) -> Callable[[Any], str | None]:
+    return lambda pipe: _hook_missing(method) or _block_reason(method, _denoiser(pipe))
+
+
+def _hook(apply_name: str, config_class: str, **kw: Any) -> Callable[[Any, dict[str, Any]], _Peer]:
+    """A diffusers hook built from the configuration as ``config_class``'s keyword arguments."""
+
+    def build(pipe: Any, config: dict[str, Any]) -> _Peer:
+        import diffusers.hooks as dh
+
+        def make(tracker: _StepTracker, ratios: list[float] | None) -> Any:
+            return getattr(dh, config_class)(**_as_arguments(config, tracker, ratios))
+
+        return _DiffusersPeer(apply_name, make, **kw)
+
+    return build
+
+
+def _as_arguments(config: dict[str, Any], tracker: _StepTracker, ratios: list[float] | None) -> dict:
+    """JSON configuration -> the config class's arguments: ranges as tuples, dtypes as torch's, and
+    the callbacks only the runtime can give (timestep, fitted magnitude ratios)."""
+    args: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in ("calibration", "cfg_rows_swapped"):
+            continue
+        if key.endswith("_range") and isinstance(value, list):
+            value = tuple(value)
+        if key == "taylor_factors_dtype":
+            value = getattr(torch, value)
+        args[key] = value
+    if "current_timestep_callback" in config:
+        args["current_timestep_callback"] = tracker.current_timestep
+    if ratios is not None:
+        args["mag_ratios"] = ratios
+    return args
+
+
+def _mag_build(pipe: Any, config: dict[str, Any]) -> _Peer:
+    import diffusers.hooks as dh
+
+    calibration = config["calibration"]
+
+    def make(tracker: _StepTracker, ratios: list[float] | None) -> Any:
+        return dh.MagCacheConfig(**_as_arguments(config, tracker, ratios))
+
+    return _DiffusersPeer("apply_mag_cache", make, mag_calibration=calibration)
+
+
+def _sea_build(pipe: Any, config: dict[str, Any]) -> _Peer:
+    import diffusers.hooks as dh
+
+    def make(tracker: _StepTracker, ratios: list[float] | None) -> Any:
+        return dh.SeaCacheConfig(
+            **_as_arguments(config, tracker, ratios), raw_vision_callback=_sea_raw_vision
+        )
+
+    return _DiffusersPeer("apply_sea_cache", make)
+
+
+def _taylor_targets(pipe: Any) -> dict[str, list[str]]:
+    """TaylorSeer's ``cache_identifiers`` for this denoiser: every attention module (its default
+    patterns miss diffusers' ``attn1``/``attn2`` and U-Net ``attentions.N`` names under
+    ``re.fullmatch``), and, on a transformer, every block of each block list."""
+    denoiser = _denoiser(pipe)
+    targets = {}
+    if any(re.fullmatch(_ATTENTION_NAMES, n) for n, _ in _attention_modules(denoiser)):
+        targets["attention"] = [_ATTENTION_NAMES]
+    lists = [n for n in _BLOCK_LISTS if isinstance(getattr(denoiser, n, None), torch.nn.ModuleList)]
+    if _block_list(denoiser) is not None:
+        targets["blocks"] = [rf"{n}\.\d+" for n in lists if len(getattr(denoiser, n)) > 0]
+    return targets
+
+
+def _taylor_documented(pipe: Any) -> dict[str, Any]:
+    targets = _taylor_targets(pipe)
+    return {
+        "cache_interval": 5,
+        "disable_cache_before_step": 3,
+        "max_order": 1,
+        "taylor_factors_dtype": "bfloat16",
+        "cache_identifiers": targets.get("blocks", targets.get("attention")),
+    }
+
+
+def _taylor_space(pipe: Any) -> tuple[Knob, ...]:
+    return (
+        Knob("cache_interval", 2, 8, integer=True),
+        Knob("disable_cache_before_step", 1, max(1, _steps(pipe) // 2), integer=True),
+        Knob("max_order", 1, 2, integer=True),
+        Knob("taylor_factors_dtype", choices=("float32", "bfloat16")),
+        Knob("cache_identifiers", choices=tuple(_taylor_targets(pipe).values())),
+    )
+
+
+def _taylor_reason(pipe: Any) -> str | None:
+    if _hook_missing("TaylorSeerCache"):
+        return _hook_missing("TaylorSeerCache")
+    if not _taylor_targets(pipe):
+        return f"TaylorSeerCache: {type(_denoiser(pipe)).__name__} has no attention module or block list"
+    return None
+
+
+def _taylor_sweep() -> tuple[dict[str, Any], ...]:
+    fp32 = {"taylor_factors_dtype": "float32"}
+    return ({}, *({"cache_interval": k, **fp32} for k in (2, 3, 4)))
+
+
+def _pab_reason(pipe: Any) -> str | None:
     import diffusers.hooks as dh
 
     denoiser = _denoiser(pipe)
-    cls = type(denoiser).__name__
-    steps = int(getattr(pipe, "default_steps", 20))
-    guidance = float(getattr(pipe, "default_guidance", 2.0))
-    uncond_last = getattr(pipe, "stepcache_cfg_layout", "uncond_first") == "uncond_last"
-    version = diffusers.__version__
-    attentions = _attention_modules(denoiser)
-    out: list[PeerRun | Unavailable] = []
-
-    def add(
-        method: str,
-        knob: str,
-        values: list[Any],
-        default: Any,
-        reason: str | None,
-        impl: Callable[[Any], _DiffusersPeer],
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        if reason is None and getattr(dh, f"{method}Config", None) is None:
-            reason = f"{method}: not in the installed diffusers {version}"
-        for value in values:
-            name = f"diffusers {method} {knob}={value}"
-            if reason is not None:
-                out.append(Unavailable(name, "diffusers", reason))
-                continue
-            params = {"method": method, knob: value, **(extra or {})}
-            params.update(peer_default=value == default, diffusers=version)
-            out.append(PeerRun(name, "diffusers", params, impl(value)))
-
-    # FirstBlockCache: skip blocks 2..n when the first block's residual barely changed.
-    add(
-        "FirstBlockCache",
-        "threshold",
-        [0.05, 0.1, 0.2, 0.4],
-        0.05,
-        _block_reason("FirstBlockCache", denoiser),
-        lambda th: _DiffusersPeer(
-            "apply_first_block_cache", lambda tr, _: dh.FirstBlockCacheConfig(threshold=th)
-        ),
-    )
-    # MagCache: magnitude ratios, calibrated on this model (the documented calibrate=True run).
-    mag_cal = {"steps": steps, "guidance": guidance, "samples": _MAG_CALIBRATION_SAMPLES}
-    add(
-        "MagCache",
-        "threshold",
-        [0.06, 0.12, 0.24],
-        0.06,
-        _block_reason("MagCache", denoiser),
-        lambda th: _DiffusersPeer(
-            "apply_mag_cache",
-            lambda tr, ratios: dh.MagCacheConfig(threshold=th, num_inference_steps=steps, mag_ratios=ratios),
-            mag_calibration=mag_cal,
-        ),
-        {"max_skip_steps": 3, "retention_ratio": 0.2, "mag_ratios": f"calibrated: {mag_cal}"},
-    )
-    # SeaCache: spectral indicator of the latents between steps; needs step/sigma in the context.
-    add(
-        "SeaCache",
-        "threshold",
-        [0.1, 0.25, 0.5, 1.0],
-        0.25,
-        _block_reason("SeaCache", denoiser),
-        lambda th: _DiffusersPeer(
-            "apply_sea_cache",
-            lambda tr, _: dh.SeaCacheConfig(threshold=th, raw_vision_callback=_sea_raw_vision),
-        ),
-        {"residual_order": 1, "retention_steps": 1, "cache_end_steps": 1, "max_consecutive_cached": 2},
-    )
-    # TaylorSeer: attention outputs forecast by a Taylor series between full steps.
-    hits = [n for n, _ in attentions if re.fullmatch(_ATTENTION_NAMES, n)]
-    add(
-        "TaylorSeerCache",
-        "cache_interval",
-        [2, 3, 5],
-        5,
-        None if hits else f"TaylorSeerCache: {cls} has no attention module to cache",
-        lambda k: _DiffusersPeer(
-            "apply_taylorseer_cache",
-            lambda tr, _: dh.TaylorSeerCacheConfig(cache_interval=k, cache_identifiers=[_ATTENTION_NAMES]),
-        ),
-        {
-            "disable_cache_before_step": 3,
-            "max_order": 1,
-            "taylor_factors_dtype": "bfloat16",
-            "cache_identifiers": [_ATTENTION_NAMES],
-        },
-    )
-    # Pyramid Attention Broadcast: reuse self-attention outputs within a timestep range.
-    pab_ids = dh.PyramidAttentionBroadcastConfig.spatial_attention_block_identifiers
+    ids = dh.PyramidAttentionBroadcastConfig.spatial_attention_block_identifiers
     spatial = [
         n
-        for n, m in attentions
-        if any(re.search(i, n) for i in pab_ids) and not getattr(m, "is_cross_attention", False)
+        for n, m in _attention_modules(denoiser)
+        if any(re.search(i, n) for i in ids) and not getattr(m, "is_cross_attention", False)
     ]
-    add(
-        "PyramidAttentionBroadcast",
-        "spatial_skip",
-        [2, 3, 4],
-        2,
-        None if spatial else f"PyramidAttentionBroadcast: no self-attention of {cls} matches {pab_ids}",
-        lambda k: _DiffusersPeer(
-            "apply_pyramid_attention_broadcast",
-            lambda tr, _: dh.PyramidAttentionBroadcastConfig(
-                spatial_attention_block_skip_range=k, current_timestep_callback=tr.current_timestep
-            ),
-            context=False,
-        ),
-        {"spatial_attention_timestep_skip_range": [100, 800]},
+    if not spatial:
+        return f"PyramidAttentionBroadcast: no self-attention of {type(denoiser).__name__} matches {ids}"
+    return None
+
+
+def _faster_reason(pipe: Any) -> str | None:
+    import inspect
+
+    denoiser = _denoiser(pipe)
+    if _block_list(denoiser) is not None:
+        return None
+    cls = type(denoiser).__name__
+    # FasterCache's denoiser hook unpacks a tensor, a tuple or a Transformer2DModelOutput only
+    returns = re.findall(r"\w*Output\b", str(inspect.signature(type(denoiser).forward).return_annotation))
+    returns = [r for r in returns if r != "Transformer2DModelOutput"]
+    unpack = (
+        f"it returns {returns[0]}, which FasterCache's denoiser hook cannot unpack (it handles tensors, "
+        "tuples and Transformer2DModelOutput; it fails with UnboundLocalError), and "
+        if returns
+        else ""
     )
-    # FasterCache: attention reuse plus the unconditional half approximated from the conditional.
-    faster_reason = None
-    if _block_list(denoiser) is None:
-        # FasterCache's denoiser hook unpacks a tensor, a tuple or a Transformer2DModelOutput only
-        returns = re.findall(r"\w*Output\b", str(inspect.signature(type(denoiser).forward).return_annotation))
-        returns = [r for r in returns if r != "Transformer2DModelOutput"]
-        faster_reason = (
-            f"FasterCache: {cls} is not a transformer: "
-            + (
-                f"it returns {returns[0]}, which FasterCache's denoiser hook cannot unpack (it handles "
-                "tensors, tuples and Transformer2DModelOutput; it fails with UnboundLocalError), and "
-                if returns
-                else ""
-            )
-            + "none of its attention layers match FasterCache's transformer-block identifiers"
-        )
+    return (
+        f"FasterCache: {cls} is not a transformer: {unpack}none of its attention layers match "
+        "FasterCache's transformer-block identifiers"
+    )
+
+
+def _faster_documented(pipe: Any) -> dict[str, Any]:
+    import diffusers.hooks as dh
+
     # the CFG-split inputs: diffusers' list, plus the class labels our class-conditional DiT takes
-    cfg_kwargs = (*dh.FasterCacheConfig._unconditional_conditional_input_kwargs_identifiers, "class_labels")
-    add(
-        "FasterCache",
-        "spatial_skip",
-        [2, 3, 4],
-        2,
-        faster_reason,
-        lambda k: _DiffusersPeer(
-            "apply_faster_cache",
-            lambda tr, _: dh.FasterCacheConfig(
-                spatial_attention_block_skip_range=k,
-                tensor_format="BCHW",
-                current_timestep_callback=tr.current_timestep,
-                _unconditional_conditional_input_kwargs_identifiers=cfg_kwargs,
-            ),
-            context=False,
-            swap_cfg=uncond_last,
+    cfg_kwargs = [*dh.FasterCacheConfig._unconditional_conditional_input_kwargs_identifiers, "class_labels"]
+    return {
+        "spatial_attention_block_skip_range": 2,
+        "spatial_attention_timestep_skip_range": [-1, 681],
+        "unconditional_batch_skip_range": 5,
+        "unconditional_batch_timestep_skip_range": [-1, 641],
+        "tensor_format": "BCHW",
+        "current_timestep_callback": "the pipeline's timestep",
+        "_unconditional_conditional_input_kwargs_identifiers": cfg_kwargs,
+    }
+
+
+def _faster_build(pipe: Any, config: dict[str, Any]) -> _Peer:
+    # FasterCache assumes the CFG batch is [uncond, cond]; the tracker swaps a [cond, uncond] one
+    uncond_last = getattr(pipe, "stepcache_cfg_layout", "uncond_first") == "uncond_last"
+    return _hook("apply_faster_cache", "FasterCacheConfig", context=False, swap_cfg=uncond_last)(pipe, config)
+
+
+def _mag_documented(pipe: Any) -> dict[str, Any]:
+    steps = _steps(pipe)
+    return {
+        "threshold": 0.06,
+        "max_skip_steps": 3,
+        "retention_ratio": 0.2,
+        "num_inference_steps": steps,
+        # MagCache's documented calibration: one calibrate=True run on this model
+        "calibration": {"steps": steps, "guidance": _guidance(pipe), "samples": _MAG_CALIBRATION_SAMPLES},
+    }
+
+
+def _timestep_range(name: str, documented: list[int]) -> Knob:
+    """A timestep window (the scheduler's 0..1000 scale): the documented one, and wider or
+    shifted ones."""
+    others = ([100, 800], [-1, 681], [-1, 1000], [200, 900], [-1, 500])
+    return Knob(name, choices=(documented, *(o for o in others if o != documented)))
+
+
+DIFFUSERS_METHODS = (
+    # FirstBlockCache: skip blocks 2..n when the first block's residual barely changed.
+    PeerMethod(
+        "diffusers",
+        "FirstBlockCache",
+        documented=lambda pipe: {"threshold": 0.05},
+        sweep=tuple({"threshold": t} for t in (0.05, 0.1, 0.2, 0.4)),
+        space=lambda pipe: (Knob("threshold", 0.01, 1.0, log=True),),
+        why_not=_block_hook_reason("FirstBlockCache"),
+        build=_hook("apply_first_block_cache", "FirstBlockCacheConfig"),
+        version=_diffusers_version,
+    ),
+    # MagCache: skip while the accumulated magnitude-ratio error, calibrated on this model, is small.
+    PeerMethod(
+        "diffusers",
+        "MagCache",
+        documented=_mag_documented,
+        sweep=tuple({"threshold": t} for t in (0.06, 0.12, 0.24)),
+        space=lambda pipe: (
+            Knob("threshold", 0.01, 1.0, log=True),
+            Knob("max_skip_steps", 1, 6, integer=True),
+            Knob("retention_ratio", 0.0, 0.5),
         ),
-        {
-            "spatial_attention_timestep_skip_range": [-1, 681],
-            "unconditional_batch_skip_range": 5,
-            "unconditional_batch_timestep_skip_range": [-1, 641],
-            "attention_weight": 0.5,
-            "tensor_format": "BCHW",
-            "cfg_rows_swapped": uncond_last,
+        why_not=_block_hook_reason("MagCache"),
+        build=_mag_build,
+        version=_diffusers_version,
+    ),
+    # SeaCache: spectral indicator of the latents between steps.
+    PeerMethod(
+        "diffusers",
+        "SeaCache",
+        documented=lambda pipe: {
+            "threshold": 0.25,
+            "residual_order": 1,
+            "retention_steps": 1,
+            "cache_end_steps": 1,
+            "max_consecutive_cached": 2,
         },
-    )
-    return out
+        sweep=tuple({"threshold": t} for t in (0.1, 0.25, 0.5, 1.0)),
+        space=lambda pipe: (
+            Knob("threshold", 0.02, 4.0, log=True),
+            Knob("retention_steps", 1, 5, integer=True),
+            Knob("max_consecutive_cached", 1, 5, integer=True),
+        ),
+        why_not=_block_hook_reason("SeaCache"),
+        build=_sea_build,
+        version=_diffusers_version,
+    ),
+    # TaylorSeer: module outputs forecast by a Taylor series between full steps; pointed at the
+    # blocks through its documented cache_identifiers (its default patterns hook nothing here).
+    PeerMethod(
+        "diffusers",
+        "TaylorSeerCache",
+        documented=_taylor_documented,
+        sweep=_taylor_sweep(),
+        space=_taylor_space,
+        why_not=_taylor_reason,
+        build=_hook("apply_taylorseer_cache", "TaylorSeerCacheConfig"),
+        version=_diffusers_version,
+    ),
+    # Pyramid Attention Broadcast: reuse self-attention outputs within a timestep range.
+    PeerMethod(
+        "diffusers",
+        "PyramidAttentionBroadcast",
+        documented=lambda pipe: {
+            "spatial_attention_block_skip_range": 2,
+            "spatial_attention_timestep_skip_range": [100, 800],
+            "current_timestep_callback": "the pipeline's timestep",
+        },
+        sweep=tuple({"spatial_attention_block_skip_range": k} for k in (2, 3, 4)),
+        space=lambda pipe: (
+            Knob("spatial_attention_block_skip_range", 2, 8, integer=True),
+            _timestep_range("spatial_attention_timestep_skip_range", [100, 800]),
+        ),
+        why_not=lambda pipe: _hook_missing("PyramidAttentionBroadcast") or _pab_reason(pipe),
+        build=_hook("apply_pyramid_attention_broadcast", "PyramidAttentionBroadcastConfig", context=False),
+        version=_diffusers_version,
+    ),
+    # FasterCache: attention reuse plus the unconditional half approximated from the conditional.
+    PeerMethod(
+        "diffusers",
+        "FasterCache",
+        documented=_faster_documented,
+        sweep=tuple({"spatial_attention_block_skip_range": k} for k in (2, 3, 4)),
+        space=lambda pipe: (
+            Knob("spatial_attention_block_skip_range", 2, 8, integer=True),
+            _timestep_range("spatial_attention_timestep_skip_range", [-1, 681]),
+            Knob("unconditional_batch_skip_range", 1, 8, integer=True),
+            _timestep_range("unconditional_batch_timestep_skip_range", [-1, 641]),
+        ),
+        why_not=lambda pipe: _hook_missing("FasterCache") or _faster_reason(pipe),
+        build=_faster_build,
+        version=_diffusers_version,
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------ cache-dit
 
 
-class _CacheDitPeer(_Peer):
-    """cache-dit's DBCache on the bare denoiser: ``cache_dit.enable_cache(transformer, ...)``.
-
-    The transformer-only path keeps one persistent cache context, so ``generation`` rebuilds it
-    (``cache_dit.refresh_context``); without that, the second run would start past the warm-up.
-    """
-
-    def __init__(
-        self,
-        fn: int,
-        bn: int,
-        rdt: float,
-        taylorseer: bool,
-        warmup: int | None = None,
-        pattern: str | None = None,
-    ):
-        self.fn, self.bn, self.rdt, self.taylorseer = fn, bn, rdt, taylorseer
-        self.warmup = warmup  # steps that always compute; None keeps cache-dit's default
-        # A transformer cache-dit has no adapter for is given as its documented BlockAdapter, with
-        # the ForwardPattern its blocks follow (found by _forward_pattern); None: its own adapter.
-        self.pattern = pattern
-        self._state: tuple[torch.nn.Module, _Snapshot] | None = None
-
-    def _configs(self) -> dict[str, Any]:
-        import cache_dit
-
-        configs: dict[str, Any] = {
-            "cache_config": cache_dit.DBCacheConfig(
-                Fn_compute_blocks=self.fn,
-                Bn_compute_blocks=self.bn,
-                residual_diff_threshold=self.rdt,
-                enable_separate_cfg=False,  # CFG runs as one batch
-                **({} if self.warmup is None else {"max_warmup_steps": self.warmup}),
-            )
-        }
-        if self.taylorseer:
-            configs["calibrator_config"] = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
-        return configs
-
-    def attach(self, pipe: Any, name: str) -> None:
-        import cache_dit
-
-        if self._state is not None:
-            raise RuntimeError(f"{name}: already attached; detach it first")
-        denoiser = _denoiser(pipe)
-        _claim(denoiser, name)
-        snapshot = _Snapshot(denoiser)
-        target: Any = denoiser
-        if self.pattern is not None:
-            target = cache_dit.BlockAdapter(
-                transformer=denoiser,
-                blocks=_block_list(denoiser),
-                forward_pattern=getattr(cache_dit.ForwardPattern, self.pattern),
-                check_forward_pattern=True,
-            )
-        try:
-            with _quiet():
-                cache_dit.enable_cache(target, **self._configs())
-        except BaseException:
-            with contextlib.suppress(Exception), _quiet():
-                cache_dit.disable_cache(denoiser)
-            snapshot.restore()
-            _release(denoiser)
-            raise
-        self._state = (denoiser, snapshot)
-
-    def detach(self, pipe: Any) -> None:
-        if self._state is None:
-            return
-        import cache_dit
-
-        (denoiser, snapshot), self._state = self._state, None
-        try:
-            with _quiet():
-                cache_dit.disable_cache(denoiser)
-        finally:
-            snapshot.restore()
-            _release(denoiser)
-
-    def generation(self, pipe: Any, name: str) -> AbstractContextManager:
-        return self._generation(name)
-
-    @contextlib.contextmanager
-    def _generation(self, name: str) -> Iterator[None]:
-        import cache_dit
-
-        if self._state is None:
-            raise RuntimeError(f"{name}: attach(pipe) before generation(pipe)")
-        with _quiet():
-            cache_dit.refresh_context(self._state[0], **self._configs())
-        yield
-
-
-def _cache_dit_runs(pipe: Any) -> list[PeerRun | Unavailable]:
-    denoiser = _denoiser(pipe)
-    cls = type(denoiser).__name__
-    blocks = _block_list(denoiser)
-    n = len(blocks) if blocks is not None else 0
-    # cache-dit's default is F8B0 for 20-60 block models; on a handful of blocks that computes
-    # everything, so the Fn/Bn grid is scaled down (Fn + Bn must leave blocks in the middle to cache).
-    shapes = [(fn, bn) for fn, bn in ((1, 0), (1, 1), (2, 0)) if n == 0 or fn + bn < n]
-    settings = [(fn, bn, rdt, ts) for fn, bn in shapes for rdt in (0.08, 0.12, 0.24) for ts in (False, True)]
-    reason = None
-    version = None
-    pattern: str | None = None
+def _cache_dit_version() -> str | None:
     try:
         import cache_dit
+    except Exception:
+        return None
+    return getattr(cache_dit, "__version__", None)
 
-        version = getattr(cache_dit, "__version__", None)
+
+def _num_blocks(pipe: Any) -> int:
+    blocks = _block_list(_denoiser(pipe))
+    return len(blocks) if blocks is not None else 0
+
+
+# denoiser -> the ForwardPattern found for it (a probe generation each time would cost a step)
+_PATTERNS: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def _cache_dit_pattern(pipe: Any) -> str | None:
+    """The ForwardPattern for cache-dit's BlockAdapter when it has no adapter of its own."""
+    import cache_dit
+
+    denoiser = _denoiser(pipe)
+    blocks = _block_list(denoiser)
+    if blocks is None or cache_dit.BlockAdapterRegister.is_supported(denoiser):
+        return None
+    if denoiser not in _PATTERNS:
+        _PATTERNS[denoiser] = _forward_pattern(pipe, blocks)
+    return _PATTERNS[denoiser]
+
+
+def _cache_dit_describe(overrides: dict[str, Any]) -> str:
+    """cache-dit's own short form: F1B0, the threshold, the calibrator."""
+    out = ""
+    if "Fn_compute_blocks" in overrides:
+        out += f" F{overrides['Fn_compute_blocks']}B{overrides.get('Bn_compute_blocks', 0)}"
+    if "residual_diff_threshold" in overrides:
+        out += f" rdt={overrides['residual_diff_threshold']}"
+    order = overrides.get("taylorseer_order", 0)
+    return out + (f" +TaylorSeer{'' if order == 1 else order}" if order else "")
+
+
+def _cache_dit_reason(pipe: Any) -> str | None:
+    try:
+        import cache_dit
     except Exception as e:  # ImportError, or a broken install
         why = "is not installed" if isinstance(e, ImportError) else f"failed to import ({e})"
-        reason = f"cache-dit {why}; install it with {PEERS_INSTALL}"
-    else:
-        if blocks is not None and not cache_dit.BlockAdapterRegister.is_supported(denoiser):
-            pattern = _forward_pattern(pipe, blocks)
-        if pattern is None and (blocks is None or not cache_dit.BlockAdapterRegister.is_supported(denoiser)):
-            reason = (
-                f"cache-dit: {cls} is not a transformer with a block list cache-dit {version} has an "
-                "adapter for (DBCache caches the middle of a stack of same-shape transformer blocks; "
-                "a U-Net's down/mid/up blocks change resolution and pass skip connections)"
-            )
-    out: list[PeerRun | Unavailable] = []
-    for fn, bn, rdt, ts in settings:
-        name = f"cache-dit DBCache F{fn}B{bn} rdt={rdt}" + (" +TaylorSeer" if ts else "")
-        if reason is not None:
-            out.append(Unavailable(name, "cache-dit", reason))
-            continue
-        params = {
-            "method": "DBCache",
-            "Fn_compute_blocks": fn,
-            "Bn_compute_blocks": bn,
-            "residual_diff_threshold": rdt,
-            "max_warmup_steps": 8,
-            "max_cached_steps": -1,
-            "max_continuous_cached_steps": -1,
-            "enable_separate_cfg": False,
-            "calibrator": {"type": "TaylorSeer", "taylorseer_order": 1} if ts else None,
-            "cache_dit": version,
-        }
-        if pattern is not None:
-            params["block_adapter"] = {"forward_pattern": pattern}
-        out.append(PeerRun(name, "cache-dit", params, _CacheDitPeer(fn, bn, rdt, ts, pattern=pattern)))
-    return out
-
-
-def _forward_pattern(pipe: Any, blocks: torch.nn.ModuleList) -> str | None:
-    """The cache-dit ``ForwardPattern`` that the blocks follow, read from one real call of the
-    first block (a one-step generation): whether it takes ``encoder_hidden_states``, and whether it
-    returns the hidden states alone, first or second (told apart by their shape). None when the
-    block fits no pattern, or the two streams have the same shape and the order cannot be told."""
-    from ..demo import conditions
-
-    seen: dict[str, Any] = {}
-
-    def grab(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        seen.setdefault("hidden", args[0] if args else kwargs.get("hidden_states"))
-        seen.setdefault("output", output)
-
-    takes_encoder = "encoder_hidden_states" in inspect.signature(blocks[0].forward).parameters
-    handle = blocks[0].register_forward_hook(grab, with_kwargs=True)
-    try:
-        pipe(**conditions(pipe, 1), num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    except Exception:  # a pipeline that cannot run a one-step probe gets no adapter
+        return f"cache-dit {why}; install it with {PEERS_INSTALL}"
+    denoiser = _denoiser(pipe)
+    blocks = _block_list(denoiser)
+    supported = blocks is not None and cache_dit.BlockAdapterRegister.is_supported(denoiser)
+    if supported or (blocks is not None and _cache_dit_pattern(pipe) is not None):
         return None
-    finally:
-        handle.remove()
-    hidden, out = seen.get("hidden"), seen.get("output")
-    if not isinstance(hidden, torch.Tensor):
-        return None
-    if isinstance(out, torch.Tensor):
-        return "Pattern_2" if takes_encoder else "Pattern_3"
-    if not (isinstance(out, tuple) and len(out) == 2):
-        return None
-    first = [isinstance(o, torch.Tensor) and o.shape == hidden.shape for o in out]
-    if first[0] == first[1]:
-        return None
-    if takes_encoder:
-        return "Pattern_0" if first[0] else "Pattern_1"
-    return "Pattern_4" if first[0] else "Pattern_5"
+    return (
+        f"cache-dit: {type(denoiser).__name__} is not a transformer with a block list cache-dit "
+        f"{_cache_dit_version()} has an adapter for (DBCache caches the middle of a stack of same-shape "
+        "transformer blocks; a U-Net's down/mid/up blocks change resolution and pass skip connections)"
+    )
+
+
+def _cache_dit_documented(pipe: Any) -> dict[str, Any]:
+    # cache-dit's default is F8B0 for 20-60 block models; on a handful of blocks that computes
+    # everything, so it is scaled to one leading block (its documented fastest "F1B0").
+    return {
+        "Fn_compute_blocks": 1,
+        "Bn_compute_blocks": 0,
+        "residual_diff_threshold": 0.08,
+        "max_warmup_steps": 8,
+        "max_cached_steps": -1,
+        "max_continuous_cached_steps": -1,
+        "enable_separate_cfg": False,  # our pipelines run CFG as one batch
+        "taylorseer_order": 0,
+    }
+
+
+def _cache_dit_space(pipe: Any) -> tuple[Knob, ...]:
+    n = max(2, _num_blocks(pipe))
+    return (
+        Knob("Fn_compute_blocks", 1, n - 1, integer=True),
+        Knob("Bn_compute_blocks", 0, max(0, n - 2), integer=True),
+        Knob("residual_diff_threshold", 0.02, 1.0, log=True),
+        Knob("max_warmup_steps", 1, max(1, _steps(pipe) // 2), integer=True),
+        Knob("max_continuous_cached_steps", choices=(-1, 1, 2, 3, 5)),
+        Knob("taylorseer_order", 0, 2, integer=True),
+    )
+
+
+def _cache_dit_build(pipe: Any, config: dict[str, Any]) -> _Peer:
+    n = _num_blocks(pipe)
+    if n and config["Fn_compute_blocks"] + config["Bn_compute_blocks"] >= n:
+        raise ValueError(
+            f"cache-dit: Fn_compute_blocks + Bn_compute_blocks must leave a middle block to cache "
+            f"({config['Fn_compute_blocks']} + {config['Bn_compute_blocks']} of {n} blocks)"
+        )
+    return _CacheDitPeer(config, pattern=_cache_dit_pattern(pipe))
+
+
+CACHE_DIT_METHODS = (
+    PeerMethod(
+        "cache-dit",
+        "DBCache",
+        documented=_cache_dit_documented,
+        sweep=tuple(
+            {
+                "Fn_compute_blocks": fn,
+                "Bn_compute_blocks": bn,
+                "residual_diff_threshold": rdt,
+                "taylorseer_order": ts,
+            }
+            for fn, bn in ((1, 0), (1, 1), (2, 0))
+            for rdt in (0.08, 0.12, 0.24)
+            for ts in (0, 1)
+        ),
+        space=_cache_dit_space,
+        why_not=_cache_dit_reason,
+        build=_cache_dit_build,
+        version=_cache_dit_version,
+        describe=_cache_dit_describe,
+    ),
+)
+
+METHODS: tuple[PeerMethod, ...] = DIFFUSERS_METHODS + CACHE_DIT_METHODS

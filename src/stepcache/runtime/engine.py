@@ -50,6 +50,30 @@ def _resolve(plan: Any, active: int) -> tuple[bool, bool, torch.Tensor | None]:
     return n == active, n == 0, mask
 
 
+def _tie_cfg_pairs(plan: Any, ctx: CallContext) -> Any:
+    """One decision per sample: under batched CFG a sample is two rows, the k-th unconditional
+    row and the k-th conditional one (as the guidance rules pair them), and both run when the
+    rule wants either. A pair split between a fresh and a stale row turns the stale row's error
+    into a guidance-scaled error of the guidance direction. Rows outside ``ctx.rows`` keep their
+    partner's decision; a row without a partner keeps its own. On the device, no host sync."""
+    if not isinstance(plan, torch.Tensor):
+        return plan
+    mask = ctx.uncond_rows()
+    if mask is None:
+        return plan
+    wanted = plan.to(torch.bool).reshape(-1)
+    device = wanted.device
+    rows = torch.arange(ctx.batch, device=device) if ctx.rows is None else ctx.rows.to(device)
+    if rows.numel() != wanted.numel():
+        return plan  # a plan of the wrong size, which _resolve reports
+    mask = mask.reshape(-1).to(device)
+    pair = torch.where(mask, mask.cumsum(0) - 1, (~mask).cumsum(0) - 1)
+    full = torch.zeros(ctx.batch, dtype=torch.int8, device=device)
+    full[rows] = wanted.to(torch.int8)
+    either = torch.zeros_like(full).scatter_reduce(0, pair, full, reduce="amax")
+    return either[pair][rows].to(torch.bool)
+
+
 def _global_rows(rows: torch.Tensor | None, local: torch.Tensor, device: torch.device) -> torch.Tensor:
     idx = torch.nonzero(local, as_tuple=False).reshape(-1).to(device)
     return idx if rows is None else rows.index_select(0, idx)
@@ -455,7 +479,7 @@ class Handle:
         step_run: torch.Tensor | None = None  # bool over the batch (host); None = every row
         est, est_rows = None, None
         if rule is not None:
-            plan = rule.plan(ctx, state)
+            plan = _tie_cfg_pairs(rule.plan(ctx, state), ctx)
             compute_all, compute_none, mask = _resolve(True if first else plan, batch)
             if not compute_all:
                 est_rows = None if compute_none else _global_rows(None, ~mask, device)
@@ -769,6 +793,7 @@ class Handle:
             plan = rule.plan(ctx, state, _sub(s_in, scratch.head_in))
         else:
             plan = True
+        plan = _tie_cfg_pairs(plan, ctx)
         active = int(s_in[0].shape[0])
         est_all = None
         if self.rules.guard and isinstance(plan, torch.Tensor):

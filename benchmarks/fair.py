@@ -1,0 +1,131 @@
+"""The fair fight, banded by FLOPs: from a ``stepcache compare --tune-peers`` result, per band the
+best stepcache run (searched policy or preset), the best preset alone, the best tuned peer and the
+best documented peer setting, on the held-out seeds; stepcache's lead over the best peer of either
+kind, and the best preset's lead over the best documented peer setting (what a user who never
+searches gets). Writes benchmarks/results/fair-MODEL.json and prints the Markdown table.
+
+Run: python benchmarks/fair.py benchmarks/results/compare-fmnist-dit [...]
+(the compare: stepcache compare fmnist-dit --tune-peers 10 --repeats 3 --policy ... --out DIR)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from stepcache._io import atomic_write_json
+from stepcache.bench.bands import BANDS, flop_speedup
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kind(run: dict) -> str | None:
+    """searched policy, preset, tuned peer or documented peer setting (None: the reference)."""
+    if run["kind"] == "stepcache":
+        return "searched" if run["name"].startswith("searched") else "preset"
+    if run["kind"] == "peer":
+        return "tuned peer" if "tuned" in run.get("params", {}) else "documented peer"
+    return None
+
+
+def best(runs: list[dict], band: float, kinds: tuple[str, ...]) -> dict | None:
+    ok = [
+        r
+        for r in runs
+        if kind(r) in kinds and flop_speedup(r) >= band - 1e-9 and math.isfinite(r.get("psnr", math.nan))
+    ]
+    return max(ok, key=lambda r: r["psnr"]) if ok else None
+
+
+def cell(run: dict | None) -> dict | None:
+    if run is None:
+        return None
+    ci = run.get("speedup_ci") or [None, None]
+    measured = None if run.get("speedup_status") == "above_flop_ideal" else run["speedup"]
+    return {
+        "name": run["name"],
+        "flop_speedup": flop_speedup(run),
+        "measured_speedup": measured,
+        "measured_ci": ci,
+        "psnr": run["psnr"],
+        "psnr_ci": run.get("psnr_ci"),
+    }
+
+
+def lead(a: dict | None, b: dict | None) -> float | None:
+    return None if a is None or b is None else a["psnr"] - b["psnr"]
+
+
+def summarise(doc: dict) -> list[dict]:
+    runs = doc["runs"]
+    rows = []
+    for band in BANDS:
+        ours = cell(best(runs, band, ("searched", "preset")))
+        preset = cell(best(runs, band, ("preset",)))
+        tuned = cell(best(runs, band, ("tuned peer",)))
+        documented = cell(best(runs, band, ("documented peer",)))
+        top_peer = max((c for c in (tuned, documented) if c), key=lambda c: c["psnr"], default=None)
+        rows.append(
+            {
+                "band": band,
+                "stepcache": ours,
+                "preset": preset,
+                "tuned_peer": tuned,
+                "documented_peer": documented,
+                "lead_db": lead(ours, top_peer),
+                "preset_vs_documented_db": lead(preset, documented),
+            }
+        )
+    return rows
+
+
+def _fmt(c: dict | None) -> str:
+    if c is None:
+        return "—"
+    measured = "noise" if c["measured_speedup"] is None else f"{c['measured_speedup']:.2f}×"
+    return f"{c['name']}: **{c['psnr']:.1f} dB**, {c['flop_speedup']:.2f}× FLOPs, {measured} measured"
+
+
+def _db(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.1f}"
+
+
+def markdown(model: str, rows: list[dict]) -> str:
+    head = "| FLOPs | best stepcache | best tuned peer | lead | best preset | best documented peer | lead |"
+    lines = [f"**{model}**", "", head, "|" + "---|" * 7]
+    for r in rows:
+        lines.append(
+            f"| ≥ {r['band']:g}× | {_fmt(r['stepcache'])} | {_fmt(r['tuned_peer'])} | {_db(r['lead_db'])} "
+            f"| {_fmt(r['preset'])} | {_fmt(r['documented_peer'])} | {_db(r['preset_vs_documented_db'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    dirs = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
+    if not dirs:
+        raise SystemExit(__doc__)
+    for d in dirs:
+        doc = json.loads((d / "result.json").read_text())
+        rows = summarise(doc)
+        out = ROOT / "benchmarks" / "results" / f"fair-{doc['model']}.json"
+        atomic_write_json(
+            out,
+            {
+                "model": doc["model"],
+                "source": str(d),
+                "compare_command": doc.get("command"),
+                "commit": doc.get("commit"),
+                "device": doc.get("device"),
+                "command": "python benchmarks/fair.py " + " ".join(map(str, dirs)),
+                "bands": rows,
+            },
+        )
+        print(markdown(doc["model"], rows))
+        print()
+
+
+if __name__ == "__main__":
+    main()
