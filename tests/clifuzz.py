@@ -128,7 +128,7 @@ NAMES = [
     "ünïcode ✓",
 ]
 PEERS = ["cache-dit,diffusers", "", "nope", ",,,", "diffusers", "cache-dit"]
-SEARCHERS = ["tpe", "nsga2", "cmaes", "random", "planner", "evolution", "bogus", ""]
+SEARCHERS = ["tpe", "nsga2", "cmaes", "random", "planner", "evolution", "anneal", "bogus", ""]
 
 
 # ---- hostile files, made once per run ---------------------------------------------------------

@@ -148,6 +148,7 @@ def test_psnr_target_and_evolution_baseline(tmp_path: Path) -> None:
         ({"speedup": 2.0, "searcher": "genius"}, "searcher"),
         ({"speedup": 2.0, "calib_seeds": 0}, "calib_seeds"),
         ({"min_psnr": 30.0, "searcher": "evolution"}, "speedup target"),
+        ({"min_psnr": 30.0, "searcher": "anneal"}, "speedup target"),
     ],
 )
 def test_bad_requests_fail_before_any_work(kwargs: dict, message: str, tmp_path: Path) -> None:
@@ -441,3 +442,20 @@ def test_bench_refuses_a_method_the_model_cannot_run(tmp_path: Path) -> None:
     )
     assert res.exit_code != 0 and "fbcache" in res.output and "UNet" in " ".join(res.output.split())
     assert not (tmp_path / "b" / "result.json").exists()
+
+
+def test_annealing_baseline_spends_its_budget_on_schedules_that_meet_the_target(monkeypatch) -> None:
+    from stepcache.search.study import CostModel
+
+    fixed = CostModel(full=10.0, save_estimated=0.9, save_cond_only=0.45)  # timing-free: see above
+    monkeypatch.setattr(CostModel, "calibrate", classmethod(lambda cls, ev, blocks=False: fixed))
+    kwargs = dict(speedup=2.0, budget=4, calib_seeds=2, heldout_seeds=1, steps=10, oracle=False)
+    first = search("digits-dit", searcher="anneal", **kwargs)
+    again = search("digits-dit", searcher="anneal", **kwargs)
+    info = first.meta["search"]
+    assert info["searcher"] == "anneal" and info["scored"] >= 3 and info["moves"] >= 2
+    assert first.meta["budget_used"] <= 4.0 and first.meta["calibration"]["predicted_speedup"] >= 2.0
+    mask = first.rules["step"].params["mask"]
+    # budget first: the most computed steps that meet 2x (5 would run at 10 / 5.5 = 1.82x)
+    assert mask[0] is True and sum(mask) == 4
+    assert first.to_dict()["rules"] == again.to_dict()["rules"]  # seeded: the same schedule

@@ -512,7 +512,9 @@ def search(
             help="Full-generation equivalents of the calibration batch.",
         ),
     ] = 10.0,
-    searcher: Annotated[str, typer.Option(help="tpe, nsga2, cmaes, random, planner or evolution.")] = "tpe",
+    searcher: Annotated[
+        str, typer.Option(help="tpe, nsga2, cmaes, random, planner, or the baselines evolution and anneal.")
+    ] = "tpe",
     storage: Annotated[
         str | None,
         typer.Option(help="Optuna storage URL (default: sqlite file beside --out; none for cmaes)."),
@@ -562,7 +564,7 @@ def search(
 
         _writable(report, "--report", BENCH_FILES)
     # cmaes keeps pickles in its storage: it runs in memory only (the search refuses a storage for it)
-    if storage is None and searcher not in ("evolution", "cmaes"):
+    if storage is None and searcher not in ("evolution", "anneal", "cmaes"):
         _writable(out.with_suffix(".optuna.db"), "--out")  # the default storage beside it
         storage = "sqlite:///" + str(out.with_suffix(".optuna.db"))
     with Progress(

@@ -124,7 +124,7 @@ def compare(
         name = pol.name or f"policy {i}"
         if name in taken:
             raise ValueError(
-                f"policy {i}: its name {pol.name!r} is also a run of the sweep or a policy before it; rename it"
+                f"policy {i}: its name {pol.name!r} is also a run of the sweep or another policy; rename it"
             )
         taken.add(name)
     target = load_pipeline(model)

@@ -37,7 +37,8 @@ from .evaluate import CostModel, Evaluator, SearchError, policy_key
 from .space import Bounds, Candidate, Point, params, suggest
 from .trajectory import NotFirstOrderError
 
-SEARCHERS = ("tpe", "nsga2", "cmaes", "random", "planner", "evolution")
+SEARCHERS = ("tpe", "nsga2", "cmaes", "random", "planner", "evolution", "anneal")
+BASELINES = ("evolution", "anneal")  # step-set searchers of their papers, run locally without storage
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,29 @@ def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = No
     }
 
 
+def evaluate_steps(r: _Run, cand: Candidate, steps: frozenset[int]) -> Point | None:
+    """``cand`` run on exactly the timesteps ``steps`` (no guidance rule), or None when the
+    budget left cannot pay for it."""
+    mask = [s in steps for s in range(r.ev.num_steps)]
+    actions = cand.actions(mask, False)
+    if not r.affordable(actions):
+        return None
+    res = r.ev.evaluate(cand.policy(mask, cfg=False))
+    r.used += res["cost"]
+    point = Point(
+        candidate=cand,
+        psnr=res["psnr"],
+        speedup=r.cost.speedup(actions),
+        actions=res["actions"],
+        mask=mask,
+        cost=res["cost"],
+        adherence=res.get("adherence"),
+    )
+    r.evaluated.append(point)
+    r.progress(r.used, r.budget, f"best {max(p.psnr for p in r.evaluated):.1f} dB")
+    return point
+
+
 def _evolution(r: _Run, seed: int) -> dict[str, Any]:
     """AutoDiffusion-style baseline: evolve which K timesteps run (order 0 reuse, which on an
     Euler sampler equals sampling on the shortened schedule), fitness = calibration PSNR."""
@@ -411,24 +435,7 @@ def _evolution(r: _Run, seed: int) -> dict[str, Any]:
     n, k = r.ev.num_steps, start.computed
 
     def evaluate(steps: frozenset[int]) -> Point | None:
-        mask = [s in steps for s in range(n)]  # the timesteps that run
-        actions = Candidate(k, 0).actions(mask, False)
-        if not r.affordable(actions):
-            return None
-        res = r.ev.evaluate(Candidate(k, 0).policy(mask, cfg=False))
-        r.used += res["cost"]
-        point = Point(
-            candidate=Candidate(k, 0),
-            psnr=res["psnr"],
-            speedup=r.cost.speedup(actions),
-            actions=res["actions"],
-            mask=mask,
-            cost=res["cost"],
-            adherence=res.get("adherence"),
-        )
-        r.evaluated.append(point)
-        r.progress(r.used, r.budget, f"best {max(p.psnr for p in r.evaluated):.1f} dB")
-        return point
+        return evaluate_steps(r, Candidate(k, 0), steps)
 
     def mutate(steps: frozenset[int]) -> frozenset[int]:
         out = set(steps)  # move one computed step (never step 0) to a step not computed
@@ -573,15 +580,15 @@ def _check_request(
             "engine: Ray workers load the pipeline themselves; pass a spec (zoo key, folder or "
             "module:function), not a pipeline object"
         )
-    if engine == "ray" and searcher == "evolution":
-        raise SearchError("engine: the evolutionary baseline runs locally only")
+    if engine == "ray" and searcher in BASELINES:
+        raise SearchError(f"engine: the {searcher} baseline runs locally only")
     if engine == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
             raise SearchError('engine: ray is not installed; pip install "stepcache[ray]"') from None
-    if searcher == "evolution" and target.speedup is None:
-        raise SearchError("searcher: the evolutionary timestep baseline takes a speedup target")
+    if searcher in BASELINES and target.speedup is None:
+        raise SearchError(f"searcher: the {searcher} timestep baseline takes a speedup target")
     for name, value in (("calib_seeds", calib_seeds), ("heldout_seeds", heldout_seeds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SearchError(f"{name}: must be a positive integer, got {value!r}")
@@ -764,7 +771,7 @@ def search(
         calib = batch_for(loaded, wl, "calib", calib_seeds, steps, guidance)
     except (WorkloadError, PipelineSpecError) as e:
         raise SearchError(str(e)) from None
-    with _held_study(storage if searcher != "evolution" else None, study_name) as (store, lock):
+    with _held_study(storage if searcher not in BASELINES else None, study_name) as (store, lock):
         say(0.0, budget, "recording reference trajectories")
         try:
             ev = Evaluator(pipe, calib)
@@ -774,11 +781,13 @@ def search(
         def calibrate() -> CostModel:
             return CostModel.calibrate(ev, blocks=blocks)
 
-        if searcher == "evolution":
+        if searcher in BASELINES:
+            from .anneal import anneal
+
             r = _Run(ev, calibrate(), target, float(budget), 1.0, say)
             r.settle_guidance()
             _check_reachable(r)
-            info = _evolution(r, seed)
+            info = _evolution(r, seed) if searcher == "evolution" else anneal(r, seed)
         else:
             config = {
                 "model": loaded.name,
