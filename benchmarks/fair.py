@@ -104,26 +104,36 @@ def markdown(model: str, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Each DIR is a compare (or bench) result; results of one model are read together (a policy
+    measured in a separate ``stepcache bench`` on the same seeds joins its compare)."""
     dirs = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
     if not dirs:
         raise SystemExit(__doc__)
+    by_model: dict[str, list[dict]] = {}
     for d in dirs:
         doc = json.loads((d / "result.json").read_text())
-        rows = summarise(doc)
-        out = ROOT / "benchmarks" / "results" / f"fair-{doc['model']}.json"
+        doc["source"] = str(d)
+        by_model.setdefault(doc["model"], []).append(doc)
+    for model, docs in by_model.items():
+        seeds = {json.dumps(doc.get("protocol", {}).get("seeds")) for doc in docs}
+        if len(seeds) > 1:
+            raise SystemExit(f"{model}: the results were measured on different seeds ({seeds})")
+        runs = [r for doc in docs for r in doc["runs"]]
+        rows = summarise({"runs": runs})
         atomic_write_json(
-            out,
+            ROOT / "benchmarks" / "results" / f"fair-{model}.json",
             {
-                "model": doc["model"],
-                "source": str(d),
-                "compare_command": doc.get("command"),
-                "commit": doc.get("commit"),
-                "device": doc.get("device"),
+                "model": model,
+                "sources": [
+                    {"dir": doc["source"], "command": doc.get("command"), "commit": doc.get("commit")}
+                    for doc in docs
+                ],
+                "device": docs[0].get("device"),
                 "command": "python benchmarks/fair.py " + " ".join(map(str, dirs)),
                 "bands": rows,
             },
         )
-        print(markdown(doc["model"], rows))
+        print(markdown(model, rows))
         print()
 
 
