@@ -276,8 +276,10 @@ def test_cache_dit_runs_on_sd3_through_its_documented_block_adapter():
     pipe = _tiny_pipe("shapes-dit")
     pipe.default_steps, pipe.default_guidance = 4, 3.0
     runs = peer_runs(pipe, ["cache-dit"])
-    assert runs and not any(isinstance(r, Unavailable) for r in runs)
-    assert {r.params["block_adapter"]["forward_pattern"] for r in runs} == {"Pattern_1"}
+    refused = [r for r in runs if isinstance(r, Unavailable)]  # spans wider than this tiny stack
+    assert all("must leave a middle block" in r.reason for r in refused)
+    runs = [r for r in runs if not isinstance(r, Unavailable)]
+    assert runs and {r.params["block_adapter"]["forward_pattern"] for r in runs} == {"Pattern_1"}
 
     def gen():
         seed = torch.Generator().manual_seed(0)

@@ -104,6 +104,8 @@ class PeerMethod:
     why_not: Callable[[Any], str | None]
     build: Callable[[Any, dict[str, Any]], _Peer]
     version: Callable[[], str | None] = lambda: None
+    # what the peer needed besides the configuration to run here (recorded with it)
+    context: Callable[[Any], dict[str, Any]] = lambda pipe: {}
     describe: Callable[[dict[str, Any]], str] = lambda overrides: "".join(
         f" {_SHORT.get(k, k)}={_show(v)}" for k, v in overrides.items()
     )
@@ -115,7 +117,7 @@ class PeerMethod:
     def run(self, pipe: Any, config: dict[str, Any], name: str | None = None, **meta: Any) -> PeerRun:
         """A run of this method built from ``config`` (the library's keyword arguments); its
         recorded parameters are ``config`` itself, the method and the library version."""
-        params = {"method": self.method, **config, **meta, self.peer: self.version()}
+        params = {"method": self.method, **config, **self.context(pipe), **meta, self.peer: self.version()}
         return PeerRun(name or self.label, self.peer, params, self.build(pipe, dict(config)))
 
     def runs(self, pipe: Any) -> list[PeerRun | Unavailable]:
@@ -502,6 +504,11 @@ def _cache_dit_pattern(pipe: Any) -> str | None:
     return _PATTERNS[denoiser]
 
 
+def _cache_dit_context(pipe: Any) -> dict[str, Any]:
+    pattern = _cache_dit_pattern(pipe)
+    return {} if pattern is None else {"block_adapter": {"forward_pattern": pattern}}
+
+
 def _cache_dit_describe(overrides: dict[str, Any]) -> str:
     """cache-dit's own short form: F1B0, the threshold, the calibrator."""
     out = ""
@@ -589,6 +596,7 @@ CACHE_DIT_METHODS = (
         build=_cache_dit_build,
         version=_cache_dit_version,
         describe=_cache_dit_describe,
+        context=_cache_dit_context,
     ),
 )
 
