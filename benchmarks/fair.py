@@ -11,12 +11,11 @@ Run: python benchmarks/fair.py benchmarks/results/compare-fmnist-dit [...]
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 from stepcache._io import atomic_write_json
-from stepcache.bench.bands import BANDS, flop_speedup
+from stepcache.bench.bands import band_table, flop_speedup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,15 +27,6 @@ def kind(run: dict) -> str | None:
     if run["kind"] == "peer":
         return "tuned peer" if "tuned" in run.get("params", {}) else "documented peer"
     return None
-
-
-def best(runs: list[dict], band: float, kinds: tuple[str, ...]) -> dict | None:
-    ok = [
-        r
-        for r in runs
-        if kind(r) in kinds and flop_speedup(r) >= band - 1e-9 and math.isfinite(r.get("psnr", math.nan))
-    ]
-    return max(ok, key=lambda r: r["psnr"]) if ok else None
 
 
 def cell(run: dict | None) -> dict | None:
@@ -59,17 +49,18 @@ def lead(a: dict | None, b: dict | None) -> float | None:
 
 
 def summarise(doc: dict) -> list[dict]:
-    runs = doc["runs"]
     rows = []
-    for band in BANDS:
-        ours = cell(best(runs, band, ("searched", "preset")))
-        preset = cell(best(runs, band, ("preset",)))
-        tuned = cell(best(runs, band, ("tuned peer",)))
-        documented = cell(best(runs, band, ("documented peer",)))
+    for band in band_table(doc["runs"], side=kind):
+        best = band["best"]
+        ours = max(
+            (best.get(k) for k in ("searched", "preset") if k in best), key=lambda r: r["psnr"], default=None
+        )
+        tuned, documented = cell(best.get("tuned peer")), cell(best.get("documented peer"))
+        ours, preset = cell(ours), cell(best.get("preset"))
         top_peer = max((c for c in (tuned, documented) if c), key=lambda c: c["psnr"], default=None)
         rows.append(
             {
-                "band": band,
+                "band": band["band"],
                 "stepcache": ours,
                 "preset": preset,
                 "tuned_peer": tuned,

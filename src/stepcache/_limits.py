@@ -18,6 +18,7 @@ MAX_CALIB_SAMPLES = 1024
 MAX_REPEATS = 100
 MAX_GUIDANCE = 1000.0
 MAX_BUDGET = 10_000.0  # full-generation equivalents of a search
+MAX_TUNE_BUDGET = 1000.0  # full-generation equivalents per peer method and band
 MAX_SPEEDUP = 1000.0
 MAX_PSNR = 1000.0  # dB
 MAX_WORKERS = 256

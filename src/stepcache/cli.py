@@ -438,7 +438,7 @@ def compare(
     tune_peers: Annotated[
         float | None,
         typer.Option(
-            callback=_finite(0.0, 1000.0, above=True),
+            callback=_finite(0.0, lim.MAX_TUNE_BUDGET, above=True),
             help="Also tune each peer method for every FLOP band with this budget (full-generation "
             "equivalents of the calibration batch, as search --budget) and measure the winners.",
         ),

@@ -8,6 +8,7 @@ tenths between two runs of the same setting, so it is shown beside, not used to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 BANDS = (1.1, 1.25, 1.5, 2.0, 3.0, 4.0)
@@ -28,21 +29,27 @@ def _score(run: dict[str, Any], metric: str) -> float:
 
 
 def band_table(
-    runs: list[dict[str, Any]], bands: tuple[float, ...] = BANDS, metric: str = "psnr"
+    runs: list[dict[str, Any]],
+    bands: tuple[float, ...] = BANDS,
+    metric: str = "psnr",
+    side: Callable[[dict[str, Any]], str | None] = _side,
 ) -> list[dict[str, Any]]:
     """Per band edge, the best run (by ``metric``) of each side among runs at least that much
     below full compute's FLOPs, and stepcache's lead over the best peer (None when a side has no
-    run in the band). A run whose measured speedup was flagged as noise still counts here: its
-    FLOPs are exact."""
+    run in the band). ``side`` names a run's side (None: left out); by default stepcache or the
+    peer's name. A run whose measured speedup was flagged as noise still counts here: its FLOPs
+    are exact."""
     table = []
     for edge in bands:
         best: dict[str, dict[str, Any]] = {}
         for run in runs:
             if run["kind"] == "reference" or flop_speedup(run) < edge - 1e-9:
                 continue
-            side = _side(run)
-            if side not in best or _score(run, metric) > _score(best[side], metric):
-                best[side] = run
+            name = side(run)
+            if name is None:
+                continue
+            if name not in best or _score(run, metric) > _score(best[name], metric):
+                best[name] = run
         ours = best.get("stepcache")
         peers = {k: v for k, v in best.items() if k != "stepcache"}
         top_peer = max(peers.values(), key=lambda r: _score(r, metric)) if peers else None

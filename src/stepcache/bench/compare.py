@@ -7,11 +7,11 @@ The stepcache side is a sweep of every preset at its default and at more aggress
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
 
+from .. import _limits as lim
 from .. import presets
 from ..policy import Policy
 from .harness import (
@@ -24,8 +24,6 @@ from .harness import (
     policy_candidate,
     unsupported,
 )
-
-MAX_TUNE_BUDGET = 1000.0  # full-generation equivalents per peer method and band
 
 # (preset, overrides): the default and a faster setting of each method, a mixed policy, and the
 # fixed-schedule extrapolators at the intervals that reach 3x and 4x.
@@ -111,8 +109,8 @@ def compare(
         raise ValueError(
             f"peers: unknown peer(s) {', '.join(map(repr, bad))}; choose from {', '.join(PEERS)}"
         )
-    if tune_peers is not None and not (0 < tune_peers <= MAX_TUNE_BUDGET and math.isfinite(tune_peers)):
-        raise ValueError(f"tune_peers: a budget in (0, {MAX_TUNE_BUDGET:g}] generations, got {tune_peers!r}")
+    if tune_peers is not None:
+        lim.check_float("tune_peers", tune_peers, 0.0, lim.MAX_TUNE_BUDGET, above=True)
     if tune_peers is not None and not peers:
         raise ValueError("tune_peers: no peer to tune; name one with peers=")
     wl = resolve(model, workload, steps, guidance, seeds)

@@ -193,16 +193,32 @@ def _block_hook_reason(method: str) -> Callable[[Any], str | None]:
     return lambda pipe: _hook_missing(method) or _block_reason(method, _denoiser(pipe))
 
 
-def _hook(apply_name: str, config_class: str, **kw: Any) -> Callable[[Any, dict[str, Any]], _Peer]:
-    """A diffusers hook built from the configuration as ``config_class``'s keyword arguments."""
+def _hook(
+    apply_name: str,
+    config_class: str,
+    context: bool = True,
+    swap_cfg: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Callable[[Any, dict[str, Any]], _Peer]:
+    """A diffusers hook built from the configuration as ``config_class``'s keyword arguments (plus
+    ``extra`` ones that are code, not data). A configuration with a ``calibration`` is MagCache's:
+    its ratios are fitted on attach. ``swap_cfg``: the hook assumes the CFG batch is [uncond,
+    cond], so a pipeline that batches [cond, uncond] gets its halves swapped around the call."""
 
     def build(pipe: Any, config: dict[str, Any]) -> _Peer:
         import diffusers.hooks as dh
 
         def make(tracker: _StepTracker, ratios: list[float] | None) -> Any:
-            return getattr(dh, config_class)(**_as_arguments(config, tracker, ratios))
+            return getattr(dh, config_class)(**_as_arguments(config, tracker, ratios), **(extra or {}))
 
-        return _DiffusersPeer(apply_name, make, **kw)
+        uncond_last = getattr(pipe, "stepcache_cfg_layout", "uncond_first") == "uncond_last"
+        return _DiffusersPeer(
+            apply_name,
+            make,
+            context=context,
+            swap_cfg=swap_cfg and uncond_last,
+            mag_calibration=config.get("calibration"),
+        )
 
     return build
 
@@ -212,7 +228,7 @@ def _as_arguments(config: dict[str, Any], tracker: _StepTracker, ratios: list[fl
     the callbacks only the runtime can give (timestep, fitted magnitude ratios)."""
     args: dict[str, Any] = {}
     for key, value in config.items():
-        if key in ("calibration", "cfg_rows_swapped"):
+        if key == "calibration":
             continue
         if key.endswith("_range") and isinstance(value, list):
             value = tuple(value)
@@ -224,28 +240,6 @@ def _as_arguments(config: dict[str, Any], tracker: _StepTracker, ratios: list[fl
     if ratios is not None:
         args["mag_ratios"] = ratios
     return args
-
-
-def _mag_build(pipe: Any, config: dict[str, Any]) -> _Peer:
-    import diffusers.hooks as dh
-
-    calibration = config["calibration"]
-
-    def make(tracker: _StepTracker, ratios: list[float] | None) -> Any:
-        return dh.MagCacheConfig(**_as_arguments(config, tracker, ratios))
-
-    return _DiffusersPeer("apply_mag_cache", make, mag_calibration=calibration)
-
-
-def _sea_build(pipe: Any, config: dict[str, Any]) -> _Peer:
-    import diffusers.hooks as dh
-
-    def make(tracker: _StepTracker, ratios: list[float] | None) -> Any:
-        return dh.SeaCacheConfig(
-            **_as_arguments(config, tracker, ratios), raw_vision_callback=_sea_raw_vision
-        )
-
-    return _DiffusersPeer("apply_sea_cache", make)
 
 
 def _taylor_targets(pipe: Any) -> dict[str, list[str]]:
@@ -284,8 +278,6 @@ def _taylor_space(pipe: Any) -> tuple[Knob, ...]:
 
 
 def _taylor_reason(pipe: Any) -> str | None:
-    if _hook_missing("TaylorSeerCache"):
-        return _hook_missing("TaylorSeerCache")
     if not _taylor_targets(pipe):
         return f"TaylorSeerCache: {type(_denoiser(pipe)).__name__} has no attention module or block list"
     return None
@@ -349,12 +341,6 @@ def _faster_documented(pipe: Any) -> dict[str, Any]:
     }
 
 
-def _faster_build(pipe: Any, config: dict[str, Any]) -> _Peer:
-    # FasterCache assumes the CFG batch is [uncond, cond]; the tracker swaps a [cond, uncond] one
-    uncond_last = getattr(pipe, "stepcache_cfg_layout", "uncond_first") == "uncond_last"
-    return _hook("apply_faster_cache", "FasterCacheConfig", context=False, swap_cfg=uncond_last)(pipe, config)
-
-
 def _mag_documented(pipe: Any) -> dict[str, Any]:
     steps = _steps(pipe)
     return {
@@ -398,7 +384,7 @@ DIFFUSERS_METHODS = (
             Knob("retention_ratio", 0.0, 0.5),
         ),
         why_not=_block_hook_reason("MagCache"),
-        build=_mag_build,
+        build=_hook("apply_mag_cache", "MagCacheConfig"),
         version=_diffusers_version,
     ),
     # SeaCache: spectral indicator of the latents between steps.
@@ -419,7 +405,7 @@ DIFFUSERS_METHODS = (
             Knob("max_consecutive_cached", 1, 5, integer=True),
         ),
         why_not=_block_hook_reason("SeaCache"),
-        build=_sea_build,
+        build=_hook("apply_sea_cache", "SeaCacheConfig", extra={"raw_vision_callback": _sea_raw_vision}),
         version=_diffusers_version,
     ),
     # TaylorSeer: module outputs forecast by a Taylor series between full steps; pointed at the
@@ -430,7 +416,7 @@ DIFFUSERS_METHODS = (
         documented=_taylor_documented,
         sweep=_taylor_sweep(),
         space=_taylor_space,
-        why_not=_taylor_reason,
+        why_not=lambda pipe: _hook_missing("TaylorSeerCache") or _taylor_reason(pipe),
         build=_hook("apply_taylorseer_cache", "TaylorSeerCacheConfig"),
         version=_diffusers_version,
     ),
@@ -465,7 +451,7 @@ DIFFUSERS_METHODS = (
             _timestep_range("unconditional_batch_timestep_skip_range", [-1, 641]),
         ),
         why_not=lambda pipe: _hook_missing("FasterCache") or _faster_reason(pipe),
-        build=_faster_build,
+        build=_hook("apply_faster_cache", "FasterCacheConfig", context=False, swap_cfg=True),
         version=_diffusers_version,
     ),
 )

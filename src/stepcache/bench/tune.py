@@ -196,7 +196,7 @@ def _spread(items: tuple[Any, ...], count: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-def _as_param(knob: Any, value: Any) -> Any:
+def _as_param(knob: Knob, value: Any) -> Any:
     """A configuration value as the trial parameter ``Knob.suggest`` reads back."""
     return json.dumps(value) if knob.choices else value
 
@@ -214,7 +214,6 @@ def tuned_runs(
     named by the bands it was chosen for, its tuning recorded in its parameters."""
     runs: list[PeerRun | Unavailable] = []
     tunings: list[Tuned] = []
-    jobs = [(m, b) for m in methods for b in bands]
     for i, method in enumerate(methods):
         reason = method.why_not(pipe)
         if reason is not None:
@@ -225,7 +224,9 @@ def tuned_runs(
         for band in bands:
             if progress is not None:
                 progress(
-                    f"tuning {method.label} for >= {band:g}x", i * len(bands) + bands.index(band), len(jobs)
+                    f"tuning {method.label} for >= {band:g}x",
+                    i * len(bands) + bands.index(band),
+                    len(methods) * len(bands),
                 )
             t = tune(pipe, method, cal, band, budget, seed, known)
             tunings.append(t)
