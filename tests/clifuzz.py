@@ -128,7 +128,7 @@ NAMES = [
     "ünïcode ✓",
 ]
 PEERS = ["cache-dit,diffusers", "", "nope", ",,,", "diffusers", "cache-dit"]
-SEARCHERS = ["tpe", "nsga2", "cmaes", "random", "planner", "evolution", "anneal", "bogus", ""]
+SEARCHERS = ["tpe", "nsga2", "cmaes", "random", "planner", "evolution", "anneal", "ecad", "bogus", ""]
 
 
 # ---- hostile files, made once per run ---------------------------------------------------------

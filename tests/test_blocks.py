@@ -254,6 +254,20 @@ def test_feature_taylorseer_beats_reusing_the_middle_at_equal_compute(digits_pip
     assert results["forecast"][0] > results["reuse"][0]
 
 
+def test_feature_taylorseer_mask_says_which_steps_run_the_middle(digits_pipe):
+    mask = [True, False, True, True, False, False, True, False]
+    counts, hooks = _count_blocks(digits_pipe.transformer)
+    try:
+        stepcache.enable(digits_pipe, presets.get("taylorseer-feature", mask=mask, fn=1, bn=1, order=1))
+        _run(digits_pipe, steps=8)
+    finally:
+        stepcache.disable(digits_pipe)
+        for h in hooks:
+            h.remove()
+    # the span's ends run every step; the middle on the masked ones only (interval/warm-up ignored)
+    assert counts == [8] + [sum(mask)] * 4 + [8]
+
+
 def test_cache_memory_is_one_residual_per_span_not_per_block(digits_pipe):
     def cache_bytes(policy, n):
         handle = stepcache.enable(digits_pipe, policy)

@@ -459,3 +459,25 @@ def test_annealing_baseline_spends_its_budget_on_schedules_that_meet_the_target(
     # budget first: the most computed steps that meet 2x (5 would run at 10 / 5.5 = 1.82x)
     assert mask[0] is True and sum(mask) == 4
     assert first.to_dict()["rules"] == again.to_dict()["rules"]  # seeded: the same schedule
+
+
+def test_ecad_baseline_evolves_per_step_block_masks_within_its_budget(monkeypatch) -> None:
+    from stepcache.search.study import CostModel
+
+    # timing-free; a partial step (first block only) saves most of a step on digits-dit's 6 blocks
+    fixed = CostModel(full=10.0, save_estimated=0.9, save_cond_only=0.45, save_partial=0.8, num_blocks=6)
+    monkeypatch.setattr(CostModel, "calibrate", classmethod(lambda cls, ev, blocks=False: fixed))
+    kwargs = dict(speedup=2.0, budget=4, calib_seeds=2, heldout_seeds=1, steps=10, oracle=False)
+    first = search("digits-dit", searcher="ecad", **kwargs)
+    again = search("digits-dit", searcher="ecad", **kwargs)
+    info, cal = first.meta["search"], first.meta["calibration"]
+    assert info["searcher"] == "ecad" and info["scored"] >= 3
+    assert first.meta["budget_used"] <= 4.0 and cal["predicted_speedup"] >= 2.0
+    assert first.to_dict()["rules"] == again.to_dict()["rules"]  # seeded: the same masks
+    steps = first.rules["step"].params["mask"]
+    assert steps[0] is True
+    # partial steps run the span's ends only: a block rule with the full steps' mask
+    partial = info["candidate"]["partial"]
+    block = first.rules["block"].params
+    assert partial and block["mask"] == [m and s not in partial for s, m in enumerate(steps)]
+    assert cal["actions"].count("P") == len(partial)

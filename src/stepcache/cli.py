@@ -513,7 +513,8 @@ def search(
         ),
     ] = 10.0,
     searcher: Annotated[
-        str, typer.Option(help="tpe, nsga2, cmaes, random, planner, or the baselines evolution and anneal.")
+        str,
+        typer.Option(help="tpe, nsga2, cmaes, random, planner, or the baselines evolution, anneal and ecad."),
     ] = "tpe",
     storage: Annotated[
         str | None,
@@ -554,6 +555,7 @@ def search(
 
     from .search import SearchError
     from .search import search as run
+    from .search.study import BASELINES
 
     _model_spec(model)
     wl = _workload(workload)
@@ -564,7 +566,7 @@ def search(
 
         _writable(report, "--report", BENCH_FILES)
     # cmaes keeps pickles in its storage: it runs in memory only (the search refuses a storage for it)
-    if storage is None and searcher not in ("evolution", "anneal", "cmaes"):
+    if storage is None and searcher not in (*BASELINES, "cmaes"):
         _writable(out.with_suffix(".optuna.db"), "--out")  # the default storage beside it
         storage = "sqlite:///" + str(out.with_suffix(".optuna.db"))
     with Progress(

@@ -6,7 +6,9 @@ full guidance for the first ``cfg_full`` fraction of the steps, then either the 
 direction refreshed every ``cfg_interval``-th computed step (``estimated``) or the conditional
 pass alone (``cond-only``); and, on models with a block stack, a block level on the computed
 steps: dbcache's span (``block_fn`` leading and ``block_bn`` trailing blocks always run; 0 leading
-blocks means no block rule) and its threshold.
+blocks means no block rule) and its threshold. A candidate may instead fix the ``partial`` steps:
+computed steps that run only the span's ends and reuse the middle's residual of the last full step
+(the ECAD-style baseline's per-step x per-block masks, one contiguous span).
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ class Candidate:
     block_fn: int = 0
     block_bn: int = 0
     block_threshold: float = 0.1
+    partial: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "partial", tuple(sorted(self.partial)))  # hashable when read from JSON
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.partial:  # stored candidates of the other searchers keep their keys
+            del out["partial"]
+        else:
+            out["partial"] = list(self.partial)
+        return out
 
     def middle_fraction(self, num_blocks: int) -> float:
         """The share of the blocks a partial step skips, relative to skipping all but the first."""
@@ -65,7 +76,12 @@ class Candidate:
 
     def policy(self, mask: list[bool], cfg: bool, name: str = "searched") -> Policy:
         parts = [presets.get("schedule", mask=list(mask), order=self.order)]
-        if self.block_fn > 0:
+        if self.partial and self.block_fn > 0:
+            full = [m and s not in self.partial for s, m in enumerate(mask)]
+            parts.append(
+                presets.get("taylorseer-feature", mask=full, order=0, fn=self.block_fn, bn=self.block_bn)
+            )
+        elif self.block_fn > 0:
             parts.append(
                 presets.get("dbcache", fn=self.block_fn, bn=self.block_bn, threshold=self.block_threshold)
             )

@@ -37,8 +37,8 @@ from .evaluate import CostModel, Evaluator, SearchError, policy_key
 from .space import Bounds, Candidate, Point, params, suggest
 from .trajectory import NotFirstOrderError
 
-SEARCHERS = ("tpe", "nsga2", "cmaes", "random", "planner", "evolution", "anneal")
-BASELINES = ("evolution", "anneal")  # step-set searchers of their papers, run locally without storage
+SEARCHERS = ("tpe", "nsga2", "cmaes", "random", "planner", "evolution", "anneal", "ecad")
+BASELINES = ("evolution", "anneal", "ecad")  # step-set searchers of their papers, run locally without storage
 
 
 @dataclass(frozen=True)
@@ -407,14 +407,15 @@ def evaluate_steps(r: _Run, cand: Candidate, steps: frozenset[int]) -> Point | N
     budget left cannot pay for it."""
     mask = [s in steps for s in range(r.ev.num_steps)]
     actions = cand.actions(mask, False)
-    if not r.affordable(actions):
+    # a partial step runs half of its rows' cost or less (as the evaluator counts it)
+    if r.used + r.eval_cost(actions) - 0.5 * len(cand.partial) / len(actions) > r.budget + 1e-9:
         return None
     res = r.ev.evaluate(cand.policy(mask, cfg=False))
     r.used += res["cost"]
     point = Point(
         candidate=cand,
         psnr=res["psnr"],
-        speedup=r.cost.speedup(actions),
+        speedup=r.cost.speedup_rows(res["row_actions"], cand.middle_fraction(r.cost.num_blocks)),
         actions=res["actions"],
         mask=mask,
         cost=res["cost"],
@@ -779,15 +780,17 @@ def search(
             raise SearchError(f"scheduler: {e}") from None
 
         def calibrate() -> CostModel:
-            return CostModel.calibrate(ev, blocks=blocks)
+            # the ECAD-style genome is per step x per block: it needs the partial step's cost
+            return CostModel.calibrate(ev, blocks=blocks or searcher == "ecad")
 
         if searcher in BASELINES:
             from .anneal import anneal
+            from .ecad import ecad
 
             r = _Run(ev, calibrate(), target, float(budget), 1.0, say)
             r.settle_guidance()
             _check_reachable(r)
-            info = _evolution(r, seed) if searcher == "evolution" else anneal(r, seed)
+            info = {"evolution": _evolution, "anneal": anneal, "ecad": ecad}[searcher](r, seed)
         else:
             config = {
                 "model": loaded.name,

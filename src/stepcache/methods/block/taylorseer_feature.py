@@ -1,7 +1,8 @@
 """TaylorSeer, feature level (Liu et al., 2025, "From Reusing to Forecasting: Accelerating
 Diffusion Models with TaylorSeers"). The block stack's middle residual moves smoothly across
 steps: compute it every ``interval``-th step and forecast it on the others with an
-order-``order`` expansion, while the first ``fn`` and last ``bn`` blocks run live.
+order-``order`` expansion, while the first ``fn`` and last ``bn`` blocks run live. An explicit
+per-step ``mask`` replaces the interval schedule (the search's steps, forecast inside the model).
 
 One history per stream of the middle span (not per block): memory is ``order + 1`` residuals.
 """
@@ -32,6 +33,12 @@ SCHEMA = RuleSchema(
         "warmup": Param("int", 3, "steps computed in full at the start", min=0, max=100_000),
         "fn": Param("int", 0, "leading blocks always computed", min=0),
         "bn": Param("int", 0, "trailing blocks always computed", min=0),
+        "mask": Param(
+            "bool_list",
+            None,
+            "per-step mask of the steps that compute the middle; overrides interval/warmup",
+            nullable=True,
+        ),
     },
 )
 
@@ -39,15 +46,22 @@ SCHEMA = RuleSchema(
 class TaylorSeerFeature(BlockRule):
     wants_signal = False  # a fixed schedule
 
-    def __init__(self, interval: int, order: int, warmup: int, fn: int, bn: int):
+    def __init__(
+        self, interval: int, order: int, warmup: int, fn: int, bn: int, mask: list[bool] | None = None
+    ):
         self.interval, self.order, self.warmup, self.fn, self.bn = interval, order, warmup, fn, bn
+        self.mask = mask
 
     def span(self, num_blocks: int) -> tuple[int, int]:
         head_end = min(self.fn, num_blocks)
         return head_end, max(head_end, num_blocks - self.bn)
 
     def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> bool:
-        return on_schedule(ctx.step, self.interval, self.warmup) or "streams" not in state
+        if "streams" not in state:
+            return True
+        if self.mask is not None:
+            return ctx.step >= len(self.mask) or self.mask[ctx.step]
+        return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
         out = []
@@ -72,7 +86,7 @@ class TaylorSeerFeature(BlockRule):
 
 
 def _factory(p: Mapping[str, Any]) -> TaylorSeerFeature:
-    return TaylorSeerFeature(p["interval"], p["order"], p["warmup"], p["fn"], p["bn"])
+    return TaylorSeerFeature(p["interval"], p["order"], p["warmup"], p["fn"], p["bn"], p["mask"])
 
 
 register_method(SCHEMA, _factory)
