@@ -4,12 +4,16 @@ best documented peer setting, on the held-out seeds; stepcache's lead over the b
 kind, and the best preset's lead over the best documented peer setting (what a user who never
 searches gets). Writes benchmarks/results/fair-MODEL.json and prints the Markdown table.
 
-Run: python benchmarks/fair.py benchmarks/results/compare-fmnist-dit [...]
-(the compare: stepcache compare fmnist-dit --tune-peers 10 --repeats 3 --policy ... --out DIR)
+Run: python benchmarks/fair.py benchmarks/results/compare-fmnist-dit [...] [--peers-from DIR ...]
+(the compare: stepcache compare fmnist-dit --tune-peers 10 --repeats 3 --policy ... --out DIR).
+``--peers-from`` reads only the peers of a result on the same seeds: stepcache's side measured
+again later (new presets, a new search) never sits beside its older runs, so no band's best is
+picked among two searches by their held-out score.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -97,13 +101,16 @@ def markdown(model: str, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Each DIR is a compare (or bench) result; results of one model are read together (a policy
     measured in a separate ``stepcache bench`` on the same seeds joins its compare)."""
-    dirs = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
-    if not dirs:
-        raise SystemExit(__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", type=Path, help="compare or bench results: every run")
+    ap.add_argument("--peers-from", action="append", type=Path, default=[], help="a result: its peers only")
+    args = ap.parse_args(argv)
     by_model: dict[str, list[dict]] = {}
-    for d in dirs:
+    for d, peers_only in [(d, False) for d in args.dirs] + [(d, True) for d in args.peers_from]:
         doc = json.loads((d / "result.json").read_text())
-        doc["source"] = str(d)
+        doc["source"] = str(d) + (" (peers)" if peers_only else "")
+        if peers_only:
+            doc["runs"] = [r for r in doc["runs"] if r["kind"] == "peer"]
         by_model.setdefault(doc["model"], []).append(doc)
     for model, docs in by_model.items():
         seeds = {json.dumps(doc.get("protocol", {}).get("seeds")) for doc in docs}
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                     for doc in docs
                 ],
                 "device": docs[0].get("device"),
-                "command": "python benchmarks/fair.py " + " ".join(map(str, dirs)),
+                "command": "python benchmarks/fair.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "bands": rows,
             },
         )

@@ -25,12 +25,17 @@ from .harness import (
     unsupported,
 )
 
-# (preset, overrides): the default and a faster setting of each method, a mixed policy, and the
-# fixed-schedule extrapolators at the intervals that reach 3x and 4x.
+# (preset, overrides): the default and a faster setting of each method, the fixed-schedule
+# extrapolators at the intervals that reach 3x and 4x, and gentler settings for the low bands: a
+# longer warm-up (the peers' documented grids start at 1.1x; so must ours), and at 2x the
+# extrapolator with no warm-up and the feature forecast at first order (diffusers' TaylorSeer default).
 SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("static-interval", {}),
     ("static-interval", {"interval": 3}),
+    ("adams-bashforth", {"warmup": 12}),
+    ("adams-bashforth", {"warmup": 6}),
     ("adams-bashforth", {}),
+    ("adams-bashforth", {"warmup": 0}),
     ("adams-bashforth", {"interval": 3}),
     ("adams-bashforth", {"interval": 4}),
     ("taylorseer", {}),
@@ -43,8 +48,10 @@ SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("fbcache", {}),
     ("fbcache", {"threshold": 0.3, "max_consecutive": 4}),
     ("dbcache", {}),
+    ("dbcache", {"threshold": 0.12, "warmup": 8, "forecast": 1}),
     ("dbcache", {"threshold": 0.3, "max_consecutive": 4}),
     ("taylorseer-feature", {}),
+    ("taylorseer-feature", {"order": 1}),
     ("fora", {}),
     ("deepcache", {}),
     ("deepcache", {"interval": 5}),

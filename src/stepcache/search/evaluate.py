@@ -69,11 +69,12 @@ class Evaluator:
             stats = handle.stats()
         finally:
             disable(self.pipe)
-        psnr = psnr_per_image(images, self.reference)
+        psnr = np.minimum(psnr_per_image(images, self.reference), PSNR_CAP)
         letters = "".join(stats["row_actions"])
         result = {
-            "psnr": float(np.minimum(psnr, PSNR_CAP).mean()),
-            "psnr_ci": list(bootstrap_ci(np.minimum(psnr, PSNR_CAP))),
+            "psnr": float(psnr.mean()),
+            "psnr_median": float(np.median(psnr)),
+            "psnr_ci": list(bootstrap_ci(psnr)),
             "ssim": float(ssim_per_image(images, self.reference).mean()),
             "actions": "".join(stats["actions"]),
             "row_actions": list(stats["row_actions"]),

@@ -173,7 +173,8 @@ def params(cand: Candidate, bounds: Bounds) -> dict[str, Any]:
 @dataclass
 class Point:
     """One evaluated candidate: its schedule, what it did per step (and per row), its
-    calibration PSNR and adherence, its FLOP speedup, and what evaluating it cost."""
+    calibration PSNR (mean, and median over the seeds) and adherence, its FLOP speedup, and what
+    evaluating it cost."""
 
     candidate: Candidate
     psnr: float
@@ -183,6 +184,7 @@ class Point:
     cost: float = 0.0
     row_actions: list[str] = field(default_factory=list)
     adherence: float | None = None
+    psnr_median: float | None = None  # None: a point stored before medians were kept
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -194,4 +196,5 @@ class Point:
             "cost": self.cost,
             "row_actions": list(self.row_actions),
             "adherence": self.adherence,
+            "psnr_median": self.psnr_median,
         }

@@ -286,9 +286,11 @@ def checked_point(p: Any, num_steps: int) -> Point:
     psnr, speed, cost = p.get("psnr"), p.get("speedup"), p.get("cost")
     if not (_is_real(psnr) and _is_real(speed) and speed > 0 and _is_real(cost) and 0 <= cost <= 1):
         raise ValueError("point psnr, speedup or cost")
-    adherence = p.get("adherence")
+    adherence, median = p.get("adherence"), p.get("psnr_median")
     if adherence is not None and not (_is_real(adherence) and 0 <= adherence <= 1):
         raise ValueError("point adherence")
+    if median is not None and not _is_real(median):
+        raise ValueError("point psnr_median")
     return Point(
         candidate=cand,
         psnr=float(psnr),
@@ -298,6 +300,7 @@ def checked_point(p: Any, num_steps: int) -> Point:
         cost=float(cost),
         row_actions=list(rows),
         adherence=None if adherence is None else float(adherence),
+        psnr_median=None if median is None else float(median),
     )
 
 
