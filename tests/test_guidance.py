@@ -49,7 +49,9 @@ def _run_pipe(pipe, labels=(3, 5), steps=20, seed=0):
 def test_each_guidance_preset_skips_unconditional_passes_on_digits(digits_pipe, name):
     block = digits_pipe.transformer.transformer_blocks[-1]
     seen = _rows_seen(block)
-    policy = presets.get(name, threshold=0.9) if name == "adaptive-guidance" else presets.get(name)
+    policy = (
+        presets.get(name, threshold=0.9, max_gap=1e9) if name == "adaptive-guidance" else presets.get(name)
+    )
     handle = stepcache.enable(digits_pipe, policy)
     try:
         images = _run_pipe(digits_pipe)
@@ -70,7 +72,7 @@ def test_adaptive_guidance_hands_back_the_conditional_output_for_skipped_rows(di
     model = digits_pipe.transformer
     seen = _rows_seen(model.transformer_blocks[-1])
     outs = []
-    handle = stepcache.enable(model, presets.get("adaptive-guidance", threshold=-1.0, warmup=1))
+    handle = stepcache.enable(model, presets.get("adaptive-guidance", threshold=-1.0, warmup=1, max_gap=1e9))
     with handle.generation(num_steps=8, cfg="uncond_last"):
         _cfg_loop(model, [2, 7], [1, 2], steps=8, capture=outs)
     stepcache.disable(model)
@@ -82,6 +84,23 @@ def test_adaptive_guidance_hands_back_the_conditional_output_for_skipped_rows(di
     assert not torch.equal(outs[0][:2], outs[0][2:])
     for out in outs[1:]:
         assert torch.equal(out[:2], out[2:])
+
+
+def test_adaptive_guidance_keeps_guidance_while_cond_and_uncond_differ_in_size(digits_pipe):
+    model = digits_pipe.transformer
+    skipped = {}
+    for gap in (1e9, 0.5, 0.0):
+        # the cosine gate always passes (threshold -1): only the size gate can hold guidance on
+        handle = stepcache.enable(
+            model, presets.get("adaptive-guidance", threshold=-1.0, warmup=1, max_gap=gap)
+        )
+        with handle.generation(num_steps=8, cfg="uncond_last"):
+            _cfg_loop(model, [2, 7], [1, 2], steps=8)
+        skipped[gap] = handle.stats()["cfg_skipped"]
+    stepcache.disable(model)
+    assert skipped[1e9] == 2 * 7  # the paper's rule: both samples stop after step 0
+    assert skipped[0.0] == 0  # no pair's |c - u| / |c| is below 0
+    assert skipped[0.0] <= skipped[0.5] <= skipped[1e9]
 
 
 def test_guidance_that_never_skips_is_bit_exact(digits_pipe):
@@ -138,7 +157,7 @@ def test_cfg_cache_refreshes_a_sample_that_drifted(digits_pipe):
 def test_guidance_batch_equals_singles(digits_pipe):
     model = digits_pipe.transformer
     labels, seeds = [0, 1, 7, 8], [10, 11, 12, 13]
-    policy = presets.get("adaptive-guidance", threshold=0.94, warmup=1)
+    policy = presets.get("adaptive-guidance", threshold=0.94, warmup=1, max_gap=1e9)
     handle = stepcache.enable(model, policy)
     with handle.generation(num_steps=12, cfg="uncond_last"):
         batch = _cfg_loop(model, labels, seeds)
@@ -155,7 +174,9 @@ def test_guidance_batch_equals_singles(digits_pipe):
 
 
 def test_taylorseer_and_adaptive_guidance_compose(digits_pipe):
-    policy = stepcache.compose(presets.get("taylorseer"), presets.get("adaptive-guidance", threshold=0.9))
+    policy = stepcache.compose(
+        presets.get("taylorseer"), presets.get("adaptive-guidance", threshold=0.9, max_gap=1e9)
+    )
     block = digits_pipe.transformer.transformer_blocks[-1]
     seen = _rows_seen(block)
     handle = stepcache.enable(digits_pipe, policy)
