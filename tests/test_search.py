@@ -471,13 +471,22 @@ def test_ecad_baseline_evolves_per_step_block_masks_within_its_budget(monkeypatc
     first = search("digits-dit", searcher="ecad", **kwargs)
     again = search("digits-dit", searcher="ecad", **kwargs)
     info, cal = first.meta["search"], first.meta["calibration"]
-    assert info["searcher"] == "ecad" and info["scored"] >= 3
+    assert info["searcher"] == "ecad" and info["scored"] >= 3 and info["scored_with_partial_steps"] >= 1
     assert first.meta["budget_used"] <= 4.0 and cal["predicted_speedup"] >= 2.0
     assert first.to_dict()["rules"] == again.to_dict()["rules"]  # seeded: the same masks
-    steps = first.rules["step"].params["mask"]
-    assert steps[0] is True
-    # partial steps run the span's ends only: a block rule with the full steps' mask
-    partial = info["candidate"]["partial"]
-    block = first.rules["block"].params
-    assert partial and block["mask"] == [m and s not in partial for s, m in enumerate(steps)]
-    assert cal["actions"].count("P") == len(partial)
+    assert first.rules["step"].params["mask"][0] is True
+
+
+def test_a_candidates_partial_steps_run_the_span_ends_on_the_steps_it_names() -> None:
+    from stepcache.search.space import Candidate
+
+    mask = [True, True, False, True, True, False]
+    cand = Candidate(4, 1, block_fn=2, block_bn=1, partial=(4, 1))
+    policy = cand.policy(mask, cfg=False)
+    block = policy.rules["block"]
+    assert block.method == "taylorseer-feature"
+    assert block.params["mask"] == [True, False, False, True, False, False]  # computed, not partial
+    assert (block.params["fn"], block.params["bn"], block.params["order"]) == (2, 1, 0)
+    assert policy.rules["step"].params["mask"] == mask
+    assert cand.as_dict()["partial"] == [1, 4]
+    assert "partial" not in Candidate(4, 1).as_dict()  # the other searchers' stored candidates unchanged
