@@ -135,10 +135,10 @@ _add(
 _add(
     "adaptive-guidance",
     "adaptive-guidance",
-    "Adaptive Guidance: stop a sample's unconditional pass once cos(c, u) > 0.99 and |c-u|/|c| < 0.05.",
+    "Adaptive Guidance: stop a sample's unconditional pass once cos(c, u) > 0.99 and |c-u|/|c| < 0.02.",
     threshold=0.99,
     warmup=2,
-    max_gap=0.05,
+    max_gap=0.02,
 )
 _add(
     "guidance-interval",

@@ -6,7 +6,9 @@ and use the conditional prediction as the guided one.
 A second gate, ours: the two must also be close in size, ``|c - u| / |c|`` under ``max_gap``.
 The cosine alone can pass 0.99 while guidance still moves the output by a fifth (fmnist-dit: the
 cosine crosses 0.99 at step 4 of 20 with ``|c - u| / |c|`` at 0.08-0.10, and guidance scale 3
-doubles that), which ruined images at the paper's threshold. A huge ``max_gap`` (1e9) is the paper's rule.
+doubles that), which ruined images at the paper's threshold (22.9 dB on fmnist-dit, 23.0 dB on
+emoji-dit with the gap under 0.05). Under 0.02 neither zoo model ever stops guidance: safe, and no
+faster. A huge ``max_gap`` (1e9) is the paper's rule.
 
 Decided per sample: each pair switches off on its own. The similarity is computed on the device
 and kept there; the runtime reads the plan once per call.
@@ -41,7 +43,7 @@ SCHEMA = RuleSchema(
         ),
         "max_gap": Param(
             "float",
-            0.05,
+            0.02,
             "|cond - uncond| / |cond| under which guidance may stop (1e9: the cosine alone decides)",
             min=0.0,
         ),
