@@ -52,7 +52,7 @@ SCHEMA = RuleSchema(
 
 
 class AdaptiveGuidance(GuidanceRule):
-    def __init__(self, threshold: float, warmup: int, max_gap: float = 0.05):
+    def __init__(self, threshold: float, warmup: int, max_gap: float = 0.02):
         self.threshold = threshold
         self.warmup = warmup
         self.max_gap = max_gap
