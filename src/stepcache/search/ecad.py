@@ -47,14 +47,8 @@ def ecad(r: Any, seed: int) -> dict[str, Any]:
         return Candidate(computed, order, block_fn=fn, block_bn=bn, partial=partial)
 
     def speed(g: Genome) -> float:
-        steps, fn, bn, _ = g
-        fraction = candidate(g).middle_fraction(blocks)
-        latency = (
-            r.cost.full
-            - steps.count("E") * r.cost.save_estimated
-            - steps.count("P") * r.cost.save_partial * fraction
-        )
-        return r.cost.full / max(latency, 1e-9)
+        # each step's gene is what all its rows do: the cost model's per-row count reads it as is
+        return r.cost.speedup_rows(list(g[0]), candidate(g).middle_fraction(blocks))
 
     def repair(g: Genome) -> Genome | None:
         steps = list(g[0])

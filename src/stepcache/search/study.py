@@ -121,8 +121,8 @@ class _Run:
     @staticmethod
     def eval_cost(actions: str) -> float:
         """What evaluating these step actions costs, in generations: a conditional-only step (G)
-        runs half of the batch's rows."""
-        return (actions.count("C") + 0.5 * actions.count("G")) / len(actions)
+        runs half of the batch's rows; a partial step (P) is counted as half, as the evaluator does."""
+        return (actions.count("C") + 0.5 * (actions.count("G") + actions.count("P"))) / len(actions)
 
     def affordable(self, actions: str) -> bool:
         return self.used + self.eval_cost(actions) <= self.budget + 1e-9
@@ -410,9 +410,8 @@ def evaluate_steps(r: _Run, cand: Candidate, steps: frozenset[int]) -> Point | N
     """``cand`` run on exactly the timesteps ``steps`` (no guidance rule), or None when the
     budget left cannot pay for it."""
     mask = [s in steps for s in range(r.ev.num_steps)]
-    actions = cand.actions(mask, False)
-    # a partial step runs half of its rows' cost or less (as the evaluator counts it)
-    if r.used + r.eval_cost(actions) - 0.5 * len(cand.partial) / len(actions) > r.budget + 1e-9:
+    actions = "".join("P" if s in cand.partial else a for s, a in enumerate(cand.actions(mask, False)))
+    if not r.affordable(actions):
         return None
     res = r.ev.evaluate(cand.policy(mask, cfg=False))
     r.used += res["cost"]
