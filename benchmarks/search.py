@@ -84,7 +84,7 @@ def main() -> None:
             print(json.dumps({k: pol.meta[k] for k in ("calibration", "heldout", "budget_used")}), flush=True)
 
     if args.no_compare:
-        gaps = {t: _seed_set_gap(args.model, t, args.seeds) for t in targets}
+        gaps = _seed_set_gaps(args.model, targets, args.seeds)
         rows = [_searcher_row(t, s, p) for t, s, p in searched]
         for row in rows:
             row["seed_set_gap_db"] = gaps[row["target"]]["gap_db"]
@@ -156,31 +156,33 @@ def _searcher_row(target: float, searcher: str, pol: Policy) -> dict:
     return row
 
 
-def _seed_set_gap(model: str, target: float, seeds: int) -> dict:
+def _seed_set_gaps(model: str, targets: list[float], seeds: int) -> dict[float, dict]:
     """How much easier the calibration seeds are than the held-out ones for a policy nobody
-    chose on them: static-interval at the target's interval, scored on both seed sets. A
+    chose on them: static-interval at each target's interval, scored on both seed sets. A
     searched policy's calibration-minus-held-out gap beyond this is what the search overfitted."""
     from stepcache import presets
     from stepcache.bench.harness import batch_for
     from stepcache.pipelines import load_pipeline
     from stepcache.search.evaluate import Evaluator
 
-    loaded = load_pipeline(model)
-    interval = max(2, round(target))
-    policy = presets.get("static-interval", interval=interval)
-    psnr = {
-        part: Evaluator(loaded.pipe, batch_for(loaded, None, part, seeds, None, None)).evaluate(policy)[
-            "psnr"
-        ]
+    loaded = load_pipeline(model)  # one pipeline and one reference per seed set, for every target
+    evs = {
+        part: Evaluator(loaded.pipe, batch_for(loaded, None, part, seeds, None, None))
         for part in ("calib", "heldout")
     }
-    return {
-        "target": target,
-        "policy": f"static-interval interval={interval}",
-        "calibration_psnr": psnr["calib"],
-        "heldout_psnr": psnr["heldout"],
-        "gap_db": psnr["calib"] - psnr["heldout"],
-    }
+    gaps = {}
+    for target in targets:
+        interval = max(2, round(target))
+        policy = presets.get("static-interval", interval=interval)
+        psnr = {part: ev.evaluate(policy)["psnr"] for part, ev in evs.items()}
+        gaps[target] = {
+            "target": target,
+            "policy": f"static-interval interval={interval}",
+            "calibration_psnr": psnr["calib"],
+            "heldout_psnr": psnr["heldout"],
+            "gap_db": psnr["calib"] - psnr["heldout"],
+        }
+    return gaps
 
 
 def _write(args: argparse.Namespace, suffix: str, rows: list[dict], extra: dict | None = None) -> None:
