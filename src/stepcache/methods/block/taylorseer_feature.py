@@ -19,7 +19,7 @@ from ...runtime import BlockRule, CallContext
 from ...runtime.interfaces import Streams
 from .. import register_method
 from ..step.extrapolation import History
-from ..step.static_interval import on_schedule
+from ..step.static_interval import on_mask, on_schedule
 
 SCHEMA = RuleSchema(
     method="taylorseer-feature",
@@ -60,7 +60,7 @@ class TaylorSeerFeature(BlockRule):
         if "streams" not in state:
             return True
         if self.mask is not None:
-            return ctx.step >= len(self.mask) or self.mask[ctx.step]
+            return on_mask(ctx.step, self.mask)
         return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:

@@ -18,7 +18,7 @@ import torch
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, GuidanceRule, put, take
 from .. import register_method
-from ..step.static_interval import on_schedule
+from ..step.static_interval import on_mask, on_schedule
 
 SCHEMA = RuleSchema(
     method="cfg-cache",
@@ -56,7 +56,7 @@ class CfgCache(GuidanceRule):
 
     def _scheduled(self, step: int) -> bool:
         if self.mask is not None:
-            return step >= len(self.mask) or self.mask[step]
+            return on_mask(step, self.mask)
         return on_schedule(step, self.interval, self.warmup)
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool | torch.Tensor:

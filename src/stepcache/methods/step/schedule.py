@@ -16,6 +16,7 @@ from typing import Any
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext
 from .. import register_method
+from .static_interval import on_mask
 from .taylorseer import TaylorSeer
 
 
@@ -50,7 +51,7 @@ class Schedule(TaylorSeer):
         self.mask = list(mask)
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
-        return ctx.step >= len(self.mask) or self.mask[ctx.step] or not state.get("outputs")
+        return on_mask(ctx.step, self.mask) or not state.get("outputs")
 
 
 def _factory(p: Mapping[str, Any]) -> Schedule:

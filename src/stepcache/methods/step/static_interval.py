@@ -40,6 +40,11 @@ def on_schedule(step: int, interval: int, warmup: int) -> bool:
     return step < warmup or (step - warmup) % interval == 0
 
 
+def on_mask(step: int, mask: list[bool]) -> bool:
+    """A per-step compute mask's answer; steps past its end compute."""
+    return step >= len(mask) or mask[step]
+
+
 class StaticInterval(StepRule):
     def __init__(self, interval: int, warmup: int, mask: list[bool] | None = None):
         self.interval = interval
@@ -48,7 +53,7 @@ class StaticInterval(StepRule):
 
     def computes(self, step: int) -> bool:
         if self.mask is not None:
-            return step >= len(self.mask) or self.mask[step]
+            return on_mask(step, self.mask)
         return on_schedule(step, self.interval, self.warmup)
 
     def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
