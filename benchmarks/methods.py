@@ -29,6 +29,7 @@ import stepcache
 from stepcache import presets, zoo
 from stepcache._env import environment
 from stepcache._io import atomic_write_bytes, atomic_write_json
+from stepcache.calibration import calibrated
 from stepcache.metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
 from stepcache.zoo.classifier import classifier_for
 
@@ -91,7 +92,7 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
 
 
 # Methods with fitted coefficients also run with them, fitted on seeds 0..CALIB_SEEDS-1.
-CALIBRATED = {"linear-ag": {}, "teacache": {}, "magcache": {}}
+CALIBRATED = {name: {} for name in calibrated()}
 CALIB_SEEDS = 16
 
 

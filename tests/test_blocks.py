@@ -223,7 +223,7 @@ def test_feature_taylorseer_forecasts_polynomial_residuals_exactly(order):
         return tuple(sum(c[k] * float(s) ** i for i, c in enumerate(coeffs)) for k in range(2))
 
     rule = TaylorSeerFeature(interval=3, order=order, warmup=order + 1, fn=1, bn=1)
-    state, errors = {}, []
+    state, errors = rule.new_state(), []
     for s in range(15):
         ctx = CallContext(step=s, branch=0, num_steps=15, batch=2, timestep=0)
         if rule.plan(ctx, state, ()):

@@ -242,7 +242,7 @@ def test_two_guidance_rules_do_not_compose():
 
 
 def test_linear_ag_fit_recovers_known_coefficients():
-    from stepcache.calibration import fit_linear_ag
+    from stepcache.methods.guidance.linear_ag import fit_coefficients as fit_linear_ag
 
     g = torch.Generator().manual_seed(0)
     truth = {1: (0.7, -0.4, 0.9), 2: (1.2, -1.0, 0.5)}

@@ -6,8 +6,8 @@ import torch
 
 import stepcache
 from stepcache import presets
+from stepcache.methods.maths import extrapolate, lagrange_weights
 from stepcache.methods.step.adams_bashforth import AdamsBashforth
-from stepcache.methods.step.extrapolation import extrapolate, lagrange_weights
 from stepcache.methods.step.taylorseer import TaylorSeer
 from stepcache.runtime import CallContext
 
@@ -18,7 +18,7 @@ def _poly(coeffs, x):
 
 def _drive(rule, steps, timesteps, truth):
     """Run a rule against a synthetic denoiser whose output is truth(step, t); return forecast errors."""
-    state, errors = {}, []
+    state, errors = rule.new_state(), []
     for s in range(steps):
         ctx = CallContext(step=s, branch=0, num_steps=steps, batch=2, timestep=torch.tensor(timesteps[s]))
         if rule.plan(ctx, state) or s == 0:
@@ -127,7 +127,7 @@ def test_fsampler_is_exact_undamped_and_validates():
     assert max(_drive(damped, 15, timesteps, lambda s, t: _poly(coeffs, float(s)))) > 1e-3
     # A trajectory whose norm explodes fails validation: no estimate, the runtime computes.
     strict = FSampler(interval=2, history=2, warmup=2, damping=1.0, max_norm_ratio=1.1)
-    state = {}
+    state = strict.new_state()
     for s in range(3):
         ctx = CallContext(step=s, branch=0, num_steps=4, batch=1, timestep=1.0)
         if s < 2:
@@ -174,7 +174,7 @@ def test_magcache_scaled_reuse_is_exact_on_a_geometric_trajectory(calibrated):
 
 def _drive_rows(rule, outs):
     """Like _drive for a rule whose plan may be a per-row tensor (all rows decide alike here)."""
-    state, errors = {}, []
+    state, errors = rule.new_state(), []
     for s, truth in enumerate(outs):
         ctx = CallContext(step=s, branch=0, num_steps=len(outs), batch=2, timestep=1000 - 60 * s)
         plan = rule.plan(ctx, state)
@@ -192,7 +192,7 @@ def test_magcache_budget_and_cap_decide_per_sample():
     base = torch.ones(2, 1, 2, 2, dtype=torch.float64)
     rates = torch.tensor([0.99, 0.8], dtype=torch.float64).view(2, 1, 1, 1)
     rule = MagCache(threshold=0.1, max_consecutive=3, warmup=2, ratios=None)
-    state, computed = {}, torch.zeros(2)
+    state, computed = rule.new_state(), torch.zeros(2)
     for s in range(16):
         ctx = CallContext(step=s, branch=0, num_steps=16, batch=2, timestep=1000 - 60 * s)
         plan = rule.plan(ctx, state)
@@ -211,7 +211,7 @@ def test_teacache_accumulates_the_rescaled_change(coefficients, pattern):
 
     # Modulated inputs whose relative L1 change is exactly 0.04 per step.
     rule = TeaCache(threshold=0.1, warmup=1, max_consecutive=None, coefficients=coefficients)
-    state, actions = {}, []
+    state, actions = rule.new_state(), []
     for s in range(9):
         ctx = CallContext(step=s, branch=0, num_steps=9, batch=1, timestep=0)
         mod = torch.full((1, 4), 1.04**s, dtype=torch.float64)

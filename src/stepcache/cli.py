@@ -235,12 +235,12 @@ def calibrate(
     ] = None,
 ) -> None:
     """Fit a method's coefficients on full-compute runs of a model; write the policy."""
-    from .calibration import CALIBRATED
+    from .calibration import calibrated
     from .tools import calibrate as fit
 
-    if method not in CALIBRATED:
+    if method not in calibrated():
         raise typer.BadParameter(
-            f"{method!r} has no coefficients to fit; choose one of {', '.join(CALIBRATED)}"
+            f"{method!r} has no coefficients to fit; choose one of {', '.join(calibrated())}"
         )
     _model_spec(model)
     wl = _workload(workload)
@@ -459,13 +459,14 @@ def compare(
     names = [p.strip() for p in peers.split(",") if p.strip()]
     sweep = None
     if preset:
-        from .bench.compare import SWEEP
+        from .bench.compare import default_sweep
 
-        unknown = sorted(set(preset) - {p for p, _ in SWEEP})
+        full = default_sweep()
+        unknown = sorted(set(preset) - {p for p, _ in full})
         if unknown:
-            swept = ", ".join(dict.fromkeys(p for p, _ in SWEEP))
+            swept = ", ".join(dict.fromkeys(p for p, _ in full))
             raise typer.BadParameter(f"{unknown[0]!r} is not in the sweep ({swept})", param_hint="--preset")
-        sweep = [(p, o) for p, o in SWEEP if p in preset]
+        sweep = [(p, o) for p, o in full if p in preset]
     doc = _run_bench(
         run,
         model=model,

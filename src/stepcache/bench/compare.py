@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import _limits as lim
 from .. import presets
+from ..methods import methods
 from ..policy import Policy
 from .harness import (
     BENCH_FILES,
@@ -25,39 +26,12 @@ from .harness import (
     unsupported,
 )
 
-# (preset, overrides): the default and a faster setting of each method, the fixed-schedule
-# extrapolators at the intervals that reach 3x and 4x, and gentler settings for the low bands: a
-# longer warm-up (the peers' documented grids start at 1.1x; so must ours), and at 2x the
-# extrapolator with no warm-up and the feature forecast at first order (diffusers' TaylorSeer default).
-SWEEP: list[tuple[str, dict[str, Any]]] = [
-    ("static-interval", {}),
-    ("static-interval", {"interval": 3}),
-    ("adams-bashforth", {"warmup": 12}),
-    ("adams-bashforth", {"warmup": 6}),
-    ("adams-bashforth", {}),
-    ("adams-bashforth", {"warmup": 0}),
-    ("adams-bashforth", {"interval": 3}),
-    ("adams-bashforth", {"interval": 4}),
-    ("taylorseer", {}),
-    ("taylorseer", {"interval": 4, "warmup": 2}),
-    ("fsampler", {}),
-    ("magcache", {}),
-    ("magcache", {"threshold": 0.3, "max_consecutive": 3}),
-    ("teacache", {}),
-    ("teacache", {"threshold": 0.4}),
-    ("fbcache", {}),
-    ("fbcache", {"threshold": 0.3, "max_consecutive": 4}),
-    ("dbcache", {}),
-    ("dbcache", {"threshold": 0.12, "warmup": 8, "forecast": 1}),
-    ("dbcache", {"threshold": 0.3, "max_consecutive": 4}),
-    ("taylorseer-feature", {}),
-    ("taylorseer-feature", {"order": 1}),
-    ("fora", {}),
-    ("deepcache", {}),
-    ("deepcache", {"interval": 5}),
-    ("adaptive-guidance", {}),
-    ("cfg-cache", {}),
-]
+
+def default_sweep() -> list[tuple[str, dict[str, Any]]]:
+    """(preset, overrides) for every setting the methods' files ask ``compare`` to run
+    (``Method.sweep``): the default and faster settings of each, and gentler ones for the low
+    bands, since the peers' documented grids start at 1.1x."""
+    return [(name, dict(o)) for name, m in methods().items() for o in m.sweep]
 
 
 def sweep_name(preset: str, overrides: dict[str, Any]) -> str:
@@ -72,7 +46,9 @@ def stepcache_candidates(
     """Candidates for the sweep and the given policies; those the model does not support are
     returned as unavailable entries instead."""
     cands, unavailable = [], []
-    items = [(sweep_name(p, o), presets.get(p, **o)) for p, o in (SWEEP if sweep is None else sweep)]
+    items = [
+        (sweep_name(p, o), presets.get(p, **o)) for p, o in (default_sweep() if sweep is None else sweep)
+    ]
     items += [(pol.name or f"policy {i}", pol) for i, pol in enumerate(policies or [])]
     for name, pol in items:
         cand = policy_candidate(pol, name)
@@ -124,7 +100,7 @@ def compare(
     check_args(model, out_dir, steps, seeds or 16, repeats, guidance)
     if out_dir is not None:  # the peers' setup loads the model: check before it
         check_out_dir(out_dir, BENCH_FILES)
-    taken = {sweep_name(p, o) for p, o in (SWEEP if sweep is None else sweep)}
+    taken = {sweep_name(p, o) for p, o in (default_sweep() if sweep is None else sweep)}
     for i, pol in enumerate(policies or []):  # a clash would otherwise surface after the model loads
         name = pol.name or f"policy {i}"
         if name in taken:

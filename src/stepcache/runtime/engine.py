@@ -707,12 +707,19 @@ class Handle:
         state = gen.state_for(ctx.branch, "block", self.rules.block)
         plan = self.rules.block.plan(ctx, state)
         # A sub-batch cannot use the full batch's cached outputs: it computes.
-        skipping = not plan and rows is None and state.get("ready", False)
+        modules = gen.module_cache(ctx.branch)
+        skipping = not plan and rows is None and modules.ready
         if skipping:
             for r in range(len(row_actions)):
                 row_actions[r] = "P"
         return CallScratch(
-            ctx=ctx, state=state, span=None, rows=rows, row_actions=row_actions, skipping=skipping
+            ctx=ctx,
+            state=state,
+            span=None,
+            rows=rows,
+            row_actions=row_actions,
+            skipping=skipping,
+            modules=modules,
         )
 
     def _branch_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
@@ -725,22 +732,23 @@ class Handle:
         # on the text tokens): each of its calls keeps its own output.
         key = (index, scratch.module_calls.get(index, 0))
         scratch.module_calls[index] = key[1] + 1
-        shapes = scratch.state.setdefault("shapes", {})
-        known = key in scratch.state if replayed else key in shapes
+        cache = scratch.modules
+        assert cache is not None  # set by _branch_scratch for every call of a module-output rule
+        known = key in cache.outputs if replayed else key in cache.shapes
         if not scratch.skipping or not known:
             out = self._block_orig[index](*args, **kwargs)
             if scratch.rows is None and not scratch.skipping:
                 # Replayed modules keep their output; the others only its shapes, so their
                 # placeholders cost no memory between steps.
                 if replayed:
-                    scratch.state[key] = _detached(out)
+                    cache.outputs[key] = _detached(out)
                 else:
-                    shapes[key] = _shapes(out)
-                scratch.state["ready"] = True
+                    cache.shapes[key] = _shapes(out)
+                cache.ready = True
             return out
         if replayed:
-            return scratch.state[key]
-        return _placeholders(shapes[key])
+            return cache.outputs[key]
+        return _placeholders(cache.shapes[key])
 
     # ---- block calls ----------------------------------------------------------------------
     def _stack_changed(self, what: str) -> UnsupportedModelError:

@@ -79,23 +79,21 @@ class StepRule(ABC):
 
     level = "step"
 
-    def new_state(self) -> dict[str, Any]:
+    def new_state(self) -> Any:
+        """This rule's state for one branch of one generation, handed to every call: a dict, or
+        the rule's own dataclass (typed; the runtime counts the tensors in either)."""
         return {}
 
     @abstractmethod
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> Plan: ...
+    def plan(self, ctx: CallContext, state: Any) -> Plan: ...
 
     @abstractmethod
-    def estimate(
-        self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def estimate(self, ctx: CallContext, state: Any, rows: torch.Tensor | None) -> torch.Tensor | None:
         """The denoiser output for ``rows`` without running it, or None to have the step computed
         (a rule that validates its own estimate); the runtime counts that as a fallback."""
 
     @abstractmethod
-    def observe(
-        self, ctx: CallContext, state: dict[str, Any], output: torch.Tensor, rows: torch.Tensor | None
-    ) -> None:
+    def observe(self, ctx: CallContext, state: Any, output: torch.Tensor, rows: torch.Tensor | None) -> None:
         """Record a real output for ``rows``."""
 
 
@@ -111,7 +109,9 @@ class BlockRule(ABC):
     # costs that block's normalisation once more per call).
     wants_signal = True
 
-    def new_state(self) -> dict[str, Any]:
+    def new_state(self) -> Any:
+        """This rule's state for one branch of one generation, handed to every call: a dict, or
+        the rule's own dataclass (typed; the runtime counts the tensors in either)."""
         return {}
 
     @abstractmethod
@@ -123,13 +123,13 @@ class BlockRule(ABC):
         return self.span(num_blocks)
 
     @abstractmethod
-    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> Plan:
+    def plan(self, ctx: CallContext, state: Any, head_residual: Streams) -> Plan:
         """Which rows run the middle. ``head_residual``: the head's output minus its input, per
         stream; with an empty head (span starting at 0), a one-tuple holding the first block's
         timestep-modulated input instead (the adapter's ``modulated_input``)."""
 
     @abstractmethod
-    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
+    def estimate(self, ctx: CallContext, state: Any, rows: torch.Tensor | None) -> Streams:
         """The middle's residual (output minus input, per stream) for ``rows``.
 
         Must not change ``state``: with the guard on and a per-row plan, the runtime asks for
@@ -137,9 +137,7 @@ class BlockRule(ABC):
         values may be anything) and keeps those of the rows that skip."""
 
     @abstractmethod
-    def observe(
-        self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
-    ) -> None:
+    def observe(self, ctx: CallContext, state: Any, residual: Streams, rows: torch.Tensor | None) -> None:
         """Record the middle's real residual for ``rows``."""
 
 
@@ -151,7 +149,9 @@ class BranchRule(ABC):
 
     level = "block"
 
-    def new_state(self) -> dict[str, Any]:
+    def new_state(self) -> Any:
+        """This rule's state for one branch of one generation, handed to every call: a dict, or
+        the rule's own dataclass (typed; the runtime counts the tensors in either)."""
         return {}
 
     @abstractmethod
@@ -160,7 +160,7 @@ class BranchRule(ABC):
         UnsupportedModelError when the model has no such modules."""
 
     @abstractmethod
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
+    def plan(self, ctx: CallContext, state: Any) -> bool:
         """True: run everything (and refresh the cached outputs)."""
 
 
@@ -175,16 +175,18 @@ class GuidanceRule(ABC):
 
     level = "guidance"
 
-    def new_state(self) -> dict[str, Any]:
+    def new_state(self) -> Any:
+        """This rule's state for one branch of one generation, handed to every call: a dict, or
+        the rule's own dataclass (typed; the runtime counts the tensors in either)."""
         return {}
 
     @abstractmethod
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> Plan:
+    def plan(self, ctx: CallContext, state: Any) -> Plan:
         """True: compute every unconditional row; False: none; or a bool tensor over the pairs."""
 
     @abstractmethod
     def estimate(
-        self, ctx: CallContext, state: dict[str, Any], cond: torch.Tensor, pairs: torch.Tensor
+        self, ctx: CallContext, state: Any, cond: torch.Tensor, pairs: torch.Tensor
     ) -> torch.Tensor | None:
         """The unconditional output for ``pairs`` given their conditional output ``cond`` (this
         step's, computed), or None to have them computed (counted as a fallback)."""
@@ -193,7 +195,7 @@ class GuidanceRule(ABC):
     def observe(
         self,
         ctx: CallContext,
-        state: dict[str, Any],
+        state: Any,
         cond: torch.Tensor,
         uncond: torch.Tensor,
         pairs: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,16 @@ class Stats:
 
 
 @dataclass
+class ModuleCache:
+    """The runtime's own cache for the module-output rules (DeepCache, FORA), per branch: the
+    replayed modules' outputs and the skipped modules' output shapes, by (module, call in forward)."""
+
+    outputs: dict[tuple[int, int], Any] = field(default_factory=dict)
+    shapes: dict[tuple[int, int], Any] = field(default_factory=dict)
+    ready: bool = False  # a full call has filled it
+
+
+@dataclass
 class CallScratch:
     """What the block hooks of one denoiser call share."""
 
@@ -66,10 +77,12 @@ class CallScratch:
     skipping: bool = False  # linear stack: the middle is being skipped; U-Net: the deep branch
     next_block: int = 0  # linear stack: the block the model must call next
     module_calls: dict[int, int] = field(default_factory=dict)  # module caches: calls so far
+    modules: ModuleCache | None = None  # module caches: this branch's cached outputs
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of the distinct tensors reachable through dicts, lists and tuples."""
+    """Bytes of the distinct tensors reachable through dicts, lists, tuples and dataclasses (the
+    rules' typed states)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         if id(obj) in seen:
@@ -80,6 +93,8 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
         return sum(tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v, seen) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
     return 0
 
 
@@ -110,7 +125,7 @@ class Generation:
         self.step = 0
         self.branch = -1
         self.calls = 0
-        self.rule_states: dict[tuple[int, str], dict[str, Any]] = {}
+        self.rule_states: dict[tuple[int, str], Any] = {}
         self.templates: dict[int, Any] = {}  # last real output object per branch
         self.signature: dict[int, tuple] = {}  # batch shape per branch, to catch a changed input
         self.stats = Stats()
@@ -145,10 +160,16 @@ class Generation:
         self.step = self.step + 1 if step is None else step
         self.branch = -1
 
-    def state_for(self, branch: int, level: str, rule: Any) -> dict[str, Any]:
+    def state_for(self, branch: int, level: str, rule: Any) -> Any:
         key = (branch, level)
         if key not in self.rule_states:
             self.rule_states[key] = rule.new_state()
+        return self.rule_states[key]
+
+    def module_cache(self, branch: int) -> ModuleCache:
+        key = (branch, "modules")
+        if key not in self.rule_states:
+            self.rule_states[key] = ModuleCache()
         return self.rule_states[key]
 
     def reset_branch(self, branch: int) -> None:

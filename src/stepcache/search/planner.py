@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from ..methods.step.extrapolation import lagrange_weights
+from ..methods.maths import lagrange_weights
 from .trajectory import Trajectory
 
 ErrorFn = Callable[[int, int, int], float]  # (previous computed or -1, computed, next computed or N)

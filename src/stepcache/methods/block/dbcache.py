@@ -12,7 +12,6 @@ the cache holds ``forecast`` + 1 residuals per span.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext
 from ...runtime.interfaces import Streams
-from .. import register_method
+from .. import Method
 from .fbcache import FBCache
 
 SCHEMA = RuleSchema(
@@ -133,10 +132,13 @@ def _rows(ctx: CallContext, run: torch.Tensor) -> torch.Tensor:
     return ctx.rows if ctx.rows is not None else torch.arange(run.numel(), device=run.device)
 
 
-def _factory(p: Mapping[str, Any]) -> DBCache:
-    return DBCache(
-        p["fn"], p["bn"], p["threshold"], p["max_consecutive"], p["warmup"], p["mask"], p["forecast"]
-    )
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=DBCache,
+    preset="DBCache: run the first and the last block; reuse the middle's residual while block 1's holds.",
+    sweep=(
+        {},
+        {"threshold": 0.12, "warmup": 8, "forecast": 1},
+        {"threshold": 0.3, "max_consecutive": 4},
+    ),
+)

@@ -9,14 +9,13 @@ full computations closer together around step ``center`` of 0..1. U-Nets only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ...errors import UnsupportedModelError
 from ...policy import Param, RuleSchema
 from ...runtime import BranchRule, CallContext
-from .. import register_method
-from ..step.static_interval import on_schedule
+from .. import Method
+from ..maths import on_schedule
 
 SCHEMA = RuleSchema(
     method="deepcache",
@@ -82,8 +81,12 @@ class DeepCache(BranchRule):
         return on_schedule(ctx.step, self.interval, self.warmup)
 
 
-def _factory(p: Mapping[str, Any]) -> DeepCache:
-    return DeepCache(p["interval"], p["branch"], p["warmup"], p["schedule"], p["center"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=DeepCache,
+    preset="DeepCache (U-Nets): full network every 3rd step; between, only the shallowest branch runs.",
+    sweep=(
+        {},
+        {"interval": 5},
+    ),
+)

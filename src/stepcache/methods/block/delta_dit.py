@@ -9,7 +9,6 @@ stage keeps its own cache, so the first step of a stage always computes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,8 +16,8 @@ import torch
 from ...policy import Param, RuleSchema
 from ...runtime import BlockRule, CallContext, put_streams, take_streams
 from ...runtime.interfaces import Streams
-from .. import register_method
-from ..step.static_interval import on_schedule
+from .. import Method
+from ..maths import on_schedule
 
 SCHEMA = RuleSchema(
     method="delta-dit",
@@ -64,8 +63,12 @@ class DeltaDiT(BlockRule):
         state[key] = put_streams(state.get(key), rows, residual, ctx.batch)
 
 
-def _factory(p: Mapping[str, Any]) -> DeltaDiT:
-    return DeltaDiT(p["blocks"], p["interval"], p["boundary"], p["warmup"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=DeltaDiT,
+    preset=(
+        "Delta-DiT: reuse the back 2 blocks' deviation in the first half, the front 2's after; "
+        "every 2nd step."
+    ),
+    sweep=(),
+)

@@ -6,7 +6,6 @@ step, skip the remaining blocks and add their cached residual instead. Decided p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,7 +13,8 @@ import torch
 from ...policy import Param, RuleSchema
 from ...runtime import BlockRule, CallContext, put, put_streams, take, take_streams
 from ...runtime.interfaces import Streams
-from .. import register_method
+from .. import Method
+from ..maths import relative_l1
 
 SCHEMA = RuleSchema(
     method="fbcache",
@@ -32,12 +32,6 @@ SCHEMA = RuleSchema(
         "warmup": Param("int", 1, "steps always computed at the start", min=0, max=100_000),
     },
 )
-
-
-def relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """Per-row mean |now - before| / mean |before|, in float32."""
-    now, before = now.float().flatten(1), before.float().flatten(1)
-    return (now - before).abs().mean(1) / before.abs().mean(1).clamp_min(1e-12)
 
 
 class FBCache(BlockRule):
@@ -72,8 +66,14 @@ class FBCache(BlockRule):
             state["reused"] = torch.zeros(ctx.batch, dtype=torch.long, device=residual[0].device)
 
 
-def _factory(p: Mapping[str, Any]) -> FBCache:
-    return FBCache(p["threshold"], p["max_consecutive"], p["warmup"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=FBCache,
+    preset=(
+        "First-Block Cache: run block 1; reuse the rest's residual while block 1's residual barely changes."
+    ),
+    sweep=(
+        {},
+        {"threshold": 0.3, "max_consecutive": 4},
+    ),
+)

@@ -8,14 +8,13 @@ Memory: one output per attention / feed-forward layer (what the method caches by
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ...errors import UnsupportedModelError
 from ...policy import Param, RuleSchema
 from ...runtime import BranchRule, CallContext
-from .. import register_method
-from ..step.static_interval import on_schedule
+from .. import Method
+from ..maths import on_schedule
 
 SCHEMA = RuleSchema(
     method="fora",
@@ -47,8 +46,8 @@ class Fora(BranchRule):
         return on_schedule(ctx.step, self.interval, self.warmup)
 
 
-def _factory(p: Mapping[str, Any]) -> Fora:
-    return Fora(p["interval"], p["warmup"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=Fora,
+    preset="FORA: every block's attention and MLP outputs recomputed every 3rd step, reused in between.",
+)

@@ -9,17 +9,15 @@ One history per stream of the middle span (not per block): memory is ``order + 1
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import BlockRule, CallContext
 from ...runtime.interfaces import Streams
-from .. import register_method
-from ..step.extrapolation import History
-from ..step.static_interval import on_mask, on_schedule
+from .. import Method
+from ..maths import History, on_mask, on_schedule
 
 SCHEMA = RuleSchema(
     method="taylorseer-feature",
@@ -43,6 +41,13 @@ SCHEMA = RuleSchema(
 )
 
 
+@dataclass
+class StreamHistories:
+    """Per hidden stream of the middle span, its residual history (None: a stream it lacks)."""
+
+    streams: list[History | None] | None = None
+
+
 class TaylorSeerFeature(BlockRule):
     wants_signal = False  # a fixed schedule
 
@@ -56,37 +61,47 @@ class TaylorSeerFeature(BlockRule):
         head_end = min(self.fn, num_blocks)
         return head_end, max(head_end, num_blocks - self.bn)
 
-    def plan(self, ctx: CallContext, state: dict[str, Any], head_residual: Streams) -> bool:
-        if "streams" not in state:
+    def new_state(self) -> StreamHistories:
+        return StreamHistories()
+
+    def plan(self, ctx: CallContext, state: StreamHistories, head_residual: Streams) -> bool:
+        if state.streams is None:
             return True
         if self.mask is not None:
             return on_mask(ctx.step, self.mask)
         return on_schedule(ctx.step, self.interval, self.warmup)
 
-    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
+    def estimate(self, ctx: CallContext, state: StreamHistories, rows: torch.Tensor | None) -> Streams:
+        assert state.streams is not None  # plan computes until the first residual is observed
         out = []
-        for history in state["streams"]:
+        for history in state.streams:
             if history is None:
                 out.append(None)
                 continue
-            value = History(history, self.order + 1).forecast(float(ctx.step), self.order)
+            value = history.forecast(float(ctx.step), self.order)
             out.append(value if rows is None else value.index_select(0, rows))
         return tuple(out)
 
     def observe(
-        self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
+        self, ctx: CallContext, state: StreamHistories, residual: Streams, rows: torch.Tensor | None
     ) -> None:
         if rows is not None:  # a fixed schedule decides for the whole batch
             return
-        if "streams" not in state:
-            state["streams"] = [None if r is None else {} for r in residual]
-        for history, r in zip(state["streams"], residual, strict=True):
+        if state.streams is None:
+            state.streams = [None if r is None else History(self.order + 1) for r in residual]
+        for history, r in zip(state.streams, residual, strict=True):
             if history is not None and r is not None:
-                History(history, self.order + 1).add(float(ctx.step), r)
+                history.add(float(ctx.step), r)
 
 
-def _factory(p: Mapping[str, Any]) -> TaylorSeerFeature:
-    return TaylorSeerFeature(p["interval"], p["order"], p["warmup"], p["fn"], p["bn"], p["mask"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=TaylorSeerFeature,
+    preset=(
+        "TaylorSeer (feature level): the block stack every 3rd step; its residual forecast, order 2, between."
+    ),
+    sweep=(
+        {},
+        {"order": 1},
+    ),
+)

@@ -10,16 +10,16 @@ a skipped step. Decided per sample. ``coefficients`` come from ``stepcache calib
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ...policy import Param, RuleSchema
-from ...runtime import BlockRule, CallContext, put, put_streams, take, take_streams
+from ...runtime import BlockRule, CallContext, RuleSet, put, put_streams, take, take_streams
 from ...runtime.interfaces import Streams
-from .. import register_method
-from .fbcache import relative_l1
+from .. import Method
+from ..maths import relative_l1
 
 SCHEMA = RuleSchema(
     method="teacache",
@@ -101,8 +101,42 @@ class TeaCache(BlockRule):
         )
 
 
-def _factory(p: Mapping[str, Any]) -> TeaCache:
-    return TeaCache(p["threshold"], p["warmup"], p["max_consecutive"], p["coefficients"])
+def fit_coefficients(stack: Any, degree: int = 4) -> list[float]:
+    """Polynomial (highest degree first) from the modulated input's relative-L1 change between
+    consecutive steps to the stack residual's, pooled over samples (``stack``: a StackRecorder)."""
+    import numpy as np
+
+    xs, ys = [], []
+    last: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    for (branch, step, mod), res in zip(stack.calls, stack.residuals, strict=True):
+        prev = last.get(branch)
+        if prev is not None and prev[0] == step - 1 and prev[1].shape == mod.shape:
+            xs.append(relative_l1(mod, prev[1]))
+            ys.append(relative_l1(res, prev[2]))
+        last[branch] = (step, mod, res)
+    if len(xs) < degree + 1:
+        raise ValueError("calibrate teacache: too few consecutive steps recorded to fit the polynomial")
+    x, y = torch.cat(xs).double().numpy(), torch.cat(ys).double().numpy()
+    return [float(c) for c in np.polyfit(x, y, degree)]
 
 
-register_method(SCHEMA, _factory)
+def fit(pipe: Any, run: Callable[[], Any]) -> list[float]:
+    """The calibration hook: the rescaling polynomial from full-compute runs."""
+    from ...calibration import StackRecorder, record
+
+    stack = StackRecorder()
+    record(pipe, run, RuleSet(block=stack))
+    return fit_coefficients(stack)
+
+
+METHOD = Method(
+    schema=SCHEMA,
+    rule=TeaCache,
+    preset="TeaCache: skip all blocks until the first block's modulated input has changed by 0.15 in sum.",
+    sweep=(
+        {},
+        {"threshold": 0.4},
+    ),
+    fits="coefficients",
+    calibrate=fit,
+)

@@ -16,14 +16,13 @@ and kept there; the runtime reads the plan once per call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, GuidanceRule
-from .. import register_method
+from .. import Method
 
 SCHEMA = RuleSchema(
     method="adaptive-guidance",
@@ -87,8 +86,10 @@ class AdaptiveGuidance(GuidanceRule):
             done[pairs] |= (sim > self.threshold) & (gap < self.max_gap)
 
 
-def _factory(p: Mapping[str, Any]) -> AdaptiveGuidance:
-    return AdaptiveGuidance(p["threshold"], p["warmup"], p["max_gap"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=AdaptiveGuidance,
+    preset=(
+        "Adaptive Guidance: stop a sample's unconditional pass once cos(c, u) > 0.99 and |c-u|/|c| < 0.02."
+    ),
+)

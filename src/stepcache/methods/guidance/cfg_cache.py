@@ -10,15 +10,14 @@ that used the cache).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, GuidanceRule, put, take
-from .. import register_method
-from ..step.static_interval import on_mask, on_schedule
+from .. import Method
+from ..maths import on_mask, on_schedule
 
 SCHEMA = RuleSchema(
     method="cfg-cache",
@@ -88,8 +87,8 @@ class CfgCache(GuidanceRule):
             state["cond"] = put(state.get("cond"), pairs, cond, n)
 
 
-def _factory(p: Mapping[str, Any]) -> CfgCache:
-    return CfgCache(p["interval"], p["warmup"], p["max_drift"], p["mask"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=CfgCache,
+    preset="FasterCache's CFG cache: unconditional pass every 2nd step; reuse the cached c - u between.",
+)

@@ -16,7 +16,7 @@ import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, GuidanceRule
-from .. import register_method
+from .. import Method
 
 
 def _check(p: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -65,8 +65,9 @@ class GuidanceInterval(GuidanceRule):
         pass  # the interval needs no memory
 
 
-def _factory(p: Mapping[str, Any]) -> GuidanceInterval:
-    return GuidanceInterval(p["start"], p["end"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=GuidanceInterval,
+    preset="Guidance interval: classifier-free guidance only in the first 70% of the steps.",
+    sweep=(),
+)

@@ -10,14 +10,14 @@ after ``warmup``, up to the fraction ``end`` of the schedule (the paper: the fir
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ...policy import Param, RuleSchema
-from ...runtime import CallContext, GuidanceRule, put, take
-from .. import register_method
+from ...runtime import CallContext, GuidanceRule, RuleSet, put, take
+from .. import Method
 
 IDENTITY = (1.0, -1.0, 1.0)
 
@@ -96,8 +96,41 @@ class LinearAG(GuidanceRule):
         state["last"] = ctx.step
 
 
-def _factory(p: Mapping[str, Any]) -> LinearAG:
-    return LinearAG(p["interval"], p["warmup"], p["end"], p["coefficients"])
+def fit_coefficients(pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> list[float]:
+    """Least-squares (a, b, g) per step for u_i = a c_i + b c_(i-1) + g u_(i-1); step 0 gets
+    the no-fit default (1, -1, 1), as do steps without recorded pairs."""
+    n = max(pairs) + 1 if pairs else 0
+    coeffs: list[float] = list(IDENTITY)
+    for i in range(1, n):
+        if i not in pairs or i - 1 not in pairs:
+            coeffs += IDENTITY
+            continue
+        c = torch.cat([p[0].flatten() for p in pairs[i]]).double()
+        u = torch.cat([p[1].flatten() for p in pairs[i]]).double()
+        c_prev = torch.cat([p[0].flatten() for p in pairs[i - 1]]).double()
+        u_prev = torch.cat([p[1].flatten() for p in pairs[i - 1]]).double()
+        x = torch.stack([c, c_prev, u_prev], dim=1)
+        sol = torch.linalg.lstsq(x, u.unsqueeze(1)).solution.reshape(-1)
+        coeffs += [float(v) for v in sol]
+    return coeffs
 
 
-register_method(SCHEMA, _factory)
+def fit(pipe: Any, run: Callable[[], Any]) -> list[float]:
+    """The calibration hook: the coefficients fitted on the (c, u) pairs of full-compute runs."""
+    from ...calibration import PairRecorder, record
+
+    pairs = PairRecorder()
+    record(pipe, run, RuleSet(guidance=pairs))
+    if not pairs.pairs:
+        raise ValueError("calibrate linear-ag: the runs had no batched classifier-free guidance to record")
+    return fit_coefficients(pairs.pairs)
+
+
+METHOD = Method(
+    schema=SCHEMA,
+    rule=LinearAG,
+    preset="LinearAG: every 2nd step in the first half, the unconditional pass is a fitted affine estimate.",
+    sweep=(),
+    fits="coefficients",
+    calibrate=fit,
+)

@@ -8,16 +8,12 @@ Order k uses the last k real outputs: order 2 on a uniform grid is 2*o_k - o_{k-
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule
-from .. import register_method
-from .extrapolation import History
-from .static_interval import on_schedule
+from .. import Method
+from ..maths import History, on_schedule
 
 SCHEMA = RuleSchema(
     method="adams-bashforth",
@@ -35,23 +31,36 @@ class AdamsBashforth(StepRule):
     def __init__(self, interval: int, order: int, warmup: int):
         self.interval, self.order, self.warmup = interval, order, warmup
 
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
+    def new_state(self) -> History:
+        return History(self.order)
+
+    def plan(self, ctx: CallContext, state: History) -> bool:
         return on_schedule(ctx.step, self.interval, self.warmup)
 
-    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
+    def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor:
         # Polynomial of degree order-1 through the last `order` outputs, in timestep.
-        out = History(state, self.order).forecast(ctx.timestep_value(), self.order - 1)
+        out = state.forecast(ctx.timestep_value(), self.order - 1)
         return out if rows is None else out.index_select(0, rows)
 
     def observe(
-        self, ctx: CallContext, state: dict[str, Any], output: torch.Tensor, rows: torch.Tensor | None
+        self, ctx: CallContext, state: History, output: torch.Tensor, rows: torch.Tensor | None
     ) -> None:
         if rows is None:
-            History(state, self.order).add(ctx.timestep_value(), output)
+            state.add(ctx.timestep_value(), output)
 
 
-def _factory(p: Mapping[str, Any]) -> AdamsBashforth:
-    return AdamsBashforth(p["interval"], p["order"], p["warmup"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=AdamsBashforth,
+    preset=(
+        "AB-Cache: compute every 2nd step; extrapolate the others from the last two outputs (in timestep)."
+    ),
+    sweep=(
+        {"warmup": 12},
+        {"warmup": 6},
+        {},
+        {"warmup": 0},
+        {"interval": 3},
+        {"interval": 4},
+    ),
+)

@@ -6,16 +6,12 @@ prediction, validate (finite, norm within a band of the last real one) and other
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule
-from .. import register_method
-from .extrapolation import History
-from .static_interval import on_schedule
+from .. import Method
+from ..maths import History, on_schedule
 
 SCHEMA = RuleSchema(
     method="fsampler",
@@ -46,15 +42,15 @@ class FSampler(StepRule):
         self.interval, self.history, self.warmup = interval, history, warmup
         self.damping, self.max_norm_ratio = damping, max_norm_ratio
 
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
+    def new_state(self) -> History:
+        return History(self.history)
+
+    def plan(self, ctx: CallContext, state: History) -> bool:
         return on_schedule(ctx.step, self.interval, self.warmup)
 
-    def estimate(
-        self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        hist = History(state, self.history)
-        last = state["outputs"][-1]
-        forecast = hist.forecast(float(ctx.step), self.history - 1)
+    def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor | None:
+        last = state.outputs[-1]
+        forecast = state.forecast(float(ctx.step), self.history - 1)
         pred = last + self.damping * (forecast - last)
         # Validation: per-sample norm ratio to the last real prediction stays in the band.
         ratio = pred.float().flatten(1).norm(dim=1) / last.float().flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -68,14 +64,14 @@ class FSampler(StepRule):
         return pred if rows is None else pred.index_select(0, rows)
 
     def observe(
-        self, ctx: CallContext, state: dict[str, Any], output: torch.Tensor, rows: torch.Tensor | None
+        self, ctx: CallContext, state: History, output: torch.Tensor, rows: torch.Tensor | None
     ) -> None:
         if rows is None:
-            History(state, self.history).add(float(ctx.step), output)
+            state.add(float(ctx.step), output)
 
 
-def _factory(p: Mapping[str, Any]) -> FSampler:
-    return FSampler(p["interval"], p["history"], p["warmup"], p["damping"], p["max_norm_ratio"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=FSampler,
+    preset="FSampler: extrapolate every 2nd prediction from the last 3 real ones, damped and validated.",
+)

@@ -10,14 +10,14 @@ online per sample from its last two computed steps. Decided per sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ...policy import Param, RuleSchema
-from ...runtime import CallContext, StepRule, put, take
-from .. import register_method
+from ...runtime import CallContext, RuleSet, StepRule, put, take
+from .. import Method
 
 SCHEMA = RuleSchema(
     method="magcache",
@@ -101,8 +101,25 @@ def calibrate(outputs: list[torch.Tensor]) -> list[float]:
     return ratios
 
 
-def _factory(p: Mapping[str, Any]) -> MagCache:
-    return MagCache(p["threshold"], p["max_consecutive"], p["warmup"], p["ratios"])
+def fit(pipe: Any, run: Callable[[], Any]) -> list[float]:
+    """The calibration hook: per-step ratios from the outputs of full-compute runs, pooled."""
+    from ...calibration import StepRecorder, record
+
+    steps = StepRecorder()
+    record(pipe, run, RuleSet(step=steps))
+    return calibrate([torch.cat(steps.outputs[i]) for i in sorted(steps.outputs)])
 
 
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=MagCache,
+    preset=(
+        "MagCache: skip while the accumulated output-magnitude-ratio error stays under 0.06; reuse scaled."
+    ),
+    sweep=(
+        {},
+        {"threshold": 0.3, "max_consecutive": 3},
+    ),
+    fits="ratios",
+    calibrate=fit,
+)

@@ -15,8 +15,8 @@ from typing import Any
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext
-from .. import register_method
-from .static_interval import on_mask
+from .. import Method
+from ..maths import History, on_mask
 from .taylorseer import TaylorSeer
 
 
@@ -50,12 +50,16 @@ class Schedule(TaylorSeer):
         super().__init__(interval=1, order=order, warmup=0, variable=variable)
         self.mask = list(mask)
 
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
-        return on_mask(ctx.step, self.mask) or not state.get("outputs")
+    def plan(self, ctx: CallContext, state: History) -> bool:
+        return on_mask(ctx.step, self.mask) or not state.outputs
 
 
-def _factory(p: Mapping[str, Any]) -> Schedule:
-    return Schedule(p["mask"], p["order"], p["variable"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=Schedule,
+    preset=(
+        "Planned schedule (what `stepcache search` writes): a per-step compute mask, the rest extrapolated."
+    ),
+    preset_params={"mask": [True, True, True, True] + [True, False] * 8},
+    sweep=(),
+)

@@ -6,14 +6,14 @@ computed output. ``interval=1`` computes every step. An explicit per-step ``mask
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule, put, take
-from .. import register_method
+from .. import Method
+from ..maths import on_mask, on_schedule
 
 SCHEMA = RuleSchema(
     method="static-interval",
@@ -32,17 +32,6 @@ SCHEMA = RuleSchema(
         ),
     },
 )
-
-
-def on_schedule(step: int, interval: int, warmup: int) -> bool:
-    """The fixed schedule shared by the interval methods: the first ``warmup`` steps, then every
-    ``interval``-th."""
-    return step < warmup or (step - warmup) % interval == 0
-
-
-def on_mask(step: int, mask: list[bool]) -> bool:
-    """A per-step compute mask's answer; steps past its end compute."""
-    return step >= len(mask) or mask[step]
 
 
 class StaticInterval(StepRule):
@@ -69,8 +58,12 @@ class StaticInterval(StepRule):
         state["out"] = put(state.get("out"), rows, output, ctx.batch)
 
 
-def _factory(p: Mapping[str, Any]) -> StaticInterval:
-    return StaticInterval(p["interval"], p["warmup"], p["mask"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=StaticInterval,
+    preset="Baseline: compute the first step, then every 2nd; reuse the last output in between.",
+    sweep=(
+        {},
+        {"interval": 3},
+    ),
+)

@@ -8,16 +8,12 @@ expansion in an exact basis), in step index or in timestep (``variable``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext, StepRule
-from .. import register_method
-from .extrapolation import History
-from .static_interval import on_schedule
+from .. import Method
+from ..maths import History, on_schedule
 
 SCHEMA = RuleSchema(
     method="taylorseer",
@@ -40,25 +36,32 @@ class TaylorSeer(StepRule):
     def __init__(self, interval: int, order: int, warmup: int, variable: str):
         self.interval, self.order, self.warmup, self.variable = interval, order, warmup, variable
 
+    def new_state(self) -> History:
+        return History(self.order + 1)
+
     def _x(self, ctx: CallContext) -> float:
         return float(ctx.step) if self.variable == "step" else ctx.timestep_value()
 
-    def plan(self, ctx: CallContext, state: dict[str, Any]) -> bool:
+    def plan(self, ctx: CallContext, state: History) -> bool:
         return on_schedule(ctx.step, self.interval, self.warmup)
 
-    def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> torch.Tensor:
-        out = History(state, self.order + 1).forecast(self._x(ctx), self.order)
+    def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor:
+        out = state.forecast(self._x(ctx), self.order)
         return out if rows is None else out.index_select(0, rows)
 
     def observe(
-        self, ctx: CallContext, state: dict[str, Any], output: torch.Tensor, rows: torch.Tensor | None
+        self, ctx: CallContext, state: History, output: torch.Tensor, rows: torch.Tensor | None
     ) -> None:
         if rows is None:  # fixed schedules decide for the whole batch
-            History(state, self.order + 1).add(self._x(ctx), output)
+            state.add(self._x(ctx), output)
 
 
-def _factory(p: Mapping[str, Any]) -> TaylorSeer:
-    return TaylorSeer(p["interval"], p["order"], p["warmup"], p["variable"])
-
-
-register_method(SCHEMA, _factory)
+METHOD = Method(
+    schema=SCHEMA,
+    rule=TaylorSeer,
+    preset="TaylorSeer (output level): compute every 3rd step, forecast the rest with a 2nd-order expansion.",
+    sweep=(
+        {},
+        {"interval": 4, "warmup": 2},
+    ),
+)
