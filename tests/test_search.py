@@ -490,3 +490,25 @@ def test_a_candidates_partial_steps_run_the_span_ends_on_the_steps_it_names() ->
     assert policy.rules["step"].params["mask"] == mask
     assert cand.as_dict()["partial"] == [1, 4]
     assert "partial" not in Candidate(4, 1).as_dict()  # the other searchers' stored candidates unchanged
+
+
+def test_a_stride_places_the_computed_steps_as_the_peers_fixed_schedules_do() -> None:
+    from stepcache.search.space import strided_mask
+    from stepcache.search.storage import checked_candidate
+
+    def letters(mask: list[bool]) -> str:
+        return "".join("C" if m else "E" for m in mask)
+
+    # Warm-up, then every stride-th step: diffusers' TaylorSeerCache schedule at interval 2 / 3.
+    assert letters(strided_mask(20, 13, 2)) == "CCCCCCCECECECECECECE"
+    assert letters(strided_mask(20, 9, 3)) == "CCCCEECEECEECEECEECE"
+    for stride in (2, 3, 4, 6):
+        floor = -(-20 // stride)  # every stride-th step from 0: the fewest this placement computes
+        for k in range(floor, 21):
+            assert sum(strided_mask(20, k, stride)) == k
+        assert letters(strided_mask(20, 1, stride)) == letters([s % stride == 0 for s in range(20)])
+    cand = Candidate(13, 2, stride=2)
+    assert cand.as_dict()["stride"] == 2 and "stride" not in Candidate(13, 2).as_dict()
+    assert checked_candidate(cand.as_dict(), 20) == cand
+    with pytest.raises(ValueError, match="stride"):
+        checked_candidate({**cand.as_dict(), "stride": 5}, 20)

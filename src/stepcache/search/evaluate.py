@@ -16,7 +16,7 @@ from ..errors import UnsupportedModelError
 from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
 from ..policy import Policy
 from .planner import SegmentErrors, plan
-from .space import Candidate
+from .space import Candidate, strided_mask
 from .trajectory import record
 
 PSNR_CAP = 100.0  # dB given to an image identical to its reference, so means stay finite
@@ -50,8 +50,11 @@ class Evaluator:
     def num_steps(self) -> int:
         return self.traj.num_steps
 
-    def mask(self, computed: int, order: int) -> list[bool]:
-        """The planner's schedule for ``computed`` steps (exact for order <= 1, reused above)."""
+    def mask(self, computed: int, order: int, stride: int = 0) -> list[bool]:
+        """The planner's schedule for ``computed`` steps (exact for order <= 1, reused above), or
+        with a ``stride`` the peers' placement (``space.strided_mask``)."""
+        if stride:
+            return strided_mask(self.num_steps, computed, stride)
         key = (computed, min(order, 1))
         if key not in self._masks:
             self._masks[key] = plan(self._errors[key[1]], self.num_steps, computed)[0]

@@ -1,7 +1,8 @@
 """One point of the search space, and the policy it stands for.
 
 A candidate fixes, jointly: how many steps run the network (``computed``) and which (the planner's
-answer for that count), the extrapolation order of the others, and per step the guidance mode:
+answer for that count, or with a ``stride`` the peers' placement: the first steps, then every
+``stride``-th), the extrapolation order of the others, and per step the guidance mode:
 full guidance for the first ``cfg_full`` fraction of the steps, then either the cached guidance
 direction refreshed every ``cfg_interval``-th computed step (``estimated``) or the conditional
 pass alone (``cond-only``); and, on models with a block stack, a block level on the computed
@@ -20,6 +21,7 @@ from .. import presets
 from ..policy import Policy, compose
 
 CFG_MODES = ("estimated", "cond-only")
+STRIDES = (0, 2, 3, 4, 6)  # 0: the planner's placement; else the first steps, then every stride-th
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,20 @@ class Candidate:
     block_bn: int = 0
     block_threshold: float = 0.1
     partial: tuple[int, ...] = ()
+    stride: int = 0  # 0: the planner's placement of the computed steps; else see strided_mask
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "partial", tuple(sorted(self.partial)))  # hashable when read from JSON
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if not self.partial:  # stored candidates of the other searchers keep their keys
+        # Stored candidates of the searchers without these knobs keep their keys.
+        if not self.partial:
             del out["partial"]
         else:
             out["partial"] = list(self.partial)
+        if not self.stride:
+            del out["stride"]
         return out
 
     def middle_fraction(self, num_blocks: int) -> float:
@@ -97,6 +103,19 @@ class Candidate:
         return compose(*parts, name=name)
 
 
+def strided_mask(num_steps: int, computed: int, stride: int) -> list[bool]:
+    """The placement the peers' fixed schedules use (TaylorSeer's warm-up then interval): the first
+    ``w`` steps, then every ``stride``-th, with ``w`` the most that keeps ``computed`` steps (more
+    when even ``w = 0`` computes more)."""
+    best = [s % stride == 0 for s in range(num_steps)]
+    for w in range(1, num_steps + 1):
+        mask = [s < w or (s - w) % stride == 0 for s in range(num_steps)]
+        if sum(mask) > computed:
+            break
+        best = mask
+    return best
+
+
 @dataclass(frozen=True)
 class Dim:
     """One knob of the space. ``high`` may name a bound that depends on the run (``k_max``:
@@ -107,7 +126,7 @@ class Dim:
     low: float = 0
     high: float | str = 0
     log: bool = False
-    choices: tuple[str, ...] = ()
+    choices: tuple[Any, ...] = ()
     needs: str = ""  # "": always; "cfg": guidance is on; "blocks": a block stack; "block_rule": block_fn > 0
 
 
@@ -115,6 +134,7 @@ class Dim:
 SPACE = (
     Dim("order", "int", 0, 2),
     Dim("computed", "int", 1, "k_max"),
+    Dim("stride", "cat", choices=STRIDES),
     Dim("cfg_full", "float", 0.0, 1.0, needs="cfg"),
     Dim("cfg_mode", "cat", choices=CFG_MODES, needs="cfg"),
     Dim("cfg_interval", "int", 1, 6, needs="cfg"),

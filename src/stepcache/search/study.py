@@ -108,7 +108,7 @@ class _Run:
     def predict(self, cand: Candidate) -> tuple[list[bool], str, float]:
         """Mask, step actions and predicted speedup; with a block rule, whose partial steps depend
         on the data, the speedup is an upper bound and the evaluation gives the real one."""
-        mask = self.ev.mask(cand.computed, cand.order)
+        mask = self.ev.mask(cand.computed, cand.order, cand.stride)
         actions = cand.actions(mask, self.ev.cfg)
         fraction = cand.middle_fraction(self.cost.num_blocks)
         if fraction > 0:
@@ -225,6 +225,11 @@ class _Run:
                 cand = self.largest_feasible(order, **cfg)
                 if cand is not None and cand not in seeds:
                     seeds.append(cand)
+        # The peers' own schedule (warm-up, then every 2nd step, second-order forecast), so a
+        # tuned fixed-schedule peer is a point this search has tried.
+        cand = self.largest_feasible(2, stride=2)
+        if cand is not None and cand not in seeds:
+            seeds.append(cand)
         return seeds
 
 
@@ -540,7 +545,7 @@ def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: flo
     settings), at the fewest computed steps whose held-out PSNR reaches ``psnr_goal``."""
     n = ev_ho.num_steps
     for k in range(1, n + 1):  # ascending: the first that reaches the goal is the fastest
-        cand = dataclasses.replace(chosen, computed=k)
+        cand = dataclasses.replace(chosen, computed=k, stride=0)
         mask = ev_ho.mask(k, cand.order)
         res = ev_ho.evaluate(cand.policy(mask, ev_ho.cfg))
         if res["psnr"] >= psnr_goal - 1e-9:
