@@ -43,13 +43,18 @@ def enable(
     *,
     sample_arg: str | None = None,
     timestep_arg: str | None = None,
+    group: Any = None,
 ) -> Handle | ExpertsHandle:
     """Attach ``policy`` to a diffusers pipeline, a denoiser module of any class, or a plain
     ``model(x, sigma, **extra)`` callable; returns the handle (callable like the model).
 
     Block-level rules need a family the runtime knows; step- and guidance-level rules work on
     any module. ``sample_arg`` / ``timestep_arg`` name the noisy-sample and time arguments of a
-    model whose names the runtime cannot guess. Enabling again replaces the previous policy.
+    model whose names the runtime cannot guess. ``group``: the processes that must take every
+    decision together (a torch.distributed process group, ``"world"``, or ``False`` for none); by
+    default, the ranks of a denoiser split with diffusers' ``enable_parallelism``, so that a
+    decision computed on each rank's shard of the tokens is the same everywhere (a row computes
+    when any rank wants it). Enabling again replaces the previous policy.
     Nothing about the classes changes; ``disable`` restores the exact original objects.
     """
     pol = resolve_policy(policy)
@@ -57,12 +62,12 @@ def enable(
     adapters = {name: adapter_for(m, sample_arg, timestep_arg) for name, m in models.items()}
     if len(models) == 1:
         ((name, model),) = models.items()
-        return attach(pipe_or_module, model, adapters[name], methods.build(pol), pol)
+        return attach(pipe_or_module, model, adapters[name], methods.build(pol), pol, group)
     disable(pipe_or_module)  # the experts' wrappers nest: take them off in order first
     handles = {}
     try:
         for name, model in models.items():  # own rules per expert: caches never cross
-            handles[name] = attach(pipe_or_module, model, adapters[name], methods.build(pol), pol)
+            handles[name] = attach(pipe_or_module, model, adapters[name], methods.build(pol), pol, group)
     except BaseException:
         disable(pipe_or_module)
         raise

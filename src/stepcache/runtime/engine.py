@@ -27,6 +27,7 @@ from torch import nn
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
 from .interfaces import BranchRule, CallContext, RuleSet, Streams, take, take_streams
+from .ranks import Agreement, agreement_for
 from .state import CallScratch, Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -240,8 +241,17 @@ class Handle:
     or a shallow ``copy.copy`` raises TypeError: disable first.
     """
 
-    def __init__(self, target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any):
+    def __init__(
+        self,
+        target: Any,
+        model: nn.Module,
+        adapter: Adapter,
+        rules: RuleSet,
+        policy: Any,
+        agreement: Agreement | None = None,
+    ):
         self.target = target
+        self.agreement = agreement  # reduces every decision over the ranks of a split model
         self.model = model
         self.adapter = adapter
         self.rules = rules
@@ -479,7 +489,7 @@ class Handle:
         step_run: torch.Tensor | None = None  # bool over the batch (host); None = every row
         est, est_rows = None, None
         if rule is not None:
-            plan = _tie_cfg_pairs(rule.plan(ctx, state), ctx)
+            plan = self._agreed(_tie_cfg_pairs(rule.plan(ctx, state), ctx), device)
             compute_all, compute_none, mask = _resolve(True if first else plan, batch)
             if not compute_all:
                 est_rows = None if compute_none else _global_rows(None, ~mask, device)
@@ -489,7 +499,7 @@ class Handle:
                 usable = est is not None and (
                     not self.rules.guard or self._usable(gen, (branch, "step"), (est,), est_rows)
                 )
-                if not usable:
+                if not self._all_ranks(usable, device):
                     gen.stats.fallbacks += 1
                     compute_all, est, est_rows = True, None, None
             if not compute_all:
@@ -590,7 +600,7 @@ class Handle:
         both = torch.ones(pairs, dtype=torch.bool)
         if step_run is not None:
             both = step_run[uncond] & step_run[cond]
-        keep_all, keep_none, keep = _resolve(grule.plan(ctx, state), pairs)
+        keep_all, keep_none, keep = _resolve(self._agreed(grule.plan(ctx, state)), pairs)
         if keep_all:
             dropped = torch.zeros(pairs, dtype=torch.bool)
         else:
@@ -614,7 +624,7 @@ class Handle:
         pair_ctx = CallContext(**{**ctx.__dict__, "batch": 2 * ctx.batch, "branch": pair_branch})
         state = gen.state_for(pair_branch, "guidance", grule)
         both = answered.clone() if step_run is None else answered & step_run
-        keep_all, keep_none, keep = _resolve(grule.plan(pair_ctx, state), ctx.batch)
+        keep_all, keep_none, keep = _resolve(self._agreed(grule.plan(pair_ctx, state)), ctx.batch)
         if keep_all:
             dropped = torch.zeros(ctx.batch, dtype=torch.bool)
         else:
@@ -642,7 +652,8 @@ class Handle:
             u_rows = guide.uncond[guide.dropped].to(device)
             cond = source.index_select(0, guide.cond[guide.dropped].to(device))
             est = grule.estimate(pair_ctx, guide.state, cond, pairs)
-            if est is None or (self.rules.guard and not _finite((est,))):
+            usable = est is not None and (not self.rules.guard or _finite((est,)))
+            if not self._all_ranks(usable, device):
                 gen.stats.fallbacks += 1
                 sub = self._run(
                     gen, ctx, self.adapter.slice_rows(bound, u_rows, ctx.batch), u_rows, row_actions
@@ -700,12 +711,20 @@ class Handle:
             gen.templates[ctx.branch] = out
         return out
 
+    # ---- decisions across ranks ------------------------------------------------------------
+    def _agreed(self, plan: Any, device: torch.device | None = None) -> Any:
+        """The plan every rank of a split model takes (``ranks.Agreement``); as is otherwise."""
+        return plan if self.agreement is None else self.agreement.plan(plan, device)
+
+    def _all_ranks(self, ok: bool, device: torch.device | None = None) -> bool:
+        return ok if self.agreement is None else self.agreement.every(ok, device)
+
     # ---- module caches (DeepCache, FORA) ---------------------------------------------------
     def _branch_scratch(
         self, gen: Generation, ctx: CallContext, rows: torch.Tensor | None, row_actions: list[str]
     ) -> CallScratch:
         state = gen.state_for(ctx.branch, "block", self.rules.block)
-        plan = self.rules.block.plan(ctx, state)
+        plan = self._agreed(self.rules.block.plan(ctx, state))
         # A sub-batch cannot use the full batch's cached outputs: it computes.
         modules = gen.module_cache(ctx.branch)
         skipping = not plan and rows is None and modules.ready
@@ -814,7 +833,7 @@ class Handle:
             unusable = ~_rows_usable(est_all, peaks, scratch.rows, active).to(wanted.device)
             gen.deferred_fallbacks.append((unusable & ~wanted).sum())
             plan = wanted | unusable
-        compute_all, compute_none, mask = _resolve(plan, active)
+        compute_all, compute_none, mask = _resolve(self._agreed(plan, s_in[0].device), active)
 
         if not compute_all and est_all is not None:
             if compute_none:
@@ -824,7 +843,8 @@ class Handle:
         elif not compute_all:
             skip_rows = scratch.rows if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
             est = rule.estimate(ctx, state, skip_rows)
-            if self.rules.guard and not self._usable(gen, _block_key(scratch), est, skip_rows):
+            usable = not self.rules.guard or self._usable(gen, _block_key(scratch), est, skip_rows)
+            if not self._all_ranks(usable, s_in[0].device):
                 gen.stats.fallbacks += 1
                 compute_all = True
         if compute_all:
@@ -912,12 +932,16 @@ def _iterate_generation(handle: Handle, bar: Any, gen: Generation) -> Iterator[A
         handle._end(gen)
 
 
-def attach(target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any) -> Handle:
-    """Install the runtime on ``model`` (and on ``target``'s progress bar if it is a pipeline)."""
+def attach(
+    target: Any, model: nn.Module, adapter: Adapter, rules: RuleSet, policy: Any, group: Any = None
+) -> Handle:
+    """Install the runtime on ``model`` (and on ``target``'s progress bar if it is a pipeline);
+    ``group``: whose ranks must agree on every decision (``ranks.agreement_for``)."""
+    agreement = agreement_for(model, group)
     previous = _HANDLES.get(model)
     if previous is not None:
         detach(model)
-    handle = Handle(target, model, adapter, rules, policy)
+    handle = Handle(target, model, adapter, rules, policy, agreement)
     if isinstance(rules.block, BranchRule):
         replayed, skipped = rules.block.modules(adapter, model)
         blocks = replayed + skipped
