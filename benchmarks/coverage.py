@@ -7,7 +7,7 @@ always skipped; ``deepcache`` on U-Nets) and nothing (must equal the untouched m
 bit); the others are listed with the adapter stepcache would use, "not tried". Writes
 docs/coverage.md and benchmarks/results/coverage.json.
 
-Run: python benchmarks/coverage.py
+Run: python benchmarks/coverage.py  (--only A,B: try classes A and B, print, write nothing)
 """
 
 from __future__ import annotations
@@ -92,17 +92,29 @@ def try_tiny(name: str) -> dict[str, str]:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="comma-separated class names: try these, print, write nothing")
+    args = parser.parse_args()
     tried = {type(tiny.make(n)).__name__: n for n in tiny.FACTORIES}
+    if args.only:
+        for name in args.only.split(","):
+            print({"class": name, **(try_tiny(tried[name]) if name in tried else {"off": "not tried"})})
+        return
     rows = []
     for cls in exported_denoisers():
         row = {"class": cls.__name__, "adapter": family(cls)}
         if cls.__name__ in tried:
             row.update(try_tiny(tried[cls.__name__]))
+        elif cls.__name__ in tiny.UNSUPPORTED:
+            why = f"not run: {tiny.UNSUPPORTED[cls.__name__]}"
+            row.update({"off": why, "step": why, "block": why})
         else:
             row.update({"off": "not tried", "step": "not tried", "block": "not tried"})
         rows.append(row)
         print(row, flush=True)
-    tested = [r for r in rows if r["off"] != "not tried"]
+    tested = [r for r in rows if not r["off"].startswith("not ")]
     lines = [
         "# Denoiser coverage",
         "",

@@ -188,8 +188,7 @@ def _loop(family: str, model: nn.Module, rows: slice = slice(None), steps: int =
         k: v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == 2 else v for k, v in kwargs.items()
     }
     for i in range(steps):
-        t = tiny.timestep_for(family, 1000.0 * (1 - i / steps), x.shape[0])
-        out = model(**{hidden_arg: x}, timestep=t, **kwargs)
+        out = tiny.call(family, model, hidden_arg, x, 1000.0 * (1 - i / steps), kwargs)
         x = x - (out if isinstance(out, torch.Tensor) else out[0]) / steps
     return x
 

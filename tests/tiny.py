@@ -329,6 +329,36 @@ GENERIC = [
 ]
 
 
+# More classes without an adapter, one module per group in tests/tiny_cov/ (so that groups can be
+# added independently). Each module defines FACTORIES (name -> builder) and INPUTS (name ->
+# fn(batch, randn) -> (hidden argument name, latent, other kwargs)), and may define TIMESTEPS
+# (name -> fn(t in [0, 1000], batch) -> the model's time argument), TIME_ARGS (name -> the name of
+# that argument when it is not ``timestep``) and UNSUPPORTED (class name -> why no tiny run).
+MORE_INPUTS: dict[str, Callable[..., tuple[str, torch.Tensor, dict[str, Any]]]] = {}
+MORE_TIMESTEPS: dict[str, Callable[[float, int], Any]] = {}
+TIME_ARGS: dict[str, str] = {}
+UNSUPPORTED: dict[str, str] = {}
+
+
+def _load_more() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent / "tiny_cov").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"tiny_cov_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        FACTORIES.update(module.FACTORIES)
+        GENERIC.extend(module.FACTORIES)
+        MORE_INPUTS.update(module.INPUTS)
+        MORE_TIMESTEPS.update(getattr(module, "TIMESTEPS", {}))
+        TIME_ARGS.update(getattr(module, "TIME_ARGS", {}))
+        UNSUPPORTED.update(getattr(module, "UNSUPPORTED", {}))
+
+
+_load_more()
+
+
 def make(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = FACTORIES[name]().eval()
@@ -344,6 +374,8 @@ def inputs(name: str, batch: int, seed: int = 0) -> tuple[str, torch.Tensor, dic
     """(hidden argument name, initial latent, other keyword arguments) for a call."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if name in MORE_INPUTS:
+        return MORE_INPUTS[name](batch, r)
     if name == "dit":
         return "hidden_states", r(batch, 4, 8, 8), {"class_labels": torch.arange(batch) % 10}
     if name == "pixart":
@@ -422,7 +454,9 @@ def inputs(name: str, batch: int, seed: int = 0) -> tuple[str, torch.Tensor, dic
     raise KeyError(name)
 
 
-def timestep_for(name: str, t: float, batch: int) -> torch.Tensor:
+def timestep_for(name: str, t: float, batch: int) -> Any:
+    if name in MORE_TIMESTEPS:
+        return MORE_TIMESTEPS[name](t, batch)
     value = t / 1000 if name == "flux" else t
     return torch.full((batch,), value)
 
@@ -433,10 +467,16 @@ def sample(name: str, model: torch.nn.Module, batch: int = 2, steps: int = 6, se
     hidden_arg, x, kwargs = inputs(name, batch, seed)
     for i in range(steps):
         t = 1000.0 * (1 - i / steps)
-        out = model(**{hidden_arg: x}, timestep=timestep_for(name, t, batch), **kwargs)
+        out = call(name, model, hidden_arg, x, t, kwargs)
         out = out[0] if not isinstance(out, torch.Tensor) else out
         x = x - out / steps
     return x
+
+
+def call(name: str, model: Any, hidden_arg: str, x: torch.Tensor, t: float, kwargs: dict[str, Any]) -> Any:
+    """One denoiser call at time ``t`` (0..1000) with the class's own argument names."""
+    time = {TIME_ARGS.get(name, "timestep"): timestep_for(name, t, x.shape[0])}
+    return model(**{hidden_arg: x}, **time, **kwargs)
 
 
 def make_vae() -> torch.nn.Module:
