@@ -27,7 +27,7 @@ import tiny  # noqa: E402
 import stepcache  # noqa: E402
 from stepcache._env import environment  # noqa: E402
 from stepcache._io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from stepcache.adapters import ADAPTERS  # noqa: E402
+from stepcache.adapters import ADAPTERS, adapter_for  # noqa: E402
 
 SKIP_MIDDLE = {"threshold": 10.0, "max_consecutive": 100, "warmup": 1}
 
@@ -53,7 +53,7 @@ def outcome(fn) -> str:
     try:
         return fn()
     except Exception as e:  # the row says why, in the model's or stepcache's own words
-        return f"no: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return f"no: {type(e).__name__}: {str(e).splitlines()[0][:240]}"
 
 
 @torch.no_grad()
@@ -61,8 +61,10 @@ def try_tiny(name: str) -> dict[str, str]:
     model = tiny.make(name)
     reference = tiny.sample(name, model, batch=2, steps=10)
 
+    given = tiny.ENABLE_ARGS.get(name, {})
+
     def run(policy) -> tuple[torch.Tensor, list[str]]:
-        handle = stepcache.enable(model, policy)
+        handle = stepcache.enable(model, policy, **given)
         try:
             with handle.generation(num_steps=10):
                 out = tiny.sample(name, model, batch=2, steps=10)
@@ -80,7 +82,7 @@ def try_tiny(name: str) -> dict[str, str]:
         return f"yes ({actions.count('E')}/10 estimated)" if ok else f"no: actions {''.join(actions)}"
 
     def block() -> str:
-        if family(type(model)) == "UNet":  # no linear stack: the U-Net's own block method
+        if adapter_for(model).family == "UNet":  # no linear stack: the U-Net's own block method
             out, actions = run("deepcache")
             ok = torch.isfinite(out).all() and "P" in actions
             return f"DeepCache: yes ({actions.count('P')}/10 shallow)" if ok else f"no: {''.join(actions)}"
@@ -88,7 +90,10 @@ def try_tiny(name: str) -> dict[str, str]:
         ok = torch.isfinite(out).all() and actions.count("P") == 9
         return "yes (middle skipped 9/10)" if ok else f"no: actions {''.join(actions)}"
 
-    return {"off": outcome(off), "step": outcome(step), "block": outcome(block)}
+    row = {"off": outcome(off), "step": outcome(step), "block": outcome(block)}
+    if given:
+        row["off"] += " (enable(" + ", ".join(f"{k}={v!r}" for k, v in given.items()) + "))"
+    return row
 
 
 def main() -> None:
@@ -106,6 +111,7 @@ def main() -> None:
     for cls in exported_denoisers():
         row = {"class": cls.__name__, "adapter": family(cls)}
         if cls.__name__ in tried:
+            row["adapter"] = adapter_for(tiny.make(tried[cls.__name__])).family
             row.update(try_tiny(tried[cls.__name__]))
         elif cls.__name__ in tiny.UNSUPPORTED:
             why = f"not run: {tiny.UNSUPPORTED[cls.__name__]}"

@@ -15,7 +15,7 @@ import stepcache
 from stepcache.errors import PolicyError
 from stepcache.policy import SCHEMA, Param, Policy, known_methods, rule_schema
 
-MODELS = {name: tiny.make(name) for name in tiny.FACTORIES}
+MODELS = {name: tiny.make(name) for name in tiny.CORE}
 UNETS = {"unet", "unet-cond"}
 
 

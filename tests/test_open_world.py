@@ -10,6 +10,7 @@ from torch import nn
 
 import stepcache
 from stepcache import UnsupportedModelError
+from stepcache.adapters import adapter_for
 from stepcache.runtime import handle_of
 
 
@@ -188,26 +189,44 @@ def _loop(family: str, model: nn.Module, rows: slice = slice(None), steps: int =
         k: v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == 2 else v for k, v in kwargs.items()
     }
     for i in range(steps):
-        out = tiny.call(family, model, hidden_arg, x, 1000.0 * (1 - i / steps), kwargs)
-        x = x - (out if isinstance(out, torch.Tensor) else out[0]) / steps
-    return x
+        x = tiny.euler(x, tiny.call(family, model, hidden_arg, x, 1000.0 * (1 - i / steps), kwargs), steps)
+    return torch.stack(x) if isinstance(x, list) else x
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", tiny.GENERIC)
 def test_discovered_block_stack_takes_block_rules(family: str) -> None:
     model = tiny.make(family)
+    given = tiny.ENABLE_ARGS.get(family, {})  # what a user names for a class the runtime cannot read
     reference = _loop(family, model)
-    with stepcache.enable(model, None).generation(num_steps=6):
+    with stepcache.enable(model, None, **given).generation(num_steps=6):
         assert torch.equal(_loop(family, model), reference)  # off: bit-exact
 
-    handle = stepcache.enable(model, "static-interval")
+    handle = stepcache.enable(model, "static-interval", **given)
     with handle.generation(num_steps=6):
         stepped = _loop(family, model)
     assert handle.stats()["actions"] == ["C", "C", "E", "C", "E", "C"] and torch.isfinite(stepped).all()
 
+    if adapter_for(model).family == "UNet":  # no linear stack: DeepCache, the U-Net's block method
+        handle = stepcache.enable(model, "deepcache", **given)
+        with handle.generation(num_steps=6):
+            deep = _loop(family, model)
+        assert handle.stats()["actions"] == ["C", "C", "P", "P", "C", "P"] and torch.isfinite(deep).all()
+        for i in range(2):  # batch == singles
+            with handle.generation(num_steps=6):
+                alone = _loop(family, model, slice(i, i + 1))
+            torch.testing.assert_close(alone, deep[i : i + 1], rtol=1e-4, atol=1e-5)
+        stepcache.disable(model)
+        assert torch.equal(_loop(family, model), reference)
+        return
     skip_middle = stepcache.presets.get("dbcache", threshold=10.0, max_consecutive=100, warmup=1)
-    handle = stepcache.enable(model, skip_middle)
+    handle = stepcache.enable(model, skip_middle, **given)
+    if family in tiny.BLOCK_REFUSED:  # refused at the first call, with the reason; model untouched
+        with pytest.raises(UnsupportedModelError, match=tiny.BLOCK_REFUSED[family]):
+            with handle.generation(num_steps=6):
+                _loop(family, model)
+        assert handle_of(model) is None and torch.equal(_loop(family, model), reference)
+        return
     with handle.generation(num_steps=6):
         batched = _loop(family, model)
     assert handle.stats()["actions"] == ["C", "P", "P", "P", "P", "P"] and torch.isfinite(batched).all()

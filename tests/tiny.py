@@ -333,10 +333,15 @@ GENERIC = [
 # added independently). Each module defines FACTORIES (name -> builder) and INPUTS (name ->
 # fn(batch, randn) -> (hidden argument name, latent, other kwargs)), and may define TIMESTEPS
 # (name -> fn(t in [0, 1000], batch) -> the model's time argument), TIME_ARGS (name -> the name of
-# that argument when it is not ``timestep``) and UNSUPPORTED (class name -> why no tiny run).
+# that argument when it is not ``timestep``), ENABLE_ARGS (name -> keywords a user passes to
+# ``enable`` for it: sample_arg/timestep_arg), BLOCK_REFUSED (name -> words of stepcache's refusal
+# of block rules on it, where its blocks cannot be skipped as a span) and UNSUPPORTED (class name
+# -> why no tiny run).
 MORE_INPUTS: dict[str, Callable[..., tuple[str, torch.Tensor, dict[str, Any]]]] = {}
 MORE_TIMESTEPS: dict[str, Callable[[float, int], Any]] = {}
 TIME_ARGS: dict[str, str] = {}
+ENABLE_ARGS: dict[str, dict[str, str]] = {}
+BLOCK_REFUSED: dict[str, str] = {}
 UNSUPPORTED: dict[str, str] = {}
 
 
@@ -353,9 +358,12 @@ def _load_more() -> None:
         MORE_INPUTS.update(module.INPUTS)
         MORE_TIMESTEPS.update(getattr(module, "TIMESTEPS", {}))
         TIME_ARGS.update(getattr(module, "TIME_ARGS", {}))
+        ENABLE_ARGS.update(getattr(module, "ENABLE_ARGS", {}))
+        BLOCK_REFUSED.update(getattr(module, "BLOCK_REFUSED", {}))
         UNSUPPORTED.update(getattr(module, "UNSUPPORTED", {}))
 
 
+CORE = list(FACTORIES)  # the families the runtime and fuzz tests run every rule on
 _load_more()
 
 
@@ -467,15 +475,21 @@ def sample(name: str, model: torch.nn.Module, batch: int = 2, steps: int = 6, se
     hidden_arg, x, kwargs = inputs(name, batch, seed)
     for i in range(steps):
         t = 1000.0 * (1 - i / steps)
-        out = call(name, model, hidden_arg, x, t, kwargs)
-        out = out[0] if not isinstance(out, torch.Tensor) else out
-        x = x - out / steps
-    return x
+        x = euler(x, call(name, model, hidden_arg, x, t, kwargs), steps)
+    return torch.stack(x) if isinstance(x, list) else x
+
+
+def euler(x: Any, out: Any, steps: int) -> Any:
+    """x - out / steps, on a batch tensor or on a list of per-sample tensors (Z-Image)."""
+    out = out if isinstance(out, torch.Tensor) or isinstance(x, list) and isinstance(out, list) else out[0]
+    if isinstance(x, list):
+        return [a - o / steps for a, o in zip(x, out, strict=True)]
+    return x - out / steps
 
 
 def call(name: str, model: Any, hidden_arg: str, x: torch.Tensor, t: float, kwargs: dict[str, Any]) -> Any:
     """One denoiser call at time ``t`` (0..1000) with the class's own argument names."""
-    time = {TIME_ARGS.get(name, "timestep"): timestep_for(name, t, x.shape[0])}
+    time = {TIME_ARGS.get(name, "timestep"): timestep_for(name, t, len(x))}
     return model(**{hidden_arg: x}, **time, **kwargs)
 
 

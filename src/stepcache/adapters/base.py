@@ -23,11 +23,13 @@ class BlockIO:
     """How a block carries hidden streams: argument names in, and positions in its output.
 
     ``out_index`` is None when the block returns a single tensor (stream 0); otherwise
-    ``out_index[k]`` is where stream ``k`` sits in the returned tuple.
+    ``out_index[k]`` is where stream ``k`` sits in the returned tuple, whose other items (up to
+    ``out_len``) are None (Kandinsky 6's audio stream in a video-only call).
     """
 
     streams: tuple[str, ...] = ("hidden_states",)
     out_index: tuple[int, ...] | None = None
+    out_len: int = 0
 
     def read_in(self, bound: inspect.BoundArguments) -> Streams:
         return tuple(bound.arguments.get(name) for name in self.streams)
@@ -40,7 +42,7 @@ class BlockIO:
     def format_out(self, streams: Streams) -> Any:
         if self.out_index is None:
             return streams[0]
-        out: list[Any] = [None] * (max(self.out_index) + 1)
+        out: list[Any] = [None] * max(self.out_len, max(self.out_index) + 1)
         for k, i in enumerate(self.out_index):
             out[i] = streams[k]
         return tuple(out)
@@ -93,8 +95,10 @@ class Adapter:
     # A family adapter knows its blocks' streams; a discovering one reads them from one call.
     needs_probe = False
 
-    def probe(self, blocks: list[nn.Module], signatures: list[inspect.Signature], run: Any) -> None:
-        """Learn what the blocks carry from one real call of the model (``run()``)."""
+    def probe(
+        self, blocks: list[nn.Module], signatures: list[inspect.Signature], run: Any, batch: int
+    ) -> None:
+        """Learn what the blocks carry from one real call of the model (``run()``, ``batch`` rows)."""
 
     def blocks(self) -> list[nn.Module] | None:
         """The repeated blocks in execution order, or None when the model has no linear stack."""

@@ -83,11 +83,19 @@ class GenericAdapter(Adapter):
 
     def batch_size(self, bound: inspect.BoundArguments) -> int:
         sample = bound.arguments.get(self.hidden_arg)
+        if isinstance(sample, list) and sample and all(isinstance(v, torch.Tensor) for v in sample):
+            if len({(v.shape, v.dtype, v.device) for v in sample}) > 1:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}: its argument {self.hidden_arg!r} is a list of "
+                    "samples of different shapes; stepcache caches a batch of one shape (generate "
+                    "each size in its own call)"
+                )
+            return len(sample)  # per-sample tensors (Z-Image): the runtime stacks them
         if not isinstance(sample, torch.Tensor) or sample.dim() == 0:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}: its argument {self.hidden_arg!r} is "
-                f"{type(sample).__name__}, not a batched tensor; name the noisy sample with "
-                "enable(..., sample_arg='NAME')"
+                f"{type(sample).__name__}, not a batched tensor or a list of per-sample tensors; name "
+                "the noisy sample with enable(..., sample_arg='NAME')"
             )
         return int(sample.shape[0])
 
@@ -106,7 +114,9 @@ class GenericAdapter(Adapter):
         ]
         if not stacks:
             return None
-        self.stack_name, blocks = max(stacks, key=lambda s: len(s[1]))  # first of the longest
+        # The longest list of blocks that take the hidden states (not, say, one caption
+        # projection per block); the first of equals.
+        self.stack_name, blocks = max(stacks, key=lambda s: (_takes_hidden(s[1][0]), len(s[1])))
         return blocks
 
     @property
@@ -120,7 +130,7 @@ class GenericAdapter(Adapter):
         return self._block_io
 
     def probe(
-        self, blocks: list[nn.Module], signatures: list[inspect.Signature], run: Callable[[], Any]
+        self, blocks: list[nn.Module], signatures: list[inspect.Signature], run: Callable[[], Any], batch: int
     ) -> None:
         """Run the model once (``run``) with hooks on ``blocks`` (whose own forward signatures are
         ``signatures``) and read how they carry streams; UnsupportedModelError (naming the stack)
@@ -142,7 +152,20 @@ class GenericAdapter(Adapter):
                 f"{where}: its blocks were not each called once in order in one forward (calls: "
                 f"{order[:12]}), so block-level rules cannot skip a span of them"
             )
-        self._block_io = _stream_layout(where, calls)
+        io = _stream_layout(where, calls)
+        rows = calls[0][1][io.streams[0]].shape[0]  # the first block's hidden stream
+        if rows != batch:
+            raise UnsupportedModelError(
+                f"{where}: its blocks run on {rows} rows for a call of {batch} samples (frames or "
+                "positions folded into the batch), so a per-sample skip of the middle cannot be told "
+                "apart; block-level rules need the blocks to keep the call's batch"
+            )
+        self._block_io = io
+
+
+def _takes_hidden(block: nn.Module) -> bool:
+    params = inspect.signature(type(block).forward.__get__(block)).parameters
+    return "hidden_states" in params or "x" in params
 
 
 def _first_tensor_param(block: nn.Module) -> str | None:
@@ -169,14 +192,23 @@ def _stream_layout(where: str, calls: list[tuple[int, dict[str, Any], Any]]) -> 
     block of the probe call: each block's output streams are the next block's inputs."""
     _, args, out = calls[0]
     names = [n for n in ("hidden_states", "encoder_hidden_states") if isinstance(args.get(n), torch.Tensor)]
+    if not names:  # another name for the one stream (Z-Image's `x`): the first tensor argument
+        names = [n for n, v in args.items() if isinstance(v, torch.Tensor)][:1]
     if not names:
-        raise UnsupportedModelError(f"{where}: its blocks take no `hidden_states` tensor")
+        raise UnsupportedModelError(f"{where}: its blocks take no tensor")
     if isinstance(out, torch.Tensor):
         # one stream out: the text stream (if any) passes every block unchanged, so only the
         # hidden stream is carried
-        io = BlockIO(streams=("hidden_states",), out_index=None)
+        io = BlockIO(streams=(names[0],), out_index=None)
     elif isinstance(out, tuple) and all(isinstance(o, torch.Tensor) for o in out[: len(names)]):
-        io = BlockIO(streams=tuple(names), out_index=_positions(where, names, args, out))
+        io = BlockIO(streams=tuple(names), out_index=_positions(where, names, args, out), out_len=len(out))
+        for _, _, each in calls:  # what a skipped span cannot give back must be nothing at all
+            extra = [i for i, o in enumerate(each) if i not in io.out_index and o is not None]
+            if extra:
+                raise UnsupportedModelError(
+                    f"{where}: its blocks return more than the streams they take (output {extra[0]} "
+                    f"is {type(each[extra[0]]).__name__}), so a skipped span could not give it back"
+                )
     else:
         raise UnsupportedModelError(f"{where}: its blocks return {type(out).__name__}, not tensors")
     for (_, _, prev_out), (_, nxt_args, _) in zip(calls, calls[1:], strict=False):

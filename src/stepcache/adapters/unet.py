@@ -1,6 +1,11 @@
-"""Adapter for diffusers U-Nets (UNet2DModel, UNet2DConditionModel)."""
+"""Adapter for diffusers U-Nets: UNet2DModel, UNet2DConditionModel by name, and any other module
+built the same way (a ``sample`` argument, ``down_blocks`` and ``up_blocks`` lists of equal length:
+the 3-D, spatio-temporal, motion and image-to-video U-Nets), found from its module tree."""
 
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 from torch import nn
 
@@ -11,6 +16,22 @@ class UNetAdapter(Adapter):
     family = "UNet"
     class_names = ("UNet2DModel", "UNet2DConditionModel")
     hidden_arg = "sample"
+
+    @classmethod
+    def matches(cls, model: Any) -> bool:
+        if super().matches(model):
+            return True
+        down, up = getattr(model, "down_blocks", None), getattr(model, "up_blocks", None)
+        if not (isinstance(down, nn.ModuleList) and isinstance(up, nn.ModuleList)):
+            return False
+        if len(down) < 2 or len(down) != len(up):
+            return False
+        if any(isinstance(b, nn.ModuleList) for b in [*down, *up]):
+            return False  # lists of lists the model loops over itself (Stable Cascade): no branches to cache
+        try:  # the class's forward: an enabled model's own is stepcache's (*args, **kwargs)
+            return "sample" in inspect.signature(type(model).forward).parameters
+        except (TypeError, ValueError):
+            return False
 
     # A U-Net has skip connections between down and up blocks, so it has no linear block stack
     # for head/middle/tail spans; its groups serve the U-Net methods (DeepCache).

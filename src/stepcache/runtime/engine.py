@@ -80,10 +80,23 @@ def _global_rows(rows: torch.Tensor | None, local: torch.Tensor, device: torch.d
     return idx if rows is None else rows.index_select(0, idx)
 
 
+def as_batch(value: Any) -> torch.Tensor | None:
+    """A batch as one tensor: the tensor itself, or a list of per-sample tensors of one shape
+    stacked (Z-Image takes and returns its latents so); None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+        if len({(v.shape, v.dtype, v.device) for v in value}) == 1:
+            return torch.stack(value)
+    return None
+
+
 def _first(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
-    return out[0]
+    first = out if isinstance(out, list) else out[0]
+    stacked = as_batch(first) if isinstance(first, list) else None
+    return first if stacked is None else stacked
 
 
 def _output_tensor(out: Any, model: nn.Module) -> torch.Tensor:
@@ -103,12 +116,15 @@ def _output_tensor(out: Any, model: nn.Module) -> torch.Tensor:
 
 
 def _replace_first(template: Any, tensor: torch.Tensor) -> Any:
-    if isinstance(template, torch.Tensor):
-        return tensor
+    def like(old: Any) -> Any:  # per-sample lists stay lists
+        return list(tensor.unbind(0)) if isinstance(old, list) else tensor
+
+    if isinstance(template, (torch.Tensor, list)):
+        return like(template)
     if isinstance(template, tuple):
-        return (tensor, *template[1:])
+        return (like(template[0]), *template[1:])
     keys = list(template.keys())
-    return type(template)(**{k: (tensor if k == keys[0] else template[k]) for k in keys})
+    return type(template)(**{k: (like(template[k]) if k == keys[0] else template[k]) for k in keys})
 
 
 def _settle(gen: Generation, methods: str) -> None:
@@ -451,15 +467,20 @@ class Handle:
         adapter = self.adapter
         try:
             bound = self._sig.bind(*args, **kwargs)
-            hidden = bound.arguments[adapter.hidden_arg]
+            hidden = as_batch(bound.arguments[adapter.hidden_arg])
         except (TypeError, KeyError):
             # Arguments the model itself will reject: let it raise its own error.
             return self._orig_forward(*args, **kwargs)
         batch = adapter.batch_size(bound)
+        if hidden is None:  # a sample that is no batch the adapter knows: the model's own error
+            return self._orig_forward(*args, **kwargs)
         if self._blocks and adapter.needs_probe and not isinstance(self.rules.block, BranchRule):
             # once per enable: one plain call (the block hooks pass through outside a call)
             adapter.probe(
-                self._blocks, self._block_sig, lambda: self._orig_forward(*bound.args, **bound.kwargs)
+                self._blocks,
+                self._block_sig,
+                lambda: self._orig_forward(*bound.args, **bound.kwargs),
+                batch,
             )
         step, branch = gen.next_call()
         signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
