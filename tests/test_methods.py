@@ -6,6 +6,7 @@ import torch
 
 import stepcache
 from stepcache import presets
+from stepcache.errors import PolicyError
 from stepcache.methods.maths import extrapolate, lagrange_weights
 from stepcache.methods.step.adams_bashforth import AdamsBashforth
 from stepcache.methods.step.taylorseer import TaylorSeer
@@ -257,3 +258,20 @@ def test_modulated_input_is_what_the_first_dit_block_normalises(digits_pipe):
     hook.remove()
     # The adapter computes the same tensor the block's own norm1 produces (the spy's call comes first).
     assert len(captured) == 1 and torch.equal(captured[0], seen[-1])
+
+
+def test_taylor_expansion_is_taylorseers_own_form() -> None:
+    from stepcache.methods.maths import taylor
+
+    xs = [0.0, 2.0, 4.0]
+    f = [torch.tensor([x**2]) for x in xs]
+    # factors 16, (16-4)/2 = 6, (6-2)/2 = 2 at x = 4: 16 + 6*2 + 2*2^2/2 = 32 (the polynomial: 36)
+    assert float(taylor(f, xs, 6.0)) == 32.0 and float(extrapolate(f, xs, 6.0)) == 36.0
+    line = [torch.tensor([3.0 * x + 1.0]) for x in xs]
+    assert float(taylor(line, xs, 7.0)) == float(extrapolate(line, xs, 7.0)) == 22.0
+    # the rules take it; an unknown form is refused by the schema
+    rule = TaylorSeer(interval=2, order=2, warmup=3, variable="step", expansion="taylor")
+    errors = _drive(rule, 9, [1000.0 - 100 * s for s in range(9)], lambda s, t: torch.full((1, 2), float(s)))
+    assert max(errors) < 1e-5  # exact on a line
+    with pytest.raises(PolicyError, match="expansion"):
+        presets.get("taylorseer", expansion="newton")

@@ -9,6 +9,7 @@ combinations (AB-Cache) are this same predictor written in other bases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,26 @@ def extrapolate(outputs: list[torch.Tensor], xs: list[float], x: float) -> torch
     return result.to(outputs[0].dtype)
 
 
+def taylor(outputs: list[torch.Tensor], xs: list[float], x: float) -> torch.Tensor:
+    """TaylorSeer's own forecast: factors built by recursive differences, each divided by the
+    latest gap (as the paper and diffusers' TaylorSeerCache do), summed with (x - x_last)^k / k!.
+    Unlike the polynomial through the points it is not exact on polynomials; it extrapolates
+    less far, which can suit features that are not smooth in the step."""
+    acc_dtype = torch.promote_types(outputs[0].dtype, torch.float32)
+    factors: list[torch.Tensor] = []
+    for i, out in enumerate(outputs):
+        new = [out.to(acc_dtype)]
+        for j in range(min(i, len(outputs) - 1)):
+            if j >= len(factors):
+                break
+            new.append((new[j] - factors[j]) / (xs[i] - xs[i - 1]))
+        factors = new
+    offset, result = x - xs[-1], torch.zeros_like(factors[0])
+    for k, factor in enumerate(factors):
+        result.add_(factor, alpha=offset**k / math.factorial(k))
+    return result.to(outputs[0].dtype)
+
+
 @dataclass
 class History:
     """The last ``size`` real outputs of a branch (whole batch) and where they were taken: the
@@ -66,7 +87,9 @@ class History:
         self.xs.append(float(x))
         del self.outputs[: -self.size], self.xs[: -self.size]
 
-    def forecast(self, x: float, order: int) -> torch.Tensor:
-        """Extrapolate with up to ``order`` + 1 points (fewer while the history is short)."""
+    def forecast(self, x: float, order: int, expansion: str = "polynomial") -> torch.Tensor:
+        """Extrapolate with up to ``order`` + 1 points (fewer while the history is short): the
+        polynomial through them, or TaylorSeer's expansion (``expansion="taylor"``)."""
         k = min(order + 1, len(self.outputs))
-        return extrapolate(self.outputs[-k:], self.xs[-k:], x)
+        forecast = taylor if expansion == "taylor" else extrapolate
+        return forecast(self.outputs[-k:], self.xs[-k:], x)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import CostModel, SearchError
-from .space import CFG_MODES, STRIDES, Candidate, Point
+from .space import CFG_MODES, EXPANSIONS, STRIDES, Candidate, Point
 
 OPEN_ATTEMPTS = 8
 HEARTBEAT_S = 30.0
@@ -251,7 +251,7 @@ class Malformed(SearchError):
 def checked_candidate(d: Any, num_steps: int) -> Candidate:
     """The candidate a stored dict describes, every field in the range the search draws it from."""
     if not isinstance(d, dict) or not {"computed", "order"} <= d.keys() <= (
-        _INT_FIELDS.keys() | _FLOAT_FIELDS.keys() | {"cfg_mode", "stride"}
+        _INT_FIELDS.keys() | _FLOAT_FIELDS.keys() | {"cfg_mode", "stride", "expansion"}
     ):
         raise ValueError("candidate")
     for name, (lo, hi) in _INT_FIELDS.items():
@@ -266,6 +266,8 @@ def checked_candidate(d: Any, num_steps: int) -> Candidate:
         raise ValueError("candidate cfg_mode")
     if not _is_int(d.get("stride", 0)) or d.get("stride", 0) not in STRIDES:
         raise ValueError("candidate stride")
+    if d.get("expansion", EXPANSIONS[0]) not in EXPANSIONS:
+        raise ValueError("candidate expansion")
     return Candidate(**d)
 
 

@@ -225,9 +225,9 @@ class _Run:
                 cand = self.largest_feasible(order, **cfg)
                 if cand is not None and cand not in seeds:
                     seeds.append(cand)
-        # The peers' own schedule (warm-up, then every 2nd step, second-order forecast), so a
-        # tuned fixed-schedule peer is a point this search has tried.
-        cand = self.largest_feasible(2, stride=2)
+        # The peers' own schedule (warm-up, then every 2nd step, TaylorSeer's second-order
+        # expansion), so a tuned fixed-schedule peer is a point this search has tried.
+        cand = self.largest_feasible(2, stride=2, expansion="taylor")
         if cand is not None and cand not in seeds:
             seeds.append(cand)
         return seeds

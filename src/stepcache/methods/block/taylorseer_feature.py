@@ -28,6 +28,12 @@ SCHEMA = RuleSchema(
             "int", 3, "compute the middle every interval-th step after warm-up", min=1, max=1000
         ),
         "order": Param("int", 2, "expansion order (paper default 2; 0 = plain reuse)", min=0, max=3),
+        "expansion": Param(
+            "str",
+            "polynomial",
+            "the polynomial through the points, or TaylorSeer's own expansion (diffusers' form)",
+            choices=("polynomial", "taylor"),
+        ),
         "warmup": Param("int", 3, "steps computed in full at the start", min=0, max=100_000),
         "fn": Param("int", 0, "leading blocks always computed", min=0),
         "bn": Param("int", 0, "trailing blocks always computed", min=0),
@@ -52,9 +58,17 @@ class TaylorSeerFeature(BlockRule):
     wants_signal = False  # a fixed schedule
 
     def __init__(
-        self, interval: int, order: int, warmup: int, fn: int, bn: int, mask: list[bool] | None = None
+        self,
+        interval: int,
+        order: int,
+        warmup: int,
+        fn: int,
+        bn: int,
+        mask: list[bool] | None = None,
+        expansion: str = "polynomial",
     ):
         self.interval, self.order, self.warmup, self.fn, self.bn = interval, order, warmup, fn, bn
+        self.expansion = expansion
         self.mask = mask
 
     def span(self, num_blocks: int) -> tuple[int, int]:
@@ -78,7 +92,7 @@ class TaylorSeerFeature(BlockRule):
             if history is None:
                 out.append(None)
                 continue
-            value = history.forecast(float(ctx.step), self.order)
+            value = history.forecast(float(ctx.step), self.order, self.expansion)
             out.append(value if rows is None else value.index_select(0, rows))
         return tuple(out)
 

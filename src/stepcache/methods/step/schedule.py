@@ -35,6 +35,12 @@ SCHEMA = RuleSchema(
         "order": Param(
             "int", 1, "extrapolation order over the last computed outputs (0: reuse)", min=0, max=3
         ),
+        "expansion": Param(
+            "str",
+            "polynomial",
+            "the polynomial through the points, or TaylorSeer's own expansion (diffusers' form)",
+            choices=("polynomial", "taylor"),
+        ),
         "variable": Param(
             "str", "timestep", "extrapolate in step index or in timestep", choices=("step", "timestep")
         ),
@@ -46,8 +52,8 @@ SCHEMA = RuleSchema(
 class Schedule(TaylorSeer):
     """TaylorSeer's history and polynomial forecast (order 0 reuses), on a per-step mask."""
 
-    def __init__(self, mask: list[bool], order: int, variable: str):
-        super().__init__(interval=1, order=order, warmup=0, variable=variable)
+    def __init__(self, mask: list[bool], order: int, variable: str, expansion: str = "polynomial"):
+        super().__init__(interval=1, order=order, warmup=0, variable=variable, expansion=expansion)
         self.mask = list(mask)
 
     def plan(self, ctx: CallContext, state: History) -> bool:

@@ -24,6 +24,12 @@ SCHEMA = RuleSchema(
             "int", 3, "compute every interval-th step after warm-up (paper: 3-6)", min=1, max=1000
         ),
         "order": Param("int", 2, "expansion order (paper default 2)", min=1, max=3),
+        "expansion": Param(
+            "str",
+            "polynomial",
+            "the polynomial through the points, or TaylorSeer's own expansion (diffusers' form)",
+            choices=("polynomial", "taylor"),
+        ),
         "warmup": Param("int", 3, "steps computed in full at the start", min=0, max=100_000),
         "variable": Param(
             "str", "step", "differences in step index or in timestep", choices=("step", "timestep")
@@ -33,8 +39,9 @@ SCHEMA = RuleSchema(
 
 
 class TaylorSeer(StepRule):
-    def __init__(self, interval: int, order: int, warmup: int, variable: str):
+    def __init__(self, interval: int, order: int, warmup: int, variable: str, expansion: str = "polynomial"):
         self.interval, self.order, self.warmup, self.variable = interval, order, warmup, variable
+        self.expansion = expansion
 
     def new_state(self) -> History:
         return History(self.order + 1)
@@ -46,7 +53,7 @@ class TaylorSeer(StepRule):
         return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor:
-        out = state.forecast(self._x(ctx), self.order)
+        out = state.forecast(self._x(ctx), self.order, self.expansion)
         return out if rows is None else out.index_select(0, rows)
 
     def observe(
