@@ -349,3 +349,42 @@ def test_dbcache_forecast_is_exact_on_polynomial_residuals_per_row(order):
     assert state["history"][0].shape[0] == order + 1  # memory: order + 1 residuals per span
     reuse = DBCache(1, 1, 0.1, 3, 0, None, forecast=0)
     assert reuse.forecast == 0 and "forecast" in stepcache.presets.get("dbcache").rules["block"].params
+
+
+def test_cg_taylor_forecasts_where_its_probe_is_predictable_per_sample():
+    from stepcache.methods.block.cg_taylor import CGTaylor
+    from stepcache.runtime import CallContext
+
+    g = torch.Generator().manual_seed(0)
+    base, slope = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    jolt = torch.randn(1, 4, 8, generator=g)
+
+    def head(s):  # sample 0 moves on a line; sample 1 jumps every step after step 4
+        h = base + 0.1 * s * slope
+        if s > 4:
+            h[1:] += (-1) ** s * jolt
+        return h
+
+    def middle(s):  # the middle's residual: a line in the step for both samples
+        return (2.0 * base + 0.3 * s * slope,)
+
+    rule = CGTaylor(fn=1, bn=1, threshold=0.05, order=1, max_consecutive=100, warmup=3)
+    state, plans, errors = rule.new_state(), [], []
+    for s in range(12):
+        ctx = CallContext(step=s, branch=0, num_steps=12, batch=2, timestep=0)
+        plan = rule.plan(ctx, state, (head(s),))
+        run = torch.ones(2, dtype=torch.bool) if plan is True else plan.reshape(-1)
+        plans.append("".join("C" if r else "F" for r in run.tolist()))
+        skip = torch.nonzero(~run).reshape(-1)
+        if skip.numel():
+            est = rule.estimate(ctx, state, skip)[0]
+            errors.append(float((est - middle(s)[0][skip]).abs().max()))
+        if run.any():
+            rows = torch.nonzero(run).reshape(-1)
+            rule.observe(ctx, state, (middle(s)[0][rows],), None if run.all() else rows)
+    # warm-up computes; then sample 0 (predictable) is forecast, sample 1 (jumping) computes
+    assert plans[:3] == ["CC"] * 3
+    assert all(p[0] == "F" for p in plans[5:]) and all(p[1] == "C" for p in plans[5:])
+    assert errors and max(errors) < 1e-5  # a line forecast from a line is exact
+    with pytest.raises(stepcache.PolicyError, match="order"):
+        stepcache.presets.get("cg-taylor", order=3)
