@@ -215,7 +215,7 @@ def demo(
 
 @app.command()
 def calibrate(
-    method: Annotated[str, typer.Argument(help="Method with fitted coefficients: linear-ag or magcache.")],
+    method: Annotated[str, typer.Argument(help="linear-ag, magcache or teacache.")],
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
     model: Annotated[
         str, typer.Option(help="Zoo key, diffusers pipeline folder, or module:function.")
