@@ -21,7 +21,7 @@ from ...runtime import CallContext, put, take
 from ...runtime.interfaces import Streams
 from .. import Method
 from ..maths import relative_l1
-from .dbcache import DBCache, row_lagrange_weights
+from .dbcache import DBCache, row_forecast
 
 SCHEMA = RuleSchema(
     method="cg-taylor",
@@ -49,11 +49,7 @@ class CGTaylor(DBCache):
         state["head_now"] = put(state.get("head_now"), ctx.rows, head, ctx.batch)
         if "probe" not in state or ctx.step < self.warmup or self.max_consecutive == 0:
             return True
-        xs = take(state["xs"].t(), ctx.rows).t()  # (K, rows)
-        weights = row_lagrange_weights(xs, float(ctx.step))
-        probe = take(state["probe"].transpose(0, 1), ctx.rows).transpose(0, 1)
-        w = weights.view(*weights.shape, *[1] * (probe.dim() - 2)).to(torch.float32)
-        error = relative_l1(head, (w * probe.float()).sum(0))
+        error = relative_l1(head, row_forecast(state["probe"], state["xs"], float(ctx.step), ctx.rows))
         reused = take(state["reused"], ctx.rows)
         run = (error >= self.threshold) | (reused >= self.max_consecutive)
         state["reused"] = put(state["reused"], ctx.rows, torch.where(run, 0, reused + 1), ctx.batch)

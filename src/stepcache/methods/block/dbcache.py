@@ -64,17 +64,10 @@ class DBCache(FBCache):
     def estimate(self, ctx: CallContext, state: dict[str, Any], rows: torch.Tensor | None) -> Streams:
         if self.forecast == 0:
             return super().estimate(ctx, state, rows)
-        xs = state["xs"] if rows is None else state["xs"].index_select(1, rows)  # (K, R), NaN = empty
-        weights = row_lagrange_weights(xs, float(ctx.step))
-        out = []
-        for hist in state["history"]:
-            if hist is None:
-                out.append(None)
-                continue
-            h = hist if rows is None else hist.index_select(1, rows)
-            w = weights.view(*weights.shape, *[1] * (h.dim() - 2)).to(torch.float32)
-            out.append((w * h.float()).sum(0).to(h.dtype))
-        return tuple(out)
+        step = float(ctx.step)
+        return tuple(
+            None if h is None else row_forecast(h, state["xs"], step, rows) for h in state["history"]
+        )
 
     def observe(
         self, ctx: CallContext, state: dict[str, Any], residual: Streams, rows: torch.Tensor | None
@@ -110,6 +103,18 @@ class DBCache(FBCache):
                 state["reused"] = state["reused"].index_fill(0, _rows(ctx, run), 0)
             return True
         return run
+
+
+def row_forecast(
+    history: torch.Tensor, xs: torch.Tensor, x: float, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """Per row, the value at ``x`` of the polynomial through that row's kept values: ``history``
+    is (K, batch, ...), ``xs`` (K, batch) their steps (NaN = empty); for ``rows`` (None: all)."""
+    if rows is not None:
+        history, xs = history.index_select(1, rows), xs.index_select(1, rows)
+    weights = row_lagrange_weights(xs, x)
+    w = weights.view(*weights.shape, *[1] * (history.dim() - 2)).to(torch.float32)
+    return (w * history.float()).sum(0).to(history.dtype)
 
 
 def row_lagrange_weights(xs: torch.Tensor, x: float) -> torch.Tensor:
