@@ -116,19 +116,15 @@ def _unet_cond() -> torch.nn.Module:
     )
 
 
+def wan_shape(**changes: Any) -> dict[str, Any]:
+    """The tiny Wan-family configuration (Wan, SkyReels-V2, AnyFlow, ChronoEdit, VACE, Animate)."""
+    shape = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4}
+    shape |= {"out_channels": 4, "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 4}
+    return {**shape, "rope_max_seq_len": 32, **changes}
+
+
 def _wan() -> torch.nn.Module:
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=3,
-        rope_max_seq_len=32,
-    )
+    return WanTransformer3DModel(**wan_shape(num_layers=3))
 
 
 # Families without a hand-written adapter: the generic one finds their stack and streams.
@@ -228,18 +224,7 @@ def _lumina2() -> torch.nn.Module:
 
 
 def _skyreels() -> torch.nn.Module:
-    return SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=4,
-        rope_max_seq_len=32,
-    )
+    return SkyReelsV2Transformer3DModel(**wan_shape())
 
 
 def _chroma() -> torch.nn.Module:

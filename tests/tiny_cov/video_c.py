@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tiny import wan_shape
 
 
 def _allegro() -> torch.nn.Module:
@@ -30,35 +31,15 @@ def _allegro() -> torch.nn.Module:
 def _anyflow() -> torch.nn.Module:
     from diffusers import AnyFlowTransformer3DModel
 
-    return AnyFlowTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=4,
-        rope_max_seq_len=32,
-    )
+    return AnyFlowTransformer3DModel(**wan_shape())
 
 
 def _anyflow_far() -> torch.nn.Module:
     from diffusers import AnyFlowFARTransformer3DModel
 
     return AnyFlowFARTransformer3DModel(
-        patch_size=(1, 2, 2),
+        **wan_shape(num_layers=3),  # 3: flex attention runs eagerly on CPU (slow), once per block
         compressed_patch_size=(1, 4, 4),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=3,  # 3: flex attention runs eagerly on CPU (slow), once per block
-        rope_max_seq_len=32,
         chunk_partition=(1, 1),
     )
 
@@ -66,18 +47,7 @@ def _anyflow_far() -> torch.nn.Module:
 def _chronoedit() -> torch.nn.Module:
     from diffusers import ChronoEditTransformer3DModel
 
-    return ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=4,
-        rope_max_seq_len=32,
-    )
+    return ChronoEditTransformer3DModel(**wan_shape())
 
 
 def _consisid() -> torch.nn.Module:
@@ -202,36 +172,22 @@ def _framepack() -> torch.nn.Module:
     )
 
 
+# JoyImage Edit and Edit Plus take the same configuration.
+JOYIMAGE = {"patch_size": [1, 2, 2], "in_channels": 4, "out_channels": 4, "hidden_size": 16}
+JOYIMAGE |= {"num_attention_heads": 2, "text_dim": 12, "mlp_width_ratio": 2.0, "num_layers": 4}
+JOYIMAGE |= {"rope_dim_list": [2, 2, 4]}
+
+
 def _joyimage_edit() -> torch.nn.Module:
     from diffusers import JoyImageEditTransformer3DModel
 
-    return JoyImageEditTransformer3DModel(
-        patch_size=[1, 2, 2],
-        in_channels=4,
-        out_channels=4,
-        hidden_size=16,
-        num_attention_heads=2,
-        text_dim=12,
-        mlp_width_ratio=2.0,
-        num_layers=4,
-        rope_dim_list=[2, 2, 4],
-    )
+    return JoyImageEditTransformer3DModel(**JOYIMAGE)
 
 
 def _joyimage_edit_plus() -> torch.nn.Module:
     from diffusers import JoyImageEditPlusTransformer3DModel
 
-    return JoyImageEditPlusTransformer3DModel(
-        patch_size=[1, 2, 2],
-        in_channels=4,
-        out_channels=4,
-        hidden_size=16,
-        num_attention_heads=2,
-        text_dim=12,
-        mlp_width_ratio=2.0,
-        num_layers=4,
-        rope_dim_list=[2, 2, 4],
-    )
+    return JoyImageEditPlusTransformer3DModel(**JOYIMAGE)
 
 
 def _kandinsky5() -> torch.nn.Module:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tiny import wan_shape
 
 # ---- video transformers ---------------------------------------------------------------------------
 
@@ -149,16 +150,7 @@ def _wan_vace() -> torch.nn.Module:
     from diffusers import WanVACETransformer3DModel
 
     return WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=4,
-        rope_max_seq_len=32,
+        **wan_shape(),
         vace_layers=[0, 2],
         vace_in_channels=4,
     )
@@ -170,18 +162,9 @@ def _wan_animate() -> torch.nn.Module:
     # The noisy input is [latent | reference | mask] (2 * 4 + 4 = 12 channels); the output is made as wide
     # as the input so that a bare loop can step the whole tensor.
     return WanAnimateTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=12,
+        **wan_shape(in_channels=12, out_channels=12),
         latent_channels=4,
-        out_channels=12,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=4,
         image_dim=None,
-        rope_max_seq_len=32,
         motion_encoder_channel_sizes={"8": 8, "4": 8},
         motion_encoder_size=8,
         motion_style_dim=16,
