@@ -107,4 +107,5 @@ def calibrate(method: str, pipe: Any, run: Callable[[], Any], **overrides: Any) 
     check_calibrate_args(method, run, overrides)
     m = methods()[method]
     assert m.calibrate is not None
-    return presets.get(method, **{m.fits: m.calibrate(pipe, run)}, **overrides)
+    params = presets.get(method, **overrides).rules[m.level].params
+    return presets.get(method, **{m.fits: m.calibrate(pipe, run, params)}, **overrides)

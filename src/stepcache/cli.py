@@ -215,7 +215,9 @@ def demo(
 
 @app.command()
 def calibrate(
-    method: Annotated[str, typer.Argument(help="linear-ag, magcache or teacache.")],
+    method: Annotated[
+        str, typer.Argument(help="A method with coefficients: linear-ag, magcache, teacache, hyca.")
+    ],
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
     model: Annotated[
         str, typer.Option(help="Zoo key, diffusers pipeline folder, or module:function.")

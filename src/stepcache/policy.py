@@ -37,7 +37,7 @@ RESERVED_PREFIX = "__"
 class Param:
     """One rule parameter: its type, default, bounds and a one-line meaning."""
 
-    kind: str  # "int" | "float" | "bool" | "str" | "bool_list" | "float_list"
+    kind: str  # "int" | "float" | "bool" | "str" | "bool_list" | "int_list" | "float_list"
     default: Any
     doc: str
     min: float | None = None
@@ -148,12 +148,12 @@ def _check_param(path: str, value: Any, p: Param) -> Any:
         if p.choices and value not in p.choices:
             raise PolicyError(f"{path}: must be one of {list(p.choices)}, got {_show(value)}")
         return _check_unicode(path, value)
-    if p.kind in ("bool_list", "float_list"):
+    if p.kind in ("bool_list", "int_list", "float_list"):
         if not isinstance(value, list):
             raise PolicyError(f"{path}: expected a list, got {_type_name(value)}")
         if len(value) > MAX_LIST_LEN:
             raise PolicyError(f"{path}: list too long ({len(value)} > {MAX_LIST_LEN})")
-        inner = Param("bool" if p.kind == "bool_list" else "float", None, "", p.min, p.max)
+        inner = Param(p.kind.removesuffix("_list"), None, "", p.min, p.max)
         return [_check_param(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
     raise AssertionError(f"unknown param kind {p.kind}")
 

@@ -29,8 +29,9 @@ class Method:
     ``rule`` is called with the policy rule's parameters as keywords (its signature must name
     exactly the schema's parameters). The default preset is named after the method and uses the
     schema's defaults, except for ``preset_params``. ``sweep``: the settings ``compare`` runs, as
-    overrides of the preset ({} is the preset itself). ``calibrate(pipe, run)`` returns the value of
-    the parameter ``fits`` from full-compute generations ``run()`` of ``pipe``.
+    overrides of the preset ({} is the preset itself). ``calibrate(pipe, run, params)`` returns the
+    value of the parameter ``fits`` from full-compute generations ``run()`` of ``pipe``; ``params``
+    are the rule's other parameters (preset and overrides), for fits that depend on them.
     """
 
     schema: RuleSchema
@@ -39,7 +40,7 @@ class Method:
     preset_params: Mapping[str, Any] = field(default_factory=dict)
     sweep: tuple[Mapping[str, Any], ...] = ({},)
     fits: str = ""
-    calibrate: Callable[[Any, Callable[[], Any]], Any] | None = None
+    calibrate: Callable[[Any, Callable[[], Any], Mapping[str, Any]], Any] | None = None
 
     @property
     def name(self) -> str:

@@ -79,11 +79,13 @@ class TaylorSeerFeature(BlockRule):
         return StreamHistories()
 
     def plan(self, ctx: CallContext, state: StreamHistories, head_residual: Streams) -> bool:
-        if state.streams is None:
-            return True
+        return state.streams is None or self.computes(ctx.step)
+
+    def computes(self, step: int) -> bool:
+        """Whether the schedule runs the middle at ``step`` (once a residual has been observed)."""
         if self.mask is not None:
-            return on_mask(ctx.step, self.mask)
-        return on_schedule(ctx.step, self.interval, self.warmup)
+            return on_mask(step, self.mask)
+        return on_schedule(step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: StreamHistories, rows: torch.Tensor | None) -> Streams:
         assert state.streams is not None  # plan computes until the first residual is observed

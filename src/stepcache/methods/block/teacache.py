@@ -10,7 +10,7 @@ a skipped step. Decided per sample. ``coefficients`` come from ``stepcache calib
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -120,7 +120,7 @@ def fit_coefficients(stack: Any, degree: int = 4) -> list[float]:
     return [float(c) for c in np.polyfit(x, y, degree)]
 
 
-def fit(pipe: Any, run: Callable[[], Any]) -> list[float]:
+def fit(pipe: Any, run: Callable[[], Any], params: Mapping[str, Any]) -> list[float]:
     """The calibration hook: the rescaling polynomial from full-compute runs."""
     from ...calibration import StackRecorder, record
 

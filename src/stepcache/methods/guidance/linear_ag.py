@@ -115,7 +115,7 @@ def fit_coefficients(pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) 
     return coeffs
 
 
-def fit(pipe: Any, run: Callable[[], Any]) -> list[float]:
+def fit(pipe: Any, run: Callable[[], Any], params: Mapping[str, Any]) -> list[float]:
     """The calibration hook: the coefficients fitted on the (c, u) pairs of full-compute runs."""
     from ...calibration import PairRecorder, record
 

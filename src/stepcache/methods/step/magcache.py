@@ -10,7 +10,7 @@ online per sample from its last two computed steps. Decided per sample.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -101,7 +101,7 @@ def calibrate(outputs: list[torch.Tensor]) -> list[float]:
     return ratios
 
 
-def fit(pipe: Any, run: Callable[[], Any]) -> list[float]:
+def fit(pipe: Any, run: Callable[[], Any], params: Mapping[str, Any]) -> list[float]:
     """The calibration hook: per-step ratios from the outputs of full-compute runs, pooled."""
     from ...calibration import StepRecorder, record
 
