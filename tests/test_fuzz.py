@@ -33,6 +33,8 @@ def _param_value(p: Param, steps: int) -> st.SearchStrategy:
         return st.sampled_from(p.choices)
     if p.kind == "bool_list":
         return st.lists(st.booleans(), max_size=steps + 2)
+    if p.kind == "int_list":  # per-channel assignments: mostly of another width (refused by name)
+        return st.lists(st.integers(int(p.min or 0), int(p.max if p.max is not None else 3)), max_size=40)
     lo = p.min if p.min is not None else -2.0
     return st.lists(st.floats(lo, lo + 3.0, allow_nan=False), max_size=3 * steps + 3)
 
@@ -88,7 +90,14 @@ def test_random_valid_policies_run_on_every_family(case):
     except PolicyError:
         assume(False)  # a cross-field check (start < end, coefficients in threes) rejected it
     model = MODELS[family]
-    out, stats = _generate(model, family, policy, steps, batch, cfg)
+    try:
+        out, stats = _generate(model, family, policy, steps, batch, cfg)
+    except stepcache.UnsupportedModelError:  # packed tokens or too small to run at lower resolution
+        assume("bottleneck" not in {r.method for r in policy.rules.values()})
+        raise
+    except ValueError as e:  # a per-channel list fitted to another width; anything else fails
+        assume("fitted on another model" not in str(e))
+        raise
     assert torch.isfinite(out).all()
     assert stats["steps"] == steps
     assert stats["computed"] + stats["estimated"] + stats["partial"] == steps

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
-from .interfaces import BranchRule, CallContext, RuleSet, Streams, take, take_streams
+from .interfaces import BranchRule, CallContext, PerBlockRule, RuleSet, Streams, take, take_streams
 from .ranks import Agreement, agreement_for
 from .state import CallScratch, Generation, tensor_bytes
 
@@ -500,6 +500,8 @@ class Handle:
             if mode in (None, "batched")
             else None,
         )
+        low_res: list[bool] = []  # set when the step rule's estimate ran the network at low resolution
+        ctx._run_at = lambda scale, rows: self._run_at(bound, batch, scale, rows, low_res)
         first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
         device = hidden.device
@@ -525,8 +527,10 @@ class Handle:
                     compute_all, est, est_rows = True, None, None
             if not compute_all:
                 step_run = torch.zeros(batch, dtype=torch.bool) if compute_none else mask.cpu()
+        ctx._run_at = None
+        skipped = "P" if low_res else "E"  # a low-resolution call is partial work, not none
         if step_run is not None and not bool(step_run.any()):
-            gen.stats.record(["E"] * batch)
+            gen.stats.record([skipped] * batch)
             gen.estimated_steps.append(step)
             return _replace_first(gen.templates[branch], est)
 
@@ -558,7 +562,7 @@ class Handle:
         if est_rows is not None:
             full.index_copy_(0, est_rows, est.to(full.dtype))
             for r in est_rows.tolist():
-                row_actions[r] = "E"
+                row_actions[r] = skipped
         if guide is not None:
             self._guidance_finish(gen, ctx, bound, guide, full, row_actions)
 
@@ -576,6 +580,44 @@ class Handle:
             answered = torch.tensor([a != "E" for a in row_actions])
             gen.cond_out = (step, branch, full.detach(), answered)
         return out if full is _first(out) else _replace_first(out, full)
+
+    def _run_at(
+        self,
+        bound: inspect.BoundArguments,
+        batch: int,
+        scale: float,
+        rows: torch.Tensor | None,
+        ran: list[bool],
+    ) -> torch.Tensor:
+        """``CallContext.run_at``: the plain network (block rules pass through) on a resized sample."""
+        name = type(self.model).__name__
+        hidden = bound.arguments[self.adapter.hidden_arg]
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (4, 5):
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise UnsupportedModelError(
+                f"{name}: its sample is {shape}, not (batch, channels, [frames,] height, width), so it "
+                "cannot be run at another resolution here (packed tokens carry positions the pipeline builds)"
+            )
+        multiple = spatial_multiple(self.model)
+        h, w = hidden.shape[-2:]
+        size = (int(h * scale) // multiple * multiple, int(w * scale) // multiple * multiple)
+        if min(size) < multiple:
+            raise UnsupportedModelError(
+                f"{name}: a {h}x{w} sample at scale {scale} rounds to {size[0]}x{size[1]} (a multiple of "
+                f"its {multiple}-pixel patches); choose a larger scale"
+            )
+        new = bound if rows is None else self.adapter.slice_rows(bound, rows, batch)
+        new = inspect.BoundArguments(new.signature, new.arguments.copy())
+        new.arguments[self.adapter.hidden_arg] = resize(new.arguments[self.adapter.hidden_arg], size)
+        ran.append(True)
+        try:
+            out = self._orig_forward(*new.args, **new.kwargs)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"{name}: refused a {size[0]}x{size[1]} sample ({type(e).__name__}: {e}); running at a "
+                "lower resolution needs a model that accepts other sizes"
+            ) from e
+        return _output_tensor(out, self.model)
 
     def _usable(self, gen: Generation, key: tuple, est: Streams, rows: torch.Tensor | None) -> bool:
         """Whether every row of an estimate passes the guard: one host sync however many streams."""
@@ -713,9 +755,10 @@ class Handle:
             scratch = CallScratch(
                 ctx=ctx,
                 state=gen.state_for(ctx.branch, "block", block),
-                span=block.span_at(len(self._blocks), ctx),
+                span=None if isinstance(block, PerBlockRule) else block.span_at(len(self._blocks), ctx),
                 rows=rows,
                 row_actions=row_actions,
+                per_block=isinstance(block, PerBlockRule),
             )
         gen.call = scratch
         try:
@@ -806,6 +849,8 @@ class Handle:
         if index != scratch.next_block:
             raise self._stack_changed(f"called block {index} where block {scratch.next_block} comes next")
         scratch.next_block = index + 1
+        if scratch.per_block:
+            return self._per_block(gen, scratch, index, args, kwargs)
         head_end, tail_start = scratch.span
         if index < head_end:
             if index == 0:
@@ -822,6 +867,26 @@ class Handle:
         if index == tail_start - 1:
             residual = _sub(io.read_out(out), scratch.mid_in)
             self._observe_block(gen, scratch, scratch.ctx, residual, scratch.rows)
+        return out
+
+    def _per_block(self, gen: Generation, scratch: CallScratch, index: int, args: tuple, kwargs: dict) -> Any:
+        """One block under a PerBlockRule: its input plus the estimated residual, or the block."""
+        rule, io, ctx = self.rules.block, self.adapter.block_io, scratch.ctx
+        if scratch.rows is not None:  # a subset of the rows: the caches hold the full batch
+            return self._block_orig[index](*args, **kwargs)
+        s_in = io.read_in(self._block_sig[index].bind(*args, **kwargs))
+        key = (ctx.branch, "block", index)
+        if not self._agreed(rule.plan(ctx, scratch.state, index, s_in), s_in[0].device):
+            est = rule.estimate(ctx, scratch.state, index, s_in)
+            if self._all_ranks(not self.rules.guard or self._usable(gen, key, est, None), s_in[0].device):
+                scratch.row_actions[:] = ["P"] * len(scratch.row_actions)
+                return io.format_out(_add(s_in, est))
+            gen.stats.fallbacks += 1
+        out = self._block_orig[index](*args, **kwargs)
+        residual = _sub(io.read_out(out), s_in)
+        rule.observe(ctx, scratch.state, index, s_in, residual)
+        if self.rules.guard:
+            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), residual, None, ctx.batch)
         return out
 
     def _middle_start(self, gen: Generation, scratch: CallScratch, args: tuple, kwargs: dict) -> Any:
@@ -903,6 +968,31 @@ class Handle:
         full = _scatter(s_in, run_local, streams)
         full = _scatter(full, skip_local, skipped)
         return io.format_out(full)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` with its last two (spatial) dimensions resized: area averaging down, bilinear up."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    flat = x.reshape(x.shape[0], -1, *x.shape[-2:])
+    mode = "area" if size[0] <= x.shape[-2] and size[1] <= x.shape[-1] else "bilinear"
+    out = torch.nn.functional.interpolate(flat.float(), size=size, mode=mode)
+    return out.to(x.dtype).reshape(*x.shape[:-2], *size)
+
+
+def spatial_multiple(model: nn.Module) -> int:
+    """The size a sample's height and width must be a multiple of: the patch size of a
+    transformer, the total downsampling of a U-Net (from the model's config; 1 if it says neither)."""
+    config = getattr(model, "config", None)
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, (list, tuple)):
+        patch = patch[-1]
+    if isinstance(patch, int) and patch > 0:
+        return patch
+    channels = getattr(config, "block_out_channels", None)
+    if isinstance(channels, (list, tuple)) and channels:
+        return 2 ** (len(channels) - 1)
+    return 1
 
 
 def _block_key(scratch: CallScratch) -> tuple:

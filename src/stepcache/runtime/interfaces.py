@@ -30,6 +30,15 @@ class CallContext:
     timestep: Any  # the call's timestep argument as given (tensor or number)
     rows: torch.Tensor | None = None  # full-batch indices of the rows running now; None = all
     _uncond: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False)
+    _run_at: Callable[[float, torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
+
+    def run_at(self, scale: float, rows: torch.Tensor | None) -> torch.Tensor:
+        """The network's real output for ``rows`` on this call's sample resized to ``scale`` times
+        its height and width (rounded down to what the model's patches allow): a cheaper call, at
+        low resolution. Raises UnsupportedModelError where the model cannot take that size."""
+        if self._run_at is None:
+            raise RuntimeError("run_at: only a step rule's estimate may run the network")
+        return self._run_at(scale, rows)
 
     def uncond_rows(self) -> torch.Tensor | None:
         """Bool mask over the full batch: rows that are the unconditional half of batched CFG."""
@@ -139,6 +148,30 @@ class BlockRule(ABC):
     @abstractmethod
     def observe(self, ctx: CallContext, state: Any, residual: Streams, rows: torch.Tensor | None) -> None:
         """Record the middle's real residual for ``rows``."""
+
+
+class PerBlockRule(ABC):
+    """Decides block by block: each block of the stack either runs or answers with its input plus
+    a residual the rule estimates (its cached one). Decided for the whole call; calls that run a
+    subset of the rows compute every block and leave the caches alone."""
+
+    level = "block"
+
+    def new_state(self) -> Any:
+        """This rule's state for one branch of one generation (a dict or the rule's dataclass)."""
+        return {}
+
+    @abstractmethod
+    def plan(self, ctx: CallContext, state: Any, index: int, block_in: Streams) -> bool:
+        """Whether block ``index`` runs, given its input streams."""
+
+    @abstractmethod
+    def estimate(self, ctx: CallContext, state: Any, index: int, block_in: Streams) -> Streams:
+        """Block ``index``'s residual (output minus input, per stream); must not change ``state``."""
+
+    @abstractmethod
+    def observe(self, ctx: CallContext, state: Any, index: int, block_in: Streams, residual: Streams) -> None:
+        """Record block ``index``'s real input and residual."""
 
 
 class BranchRule(ABC):
