@@ -512,3 +512,29 @@ def test_a_stride_places_the_computed_steps_as_the_peers_fixed_schedules_do() ->
     assert checked_candidate(cand.as_dict(), 20) == cand
     with pytest.raises(ValueError, match="stride"):
         checked_candidate({**cand.as_dict(), "stride": 5}, 20)
+
+
+def test_a_damped_forecast_moves_that_fraction_of_the_way_and_is_stored_and_checked() -> None:
+    from stepcache.methods.step.schedule import Schedule
+    from stepcache.runtime import CallContext
+    from stepcache.search.storage import checked_candidate
+
+    outputs = {0: torch.full((2, 3), 1.0), 1: torch.full((2, 3), 3.0)}  # a line: 1, 3, (5 at step 2)
+    for damping, want in ((1.0, 5.0), (0.5, 4.0), (0.0, 3.0)):
+        rule = Schedule([True, True, False], order=1, variable="step", damping=damping)
+        state = rule.new_state()
+        for s in (0, 1):
+            rule.observe(
+                CallContext(step=s, branch=0, num_steps=3, batch=2, timestep=0), state, outputs[s], None
+            )
+        ctx = CallContext(step=2, branch=0, num_steps=3, batch=2, timestep=0)
+        assert not rule.plan(ctx, state)
+        assert torch.equal(rule.estimate(ctx, state, None), torch.full((2, 3), want))
+
+    cand = Candidate(13, 1, damping=0.75)
+    assert cand.policy([True] * 20, cfg=False).rules["step"].params["damping"] == 0.75
+    assert cand.as_dict()["damping"] == 0.75 and "damping" not in Candidate(13, 1).as_dict()
+    assert checked_candidate(cand.as_dict(), 20) == cand
+    for bad in (0.6, "0.75", None):
+        with pytest.raises(ValueError, match="damping"):
+            checked_candidate({**cand.as_dict(), "damping": bad}, 20)

@@ -3,7 +3,8 @@
 A candidate fixes, jointly: how many steps run the network (``computed``) and which (the planner's
 answer for that count, or with a ``stride`` the peers' placement: the first steps, then every
 ``stride``-th), the extrapolation order of the others and its form (the polynomial through the
-points, or TaylorSeer's expansion), and per step the guidance mode:
+points, or TaylorSeer's expansion) and how far it moves from the last computed output
+(``damping``), and per step the guidance mode:
 full guidance for the first ``cfg_full`` fraction of the steps, then either the cached guidance
 direction refreshed every ``cfg_interval``-th computed step (``estimated``) or the conditional
 pass alone (``cond-only``); and, on models with a block stack, a block level on the computed
@@ -24,6 +25,7 @@ from ..policy import Policy, compose
 CFG_MODES = ("estimated", "cond-only")
 EXPANSIONS = ("polynomial", "taylor")
 STRIDES = (0, 2, 3, 4, 6)  # 0: the planner's placement; else the first steps, then every stride-th
+DAMPINGS = (1.0, 0.75, 0.5)  # the forecast's step from the last computed output, as a fraction
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Candidate:
     partial: tuple[int, ...] = ()
     stride: int = 0  # 0: the planner's placement of the computed steps; else see strided_mask
     expansion: str = "polynomial"  # the forecast of skipped steps: "polynomial" or TaylorSeer's "taylor"
+    damping: float = 1.0  # how far that forecast moves from the last computed output (1: all the way)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "partial", tuple(sorted(self.partial)))  # hashable when read from JSON
@@ -54,6 +57,8 @@ class Candidate:
             del out["stride"]
         if self.expansion == "polynomial":
             del out["expansion"]
+        if self.damping == 1.0:
+            del out["damping"]
         return out
 
     def middle_fraction(self, num_blocks: int) -> float:
@@ -86,7 +91,11 @@ class Candidate:
         return "".join(("C" if gs else "G") if m else "E" for m, gs in zip(mask, g, strict=True))
 
     def policy(self, mask: list[bool], cfg: bool, name: str = "searched") -> Policy:
-        parts = [presets.get("schedule", mask=list(mask), order=self.order, expansion=self.expansion)]
+        parts = [
+            presets.get(
+                "schedule", mask=list(mask), order=self.order, expansion=self.expansion, damping=self.damping
+            )
+        ]
         if self.partial and self.block_fn > 0:
             full = [m and s not in self.partial for s, m in enumerate(mask)]
             parts.append(
@@ -139,6 +148,7 @@ class Dim:
 SPACE = (
     Dim("order", "int", 0, 2),
     Dim("expansion", "cat", choices=EXPANSIONS),
+    Dim("damping", "cat", choices=DAMPINGS),
     Dim("computed", "int", 1, "k_max"),
     Dim("stride", "cat", choices=STRIDES),
     Dim("cfg_full", "float", 0.0, 1.0, needs="cfg"),

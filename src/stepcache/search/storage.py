@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import CostModel, SearchError
-from .space import CFG_MODES, EXPANSIONS, STRIDES, Candidate, Point
+from .space import CFG_MODES, DAMPINGS, EXPANSIONS, STRIDES, Candidate, Point
 
 OPEN_ATTEMPTS = 8
 HEARTBEAT_S = 30.0
@@ -251,7 +251,7 @@ class Malformed(SearchError):
 def checked_candidate(d: Any, num_steps: int) -> Candidate:
     """The candidate a stored dict describes, every field in the range the search draws it from."""
     if not isinstance(d, dict) or not {"computed", "order"} <= d.keys() <= (
-        _INT_FIELDS.keys() | _FLOAT_FIELDS.keys() | {"cfg_mode", "stride", "expansion"}
+        _INT_FIELDS.keys() | _FLOAT_FIELDS.keys() | {"cfg_mode", "stride", "expansion", "damping"}
     ):
         raise ValueError("candidate")
     for name, (lo, hi) in _INT_FIELDS.items():
@@ -268,6 +268,8 @@ def checked_candidate(d: Any, num_steps: int) -> Candidate:
         raise ValueError("candidate stride")
     if d.get("expansion", EXPANSIONS[0]) not in EXPANSIONS:
         raise ValueError("candidate expansion")
+    if not _is_real(d.get("damping", 1.0)) or d.get("damping", 1.0) not in DAMPINGS:
+        raise ValueError("candidate damping")
     return Candidate(**d)
 
 

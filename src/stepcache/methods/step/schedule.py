@@ -1,7 +1,8 @@
 """Planned schedule (the output format of ``stepcache.search``; planning in the spirit of LeMiCa,
 Gao et al., 2025, "LeMiCa: Lexicographic Minimax Path Caching for Efficient Diffusion-Based Video
 Generation"). A per-step mask says which steps run the network; every other step's output is
-extrapolated by the polynomial through the last ``order`` + 1 computed outputs (order 0: reuse).
+extrapolated by the polynomial through the last ``order`` + 1 computed outputs (order 0: reuse),
+moved ``damping`` of the way from the last computed output.
 
 The mask comes from a planner that chose the steps with the least error on reference
 trajectories; with ``order`` 0 on an Euler sampler, leaving a step out equals sampling on the
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext
@@ -44,6 +47,14 @@ SCHEMA = RuleSchema(
         "variable": Param(
             "str", "timestep", "extrapolate in step index or in timestep", choices=("step", "timestep")
         ),
+        "damping": Param(
+            "float",
+            1.0,
+            "how far the forecast moves from the last computed output, as a fraction of the "
+            "extrapolation's step (1: the extrapolation; 0: reuse)",
+            min=0.0,
+            max=1.5,
+        ),
     },
     check=_check,
 )
@@ -52,12 +63,22 @@ SCHEMA = RuleSchema(
 class Schedule(TaylorSeer):
     """TaylorSeer's history and polynomial forecast (order 0 reuses), on a per-step mask."""
 
-    def __init__(self, mask: list[bool], order: int, variable: str, expansion: str = "polynomial"):
+    def __init__(
+        self, mask: list[bool], order: int, variable: str, expansion: str = "polynomial", damping: float = 1.0
+    ):
         super().__init__(interval=1, order=order, warmup=0, variable=variable, expansion=expansion)
         self.mask = list(mask)
+        self.damping = damping
 
     def plan(self, ctx: CallContext, state: History) -> bool:
         return on_mask(ctx.step, self.mask) or not state.outputs
+
+    def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor:
+        out = state.forecast(self._x(ctx), self.order, self.expansion)
+        if self.damping != 1.0:  # a shorter step: the extrapolation tends to overshoot over long gaps
+            last = state.outputs[-1]
+            out = last + self.damping * (out - last)
+        return out if rows is None else out.index_select(0, rows)
 
 
 METHOD = Method(
