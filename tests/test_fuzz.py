@@ -29,8 +29,8 @@ def _param_value(p: Param, steps: int) -> st.SearchStrategy:
         return st.floats(lo, min(hi, lo + 2.0), allow_nan=False)
     if p.kind == "bool":
         return st.booleans()
-    if p.kind == "str":
-        return st.sampled_from(p.choices)
+    if p.kind == "str":  # a free string (a model's name) keeps its default
+        return st.sampled_from(p.choices) if p.choices else st.just(p.default)
     if p.kind == "bool_list":
         return st.lists(st.booleans(), max_size=steps + 2)
     if p.kind == "int_list":  # per-channel assignments: mostly of another width (refused by name)
@@ -92,8 +92,8 @@ def test_random_valid_policies_run_on_every_family(case):
     model = MODELS[family]
     try:
         out, stats = _generate(model, family, policy, steps, batch, cfg)
-    except stepcache.UnsupportedModelError:  # packed tokens or too small to run at lower resolution
-        assume("bottleneck" not in {r.method for r in policy.rules.values()})
+    except stepcache.UnsupportedModelError:  # no lower resolution, or a stand-in model of another shape
+        assume(not {"bottleneck", "t-stitch"} & {r.method for r in policy.rules.values()})
         raise
     except ValueError as e:  # a per-channel list fitted to another width; anything else fails
         assume("fitted on another model" not in str(e))

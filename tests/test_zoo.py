@@ -32,6 +32,7 @@ def test_shipped_model_loads_offline_and_generates(digits_pipe):
 SHAPES = {
     "digits-dit": (8, 8, 1),
     "fmnist-dit": (28, 28, 1),
+    "fmnist-dit-s": (28, 28, 1),
     "fmnist-unet": (28, 28, 1),
     "emoji-dit": (32, 32, 3),
 }

@@ -500,8 +500,11 @@ class Handle:
             if mode in (None, "batched")
             else None,
         )
-        low_res: list[bool] = []  # set when the step rule's estimate ran the network at low resolution
-        ctx._run_at = lambda scale, rows: self._run_at(bound, batch, scale, rows, low_res)
+        ran: list[Any] = []  # what the step rule's estimate ran: the network at low resolution, or another
+        ctx._run_at = lambda scale, rows: self._run_at(bound, batch, scale, rows, ran)
+        ctx._run_model = lambda module, rows: self._run_model(
+            bound, batch, module, rows, ran, gen.templates.get(branch)
+        )
         first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
         device = hidden.device
@@ -513,7 +516,9 @@ class Handle:
         est, est_rows = None, None
         if rule is not None:
             plan = self._agreed(_tie_cfg_pairs(rule.plan(ctx, state), ctx), device)
-            compute_all, compute_none, mask = _resolve(True if first else plan, batch)
+            compute_all, compute_none, mask = _resolve(
+                True if first and not rule.answers_first else plan, batch
+            )
             if not compute_all:
                 est_rows = None if compute_none else _global_rows(None, ~mask, device)
                 est = rule.estimate(ctx, state, est_rows)
@@ -527,12 +532,12 @@ class Handle:
                     compute_all, est, est_rows = True, None, None
             if not compute_all:
                 step_run = torch.zeros(batch, dtype=torch.bool) if compute_none else mask.cpu()
-        ctx._run_at = None
-        skipped = "P" if low_res else "E"  # a low-resolution call is partial work, not none
+        ctx._run_at = ctx._run_model = None
+        skipped = "P" if ran else "E"  # a cheaper network ran: partial work, not none
         if step_run is not None and not bool(step_run.any()):
             gen.stats.record([skipped] * batch)
             gen.estimated_steps.append(step)
-            return _replace_first(gen.templates[branch], est)
+            return _replace_first(gen.templates.get(branch, ran[-1] if ran else None), est)
 
         # 2. The guidance rule: which unconditional rows of computed pairs to leave out.
         if mode == "separate":
@@ -609,7 +614,6 @@ class Handle:
         new = bound if rows is None else self.adapter.slice_rows(bound, rows, batch)
         new = inspect.BoundArguments(new.signature, new.arguments.copy())
         new.arguments[self.adapter.hidden_arg] = resize(new.arguments[self.adapter.hidden_arg], size)
-        ran.append(True)
         try:
             out = self._orig_forward(*new.args, **new.kwargs)
         except Exception as e:
@@ -617,7 +621,47 @@ class Handle:
                 f"{name}: refused a {size[0]}x{size[1]} sample ({type(e).__name__}: {e}); running at a "
                 "lower resolution needs a model that accepts other sizes"
             ) from e
+        ran.append(None)  # its output has another size: no template for this call's answer
         return _output_tensor(out, self.model)
+
+    def _run_model(
+        self,
+        bound: inspect.BoundArguments,
+        batch: int,
+        module: Any,
+        rows: torch.Tensor | None,
+        ran: list[Any],
+        template: Any,
+    ) -> torch.Tensor:
+        """``CallContext.run_model``: ``module`` called with this call's arguments (``rows`` only)."""
+        new = bound if rows is None else self.adapter.slice_rows(bound, rows, batch)
+        hidden = as_batch(new.arguments[self.adapter.hidden_arg])
+        mine, theirs = next(self.model.parameters(), None), next(module.parameters(), None)
+        if (
+            mine is not None
+            and theirs is not None
+            and (theirs.device, theirs.dtype) != (mine.device, mine.dtype)
+        ):
+            module.to(mine.device, mine.dtype)
+        try:
+            out = module(*new.args, **new.kwargs)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (the stand-in model) refused {type(self.model).__name__}'s "
+                f"arguments ({type(e).__name__}: {e}); it must take the same inputs"
+            ) from e
+        tensor = _output_tensor(out, module)
+        # Before the model's own first output, the answer must have the sample's shape (a noise or
+        # velocity prediction; a stand-in for a model that also predicts variances is refused there).
+        want = hidden if template is None else _output_tensor(template, self.model)
+        if hidden is None or tensor.shape[0] != len(hidden) or tensor.shape[1:] != want.shape[1:]:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} answered {tuple(tensor.shape[1:])} per sample where "
+                f"{type(self.model).__name__} answers {tuple(want.shape[1:]) if want is not None else None}; "
+                "a stand-in model must give the same output shape"
+            )
+        ran.append(out if rows is None else None)  # a whole-batch answer can serve as the template
+        return tensor
 
     def _usable(self, gen: Generation, key: tuple, est: Streams, rows: torch.Tensor | None) -> bool:
         """Whether every row of an estimate passes the guard: one host sync however many streams."""

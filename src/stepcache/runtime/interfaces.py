@@ -31,6 +31,7 @@ class CallContext:
     rows: torch.Tensor | None = None  # full-batch indices of the rows running now; None = all
     _uncond: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False)
     _run_at: Callable[[float, torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
+    _run_model: Callable[[Any, torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
 
     def run_at(self, scale: float, rows: torch.Tensor | None) -> torch.Tensor:
         """The network's real output for ``rows`` on this call's sample resized to ``scale`` times
@@ -39,6 +40,14 @@ class CallContext:
         if self._run_at is None:
             raise RuntimeError("run_at: only a step rule's estimate may run the network")
         return self._run_at(scale, rows)
+
+    def run_model(self, module: Any, rows: torch.Tensor | None) -> torch.Tensor:
+        """Another denoiser's output for ``rows``, called with this call's arguments (a smaller
+        model of the same class: T-Stitch). Raises UnsupportedModelError if its output has
+        another shape."""
+        if self._run_model is None:
+            raise RuntimeError("run_model: only a step rule's estimate may run another model")
+        return self._run_model(module, rows)
 
     def uncond_rows(self) -> torch.Tensor | None:
         """Bool mask over the full batch: rows that are the unconditional half of batched CFG."""
@@ -87,6 +96,9 @@ class StepRule(ABC):
     """Decides, per call and per row, whether the whole denoiser runs or its output is estimated."""
 
     level = "step"
+    # Whether estimate needs no earlier output and may answer a generation's first call (it runs
+    # another model); otherwise the first call computes.
+    answers_first = False
 
     def new_state(self) -> Any:
         """This rule's state for one branch of one generation, handed to every call: a dict, or

@@ -133,6 +133,29 @@ MODELS: dict[str, ZooModel] = {
             ),
         ),
         ZooModel(
+            key="fmnist-dit-s",
+            summary="fmnist-dit's small sibling (4 blocks, width 64: 1/6 of its FLOPs), for T-Stitch",
+            family="dit",
+            config={
+                "num_attention_heads": 2,
+                "attention_head_dim": 32,
+                "in_channels": 1,
+                "out_channels": 1,
+                "num_layers": 4,
+                "sample_size": 28,
+                "patch_size": 4,
+                "num_embeds_ada_norm": 10,
+                "norm_num_groups": 1,
+            },
+            load_data=lambda: data.load_fashion_mnist("train"),
+            num_classes=10,
+            default_steps=20,
+            default_guidance=3.0,
+            train=TrainConfig(
+                steps=3000, batch_size=128, lr=1e-3, warmup=200, ema=0.998, checkpoint_every=250
+            ),
+        ),
+        ZooModel(
             key="fmnist-unet",
             summary="class-conditional UNet2DModel on Fashion-MNIST 28x28; for the U-Net methods",
             family="unet",

@@ -165,16 +165,19 @@ class HyCa(TaylorSeerFeature):
             return
         if state.streams is None:
             state.streams = [None if r is None else History(3) for r in residual]
-            state.errors = [
-                None if r is None else torch.zeros(len(POOL), r.shape[-1], device=r.device) for r in residual
-            ]
+            state.errors = [None] * len(residual)
             state.groups = [None] * len(residual)
             if self.solvers is not None:
                 state.groups = [None if r is None else group(a, r.device) for r, a in self._split(residual)]
+            else:  # scores to choose from online
+                state.errors = [
+                    None if r is None else r.new_zeros(len(POOL), r.shape[-1], dtype=torch.float32)
+                    for r in residual
+                ]
         for i, (history, r) in enumerate(zip(state.streams, residual, strict=True)):
             if history is None or r is None:
                 continue
-            if self.solvers is None and history.outputs:
+            if state.errors[i] is not None and history.outputs:
                 state.errors[i] += channel_errors(history, float(ctx.step), r)
             history.add(float(ctx.step), r)
 
