@@ -30,6 +30,7 @@ from stepcache import presets, zoo
 from stepcache._env import environment
 from stepcache._io import atomic_write_bytes, atomic_write_json
 from stepcache.calibration import calibrated
+from stepcache.methods import methods
 from stepcache.metrics import bootstrap_ci, frechet_distance, psnr_per_image, ssim_per_image
 from stepcache.zoo.classifier import classifier_for
 
@@ -69,6 +70,22 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("default", {}),
         ("aggressive", {"interval": 4}),
     ],
+    "hyca": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 4})],
+    "cg-taylor": [
+        ("conservative", {"threshold": 0.05}),
+        ("default", {}),
+        ("aggressive", {"threshold": 0.25, "max_consecutive": 4}),
+    ],
+    "bwcache": [
+        ("conservative", {"threshold": 0.03}),
+        ("default", {}),
+        ("aggressive", {"threshold": 0.15, "max_consecutive": 4}),
+    ],
+    "bottleneck": [
+        ("conservative", {"scale": 0.75, "start": 0.5, "end": 0.9}),
+        ("default", {}),
+        ("aggressive", {"start": 0.2, "end": 0.9}),
+    ],
     "fora": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "deepcache": [("conservative", {"interval": 2}), ("default", {}), ("aggressive", {"interval": 5})],
     "adaptive-guidance": [
@@ -96,6 +113,14 @@ CALIBRATED = {name: {} for name in calibrated()}
 CALIB_SEEDS = 16
 
 
+def settings_for(name: str) -> list[tuple[str, dict]]:
+    """The settings above, or for a method dropped in since: its preset and the sweep it declares."""
+    if name in SETTINGS:
+        return list(SETTINGS[name])
+    sweep = methods()[name].sweep
+    return [("default", {})] + [(f"sweep {i}", dict(s)) for i, s in enumerate(sweep) if s]
+
+
 def make_policy(name: str, params: dict) -> stepcache.Policy:
     if "+" not in name:
         return presets.get(name, **params)
@@ -114,7 +139,12 @@ def main() -> None:
     ap.add_argument("--model", default="fmnist-dit")
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--presets", default=",".join(SETTINGS))
+    ap.add_argument("--presets", default=",".join([*SETTINGS, *(m for m in methods() if m not in SETTINGS)]))
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only these presets' rows in the committed JSON, keep the others (same protocol)",
+    )
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from the committed JSON")
     args = ap.parse_args()
     if args.replot:
@@ -185,7 +215,7 @@ def main() -> None:
     full_flops = flops(None)
     rows = []
     for name in args.presets.split(","):
-        settings = list(SETTINGS[name])
+        settings = settings_for(name)
         if name in CALIBRATED:
             settings.append(("calibrated", None))
         for setting, params in settings:
@@ -240,13 +270,26 @@ def main() -> None:
     if real_feats is not None:
         ref_row["fd_domain"] = frechet_distance(real_feats[: args.seeds * 4], clf.features(reference))
     out = ROOT / "benchmarks" / "results" / f"methods-{args.model}.json"
+    command = "python " + " ".join(sys.argv)
+    if args.merge:
+        old = json.loads(out.read_text())
+        same = {"seeds": args.seeds, "repeats": args.repeats, "steps": steps, "guidance": guidance}
+        if any(old["protocol"][k] != v for k, v in same.items()):
+            raise SystemExit(f"--merge: {out} was measured with {old['protocol']}, not {same}")
+        chosen = set(args.presets.split(","))
+        rows = [r for r in old["runs"] if r["preset"] not in chosen] + rows
+        commands = old.get("commands", [old["command"]])
+        command, extra = old["command"], {"commands": [*commands, command]}
+    else:
+        extra = {}
     atomic_write_json(
         out,
         {
             "benchmark": "methods",
             "model": args.model,
             **environment(ROOT),
-            "command": "python " + " ".join(sys.argv),
+            "command": command,
+            **extra,
             "protocol": {
                 "steps": steps,
                 "guidance": guidance,
