@@ -517,7 +517,7 @@ class Handle:
         if rule is not None:
             plan = self._agreed(_tie_cfg_pairs(rule.plan(ctx, state), ctx), device)
             compute_all, compute_none, mask = _resolve(
-                True if first and not rule.answers_first else plan, batch
+                True if first and not getattr(rule, "answers_first", False) else plan, batch
             )
             if not compute_all:
                 est_rows = None if compute_none else _global_rows(None, ~mask, device)
