@@ -85,6 +85,21 @@ def build(family: str, config: dict[str, Any]) -> torch.nn.Module:
     return FAMILIES[family](**config)
 
 
+_FMNIST_DIT = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_layers": 6,
+    "sample_size": 28,
+    "patch_size": 4,
+    "num_embeds_ada_norm": 10,
+    "norm_num_groups": 1,
+}
+_FMNIST_DIT_RECIPE = TrainConfig(
+    steps=3000, batch_size=128, lr=1e-3, warmup=200, ema=0.998, checkpoint_every=250
+)
+
 MODELS: dict[str, ZooModel] = {
     m.key: m
     for m in [
@@ -113,47 +128,23 @@ MODELS: dict[str, ZooModel] = {
             key="fmnist-dit",
             summary="class-conditional DiT on Fashion-MNIST 28x28 (patch 4); the main quality benchmark",
             family="dit",
-            config={
-                "num_attention_heads": 4,
-                "attention_head_dim": 32,
-                "in_channels": 1,
-                "out_channels": 1,
-                "num_layers": 6,
-                "sample_size": 28,
-                "patch_size": 4,
-                "num_embeds_ada_norm": 10,
-                "norm_num_groups": 1,
-            },
+            config=_FMNIST_DIT,
             load_data=lambda: data.load_fashion_mnist("train"),
             num_classes=10,
             default_steps=20,
             default_guidance=3.0,
-            train=TrainConfig(
-                steps=3000, batch_size=128, lr=1e-3, warmup=200, ema=0.998, checkpoint_every=250
-            ),
+            train=_FMNIST_DIT_RECIPE,
         ),
         ZooModel(
             key="fmnist-dit-s",
             summary="fmnist-dit's small sibling (4 blocks, width 64: 1/6 of its FLOPs), for T-Stitch",
             family="dit",
-            config={
-                "num_attention_heads": 2,
-                "attention_head_dim": 32,
-                "in_channels": 1,
-                "out_channels": 1,
-                "num_layers": 4,
-                "sample_size": 28,
-                "patch_size": 4,
-                "num_embeds_ada_norm": 10,
-                "norm_num_groups": 1,
-            },
+            config={**_FMNIST_DIT, "num_attention_heads": 2, "num_layers": 4},
             load_data=lambda: data.load_fashion_mnist("train"),
             num_classes=10,
             default_steps=20,
             default_guidance=3.0,
-            train=TrainConfig(
-                steps=3000, batch_size=128, lr=1e-3, warmup=200, ema=0.998, checkpoint_every=250
-            ),
+            train=_FMNIST_DIT_RECIPE,  # the same recipe: T-Stitch's small sibling
         ),
         ZooModel(
             key="fmnist-unet",
