@@ -73,6 +73,12 @@ def taylor(outputs: list[torch.Tensor], xs: list[float], x: float) -> torch.Tens
     return result.to(outputs[0].dtype)
 
 
+def damp(last: torch.Tensor, forecast: torch.Tensor, damping: float) -> torch.Tensor:
+    """``damping`` of the way from ``last`` to ``forecast`` (1: the forecast itself; 0: ``last``):
+    a shorter step, for extrapolations that overshoot over long gaps or on oscillating features."""
+    return forecast if damping == 1.0 else last + damping * (forecast - last)
+
+
 @dataclass
 class History:
     """The last ``size`` real outputs of a branch (whole batch) and where they were taken: the
@@ -87,9 +93,12 @@ class History:
         self.xs.append(float(x))
         del self.outputs[: -self.size], self.xs[: -self.size]
 
-    def forecast(self, x: float, order: int, expansion: str = "polynomial") -> torch.Tensor:
+    def forecast(
+        self, x: float, order: int, expansion: str = "polynomial", damping: float = 1.0
+    ) -> torch.Tensor:
         """Extrapolate with up to ``order`` + 1 points (fewer while the history is short): the
-        polynomial through them, or TaylorSeer's expansion (``expansion="taylor"``)."""
+        polynomial through them, or TaylorSeer's expansion (``expansion="taylor"``), moved
+        ``damping`` of the way from the last point."""
         k = min(order + 1, len(self.outputs))
         forecast = taylor if expansion == "taylor" else extrapolate
-        return forecast(self.outputs[-k:], self.xs[-k:], x)
+        return damp(self.outputs[-1], forecast(self.outputs[-k:], self.xs[-k:], x), damping)

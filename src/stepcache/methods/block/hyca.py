@@ -24,7 +24,7 @@ from ...policy import Param, RuleSchema
 from ...runtime import CallContext, RuleSet
 from ...runtime.interfaces import Streams
 from .. import Method
-from ..maths import History, extrapolate, taylor
+from ..maths import History, damp, extrapolate, taylor
 from .taylorseer_feature import SCHEMA as FEATURE_SCHEMA
 from .taylorseer_feature import TaylorSeerFeature
 
@@ -47,7 +47,7 @@ def _taylor(outs: list[torch.Tensor], xs: list[float], x: float) -> torch.Tensor
 
 def _damped(outs: list[torch.Tensor], xs: list[float], x: float) -> torch.Tensor:
     # Half the linear step: for dimensions that oscillate, where a full step overshoots.
-    return (outs[-1] + extrapolate(outs[-2:], xs[-2:], x)) / 2
+    return damp(outs[-1], extrapolate(outs[-2:], xs[-2:], x), 0.5)
 
 
 # The pool, by id: reuse (0th order), the lines and parabolas through the last computed points

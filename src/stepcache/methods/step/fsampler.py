@@ -50,8 +50,7 @@ class FSampler(StepRule):
 
     def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor | None:
         last = state.outputs[-1]
-        forecast = state.forecast(float(ctx.step), self.history - 1)
-        pred = last + self.damping * (forecast - last)
+        pred = state.forecast(float(ctx.step), self.history - 1, damping=self.damping)
         # Validation: per-sample norm ratio to the last real prediction stays in the band.
         ratio = pred.float().flatten(1).norm(dim=1) / last.float().flatten(1).norm(dim=1).clamp_min(1e-12)
         ok = (

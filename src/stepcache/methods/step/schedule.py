@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ...policy import Param, RuleSchema
 from ...runtime import CallContext
 from .. import Method
@@ -72,13 +70,6 @@ class Schedule(TaylorSeer):
 
     def plan(self, ctx: CallContext, state: History) -> bool:
         return on_mask(ctx.step, self.mask) or not state.outputs
-
-    def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor:
-        out = state.forecast(self._x(ctx), self.order, self.expansion)
-        if self.damping != 1.0:  # a shorter step: the extrapolation tends to overshoot over long gaps
-            last = state.outputs[-1]
-            out = last + self.damping * (out - last)
-        return out if rows is None else out.index_select(0, rows)
 
 
 METHOD = Method(

@@ -39,6 +39,8 @@ SCHEMA = RuleSchema(
 
 
 class TaylorSeer(StepRule):
+    damping = 1.0  # the forecast in full (the planned schedule may shorten it)
+
     def __init__(self, interval: int, order: int, warmup: int, variable: str, expansion: str = "polynomial"):
         self.interval, self.order, self.warmup, self.variable = interval, order, warmup, variable
         self.expansion = expansion
@@ -53,7 +55,7 @@ class TaylorSeer(StepRule):
         return on_schedule(ctx.step, self.interval, self.warmup)
 
     def estimate(self, ctx: CallContext, state: History, rows: torch.Tensor | None) -> torch.Tensor:
-        out = state.forecast(self._x(ctx), self.order, self.expansion)
+        out = state.forecast(self._x(ctx), self.order, self.expansion, self.damping)
         return out if rows is None else out.index_select(0, rows)
 
     def observe(
