@@ -501,10 +501,6 @@ class Handle:
             else None,
         )
         ran: list[Any] = []  # what the step rule's estimate ran: the network at low resolution, or another
-        ctx._run_at = lambda scale, rows: self._run_at(bound, batch, scale, rows, ran)
-        ctx._run_model = lambda module, rows: self._run_model(
-            bound, batch, module, rows, ran, gen.templates.get(branch)
-        )
         first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
         device = hidden.device
@@ -521,7 +517,13 @@ class Handle:
             )
             if not compute_all:
                 est_rows = None if compute_none else _global_rows(None, ~mask, device)
+                # Only an estimate may run the network another way (CallContext.run_at, run_model).
+                ctx._run_at = lambda scale, rows: self._run_at(bound, batch, scale, rows, ran)
+                ctx._run_model = lambda module, rows: self._run_model(
+                    bound, batch, module, rows, ran, gen.templates.get(branch)
+                )
                 est = rule.estimate(ctx, state, est_rows)
+                ctx._run_at = ctx._run_model = None
                 # None: the rule's own validation rejected its estimate. The guard's finiteness
                 # and range check is one host read.
                 usable = est is not None and (
@@ -532,7 +534,6 @@ class Handle:
                     compute_all, est, est_rows = True, None, None
             if not compute_all:
                 step_run = torch.zeros(batch, dtype=torch.bool) if compute_none else mask.cpu()
-        ctx._run_at = ctx._run_model = None
         skipped = "P" if ran else "E"  # a cheaper network ran: partial work, not none
         if step_run is not None and not bool(step_run.any()):
             gen.stats.record([skipped] * batch)
