@@ -13,6 +13,7 @@ import contextlib
 import copy
 import copyreg
 import inspect
+import re
 import sys
 import threading
 import warnings
@@ -26,7 +27,17 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
-from .interfaces import BranchRule, CallContext, PerBlockRule, RuleSet, Streams, take, take_streams
+from .interfaces import (
+    BranchRule,
+    CallContext,
+    PerBlockRule,
+    RuleSet,
+    Streams,
+    TokenRule,
+    put,
+    take,
+    take_streams,
+)
 from .ranks import Agreement, agreement_for
 from .state import CallScratch, Generation, tensor_bytes
 
@@ -282,6 +293,7 @@ class Handle:
         self._block_orig: list[Any] = []
         self._block_sig: list[inspect.Signature] = []
         self._replayed: set[int] = set()  # module caches: indices whose output is replayed
+        self._token_span: _TokenSpan | None = None  # token caching: the span running now
         self._compiled = False
         self._replaced = False  # a later enable on the same model took over
 
@@ -939,6 +951,8 @@ class Handle:
         io = self.adapter.block_io
         head_end, tail_start = scratch.span
         bound = self._block_sig[head_end].bind(*args, **kwargs)
+        if isinstance(rule, TokenRule):
+            return self._token_middle(gen, scratch, bound)
         s_in = io.read_in(bound)
         ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
         state = scratch.state
@@ -998,14 +1012,7 @@ class Handle:
         skip_local = torch.nonzero(~mask).reshape(-1).to(s_in[0].device)
         sub = self.adapter.slice_rows(bound, run_local, active)
         sub_in = io.read_in(sub)
-        streams = sub_in
-        for j in range(head_end, tail_start):
-            sig = self._block_sig[j]
-            call = inspect.BoundArguments(sig, sub.arguments.copy())
-            for name, value in zip(io.streams, streams, strict=True):
-                if name in call.arguments or value is not None:
-                    call.arguments[name] = value
-            streams = io.read_out(self._block_orig[j](*call.args, **call.kwargs))
+        streams = self._run_span(sub, sub_in, head_end, tail_start)
         residual = _sub(streams, sub_in)
         run_global = _global_rows(scratch.rows, mask, s_in[0].device)
         self._observe_block(gen, scratch, ctx, residual, run_global)
@@ -1013,6 +1020,125 @@ class Handle:
         full = _scatter(s_in, run_local, streams)
         full = _scatter(full, skip_local, skipped)
         return io.format_out(full)
+
+    def _run_span(self, bound: inspect.BoundArguments, streams: Streams, start: int, end: int) -> Streams:
+        """Blocks ``start:end`` run here in turn on ``streams``, with ``bound``'s other arguments."""
+        io = self.adapter.block_io
+        for j in range(start, end):
+            call = inspect.BoundArguments(self._block_sig[j], bound.arguments.copy())
+            for name, value in zip(io.streams, streams, strict=True):
+                if name in call.arguments or value is not None:
+                    call.arguments[name] = value
+            streams = io.read_out(self._block_orig[j](*call.args, **call.kwargs))
+        return streams
+
+    def _token_middle(self, gen: Generation, scratch: CallScratch, bound: inspect.BoundArguments) -> Any:
+        """The middle span under a TokenRule: on every token, or on the tokens the rule picks
+        (per row) with self-attention reading the other tokens' cached keys and values."""
+        rule, io = self.rules.block, self.adapter.block_io
+        head_end, tail_start = scratch.span
+        s_in = io.read_in(bound)
+        hidden = s_in[0]
+        if hidden is None or hidden.dim() != 3:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: token caching needs its blocks' hidden states as "
+                f"(batch, tokens, channels), and they are {None if hidden is None else tuple(hidden.shape)}"
+            )
+        layout = [n for n, v in bound.arguments.items() if v is not None and _TOKEN_LAYOUT.search(n)]
+        if layout:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: its blocks take {', '.join(layout)}: per-token positions "
+                "(rotary) or a spatial layout used inside the block, which a subset of the tokens "
+                "cannot keep; token caching needs positions added before the blocks"
+            )
+        ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
+        tokens = rule.plan(ctx, scratch.state, s_in)
+        if tokens is not None and self.agreement is not None:
+            raise UnsupportedModelError("token caching cannot agree on per-token choices across ranks")
+        span = _TokenSpan(gen.token_cache(ctx.branch), scratch.rows, tokens, ctx.batch, hidden.shape[1])
+        scratch.skipping = True  # the span runs here: its other blocks pass their input on
+        if tokens is None:
+            out = self._run_token_span(span, bound, s_in, head_end, tail_start)
+            rule.observe(ctx, scratch.state, s_in, _sub(out, s_in), None, scratch.rows)
+            return io.format_out(out)
+        for r in range(hidden.shape[0]) if scratch.rows is None else scratch.rows.tolist():
+            scratch.row_actions[r] = "P"
+        est = rule.estimate(ctx, scratch.state, scratch.rows)
+        if tokens.shape[1] == 0:  # no token runs: every stream reuses its residual
+            return io.format_out(_add(s_in, est))
+        sub = (_gather_tokens(hidden, tokens), *s_in[1:])
+        out = self._run_token_span(span, bound, sub, head_end, tail_start)
+        rule.observe(ctx, scratch.state, s_in, _sub(out, sub), tokens, scratch.rows)
+        first = hidden + est[0]
+        first.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, first.shape[-1]), out[0])
+        return io.format_out((first, *out[1:]))
+
+    def _run_token_span(
+        self, span: _TokenSpan, bound: inspect.BoundArguments, streams: Streams, start: int, end: int
+    ) -> Streams:
+        self._token_span = span  # the key and value projections read it (_bind_projection)
+        try:
+            return self._run_span(bound, streams, start, end)
+        finally:
+            self._token_span = None
+
+
+# Block arguments that tie computation to every token's place: positions applied inside
+# attention (rotary embeddings), or the grid a block reshapes its tokens into (Sana's Mix-FFN).
+_TOKEN_LAYOUT = re.compile(r"rotary|rope|freqs|pos_emb|position|height|width|frames")
+
+
+def _gather_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def self_attentions(block: nn.Module) -> list[nn.Module]:
+    """The attention layers of a block that may attend over its own tokens: those with key and
+    value projections that do not declare themselves cross-attention. (A layer that turns out to
+    project other tokens is refused when it runs: its width is not the span's.)"""
+    found = [
+        m
+        for m in block.modules()
+        if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v"))
+        and not getattr(m, "is_cross_attention", False)
+    ]
+    if not found:
+        raise UnsupportedModelError(f"{type(block).__name__} has no self-attention layer for token caching")
+    return found
+
+
+@dataclass
+class _TokenSpan:
+    """What the key and value projections of a span running under a TokenRule need to know."""
+
+    cache: dict[tuple[int, int, str], torch.Tensor]  # per (block, layer, projection): all tokens
+    rows: torch.Tensor | None
+    tokens: torch.Tensor | None  # (active rows, k) token positions running; None = all of them
+    batch: int
+    length: int  # tokens the blocks carry
+
+
+def _project(span: _TokenSpan, key: tuple[int, int, str], output: torch.Tensor) -> torch.Tensor:
+    """A key or value projection's output inside the span: recorded for every token, or, run on
+    some tokens, written into the kept full-length projection, which attention then gets whole."""
+    width, tokens = output.shape[1], span.tokens
+    running = span.length if tokens is None else tokens.shape[1]
+    stored = take(span.cache.get(key), span.rows)
+    if width != running or (tokens is not None and (stored is None or stored.shape[1] != span.length)):
+        raise UnsupportedModelError(
+            f"token caching: self-attention {key[1]} of block {key[0]} projects {width} tokens "
+            f"where the blocks carry {running} (other tokens, such as a text, are mixed into "
+            "its keys), so its keys cannot be kept per token"
+        )
+    if tokens is None:
+        span.cache[key] = put(span.cache.get(key), span.rows, output, span.batch)
+        return output
+    # In place: the kept projection is the runtime's own (a copy of the rows when rows is set),
+    # and attention has read it before the next call writes it.
+    stored.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, stored.shape[-1]), output.to(stored.dtype))
+    if span.rows is not None:
+        span.cache[key] = put(span.cache[key], span.rows, stored, span.batch)
+    return stored
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -1109,6 +1235,8 @@ def attach(
             f"block-level rule {type(rules.block).__name__} needs a linear block stack, and "
             f"{type(model).__name__} ({adapter.family}) has none"
         )
+    if isinstance(rules.block, TokenRule):
+        attentions = [self_attentions(b) for b in blocks]
     _set(handle, model, "forward", handle._forward)
     wrap = _bind_branch if isinstance(rules.block, BranchRule) else _bind_block
     for i, blk in enumerate(blocks or []):
@@ -1116,6 +1244,12 @@ def attach(
         handle._block_orig.append(blk.forward)
         handle._block_sig.append(inspect.signature(blk.forward))
         _set(handle, blk, "forward", wrap(handle, i))
+    if isinstance(rules.block, TokenRule):
+        for j, layers in enumerate(attentions):
+            for a, layer in enumerate(layers):
+                for name in ("to_k", "to_v"):
+                    proj = getattr(layer, name)
+                    _set(handle, proj, "forward", _bind_projection(handle, (j, a, name), proj.forward))
     if target is not model and callable(getattr(target, "progress_bar", None)):
         orig_bar = target.progress_bar
 
@@ -1230,6 +1364,17 @@ def _placeholders(shapes: Any) -> Any:
 def _bind_branch(handle: Handle, index: int) -> Any:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return handle._branch_forward(index, *args, **kwargs)
+
+    return forward
+
+
+def _bind_projection(handle: Handle, key: tuple[int, int, str], orig: Any) -> Any:
+    # Out of dynamo: whether a span is running is the runtime's Python state.
+    @torch.compiler.disable
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = orig(*args, **kwargs)
+        span = handle._token_span
+        return out if span is None else _project(span, key, out)
 
     return forward
 

@@ -186,6 +186,52 @@ class PerBlockRule(ABC):
         """Record block ``index``'s real input and residual."""
 
 
+class TokenRule(ABC):
+    """Runs the middle span of the block stack on some of the tokens only (per sample), the
+    others answering with their input plus the residual they had when they last ran.
+
+    The tokens are those of the first hidden stream ``(batch, tokens, channels)``; other streams
+    (a text stream) run in full. Inside the span, self-attention still sees every token: the
+    runtime keeps each self-attention layer's keys and values and refreshes the rows of the
+    tokens that run, so a running token attends to the others' cached keys and values.
+    """
+
+    level = "block"
+
+    def new_state(self) -> Any:
+        """This rule's state for one branch of one generation (a dict or the rule's dataclass)."""
+        return {}
+
+    @abstractmethod
+    def span(self, num_blocks: int) -> tuple[int, int]:
+        """(head_end, tail_start): the middle is blocks[head_end:tail_start]."""
+
+    def span_at(self, num_blocks: int, ctx: CallContext) -> tuple[int, int]:
+        return self.span(num_blocks)
+
+    @abstractmethod
+    def plan(self, ctx: CallContext, state: Any, block_in: Streams) -> torch.Tensor | None:
+        """None: every token runs. Otherwise a LongTensor ``(active rows, k)``: per row, the
+        token positions that run (the same ``k`` for every row)."""
+
+    @abstractmethod
+    def estimate(self, ctx: CallContext, state: Any, rows: torch.Tensor | None) -> Streams:
+        """The cached residual of every token (full length, per stream) for ``rows``."""
+
+    @abstractmethod
+    def observe(
+        self,
+        ctx: CallContext,
+        state: Any,
+        block_in: Streams,
+        residual: Streams,
+        tokens: torch.Tensor | None,
+        rows: torch.Tensor | None,
+    ) -> None:
+        """Record the span's input and real residual: of every token (``tokens`` None), or of
+        the tokens that ran (the first stream's residual then holds only those, in order)."""
+
+
 class BranchRule(ABC):
     """A module-output cache (DeepCache, FORA): on a skipped call, chosen modules return their
     output from the last computed call, and the modules this makes unnecessary return empty
@@ -253,7 +299,7 @@ class RuleSet:
     """The built rules of one policy, as the runtime receives them."""
 
     step: StepRule | None = None
-    block: BlockRule | BranchRule | None = None
+    block: BlockRule | PerBlockRule | TokenRule | BranchRule | None = None
     guidance: GuidanceRule | None = None
     # Compute instead of using a step or block estimate that is not finite or whose per-row norm
     # exceeds GUARD_RANGE (engine.py) times the largest the rule observed; a guidance estimate

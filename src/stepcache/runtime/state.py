@@ -173,6 +173,13 @@ class Generation:
             self.rule_states[key] = ModuleCache()
         return self.rule_states[key]
 
+    def token_cache(self, branch: int) -> dict[Any, torch.Tensor]:
+        """Token caching: every self-attention layer's keys and values, per branch."""
+        key = (branch, "tokens")
+        if key not in self.rule_states:
+            self.rule_states[key] = {}
+        return self.rule_states[key]
+
     def reset_branch(self, branch: int) -> None:
         for key in [k for k in self.rule_states if k[0] == branch]:
             del self.rule_states[key]
