@@ -81,6 +81,11 @@ SETTINGS: dict[str, list[tuple[str, dict]]] = {
         ("default", {}),
         ("aggressive", {"threshold": 0.15, "max_consecutive": 4}),
     ],
+    "toca": [
+        ("conservative", {"ratio": 0.5}),
+        ("default", {}),
+        ("aggressive", {"ratio": 0.15, "interval": 4}),
+    ],
     "bottleneck": [
         ("conservative", {"scale": 0.75, "start": 0.5, "end": 0.9}),
         ("default", {}),

@@ -370,6 +370,12 @@ def policies(steps: int) -> list[tuple[str, Any]]:
         ("fbcache never skips", stepcache.presets.get("fbcache", threshold=0.0)),
         ("fbcache skips all it can", stepcache.presets.get("fbcache", threshold=10.0, max_consecutive=big)),
         ("deepcache interval 3", stepcache.presets.get("deepcache", interval=3)),  # U-Nets only
+        # token caching (non-rotary transformers): every token each step (the token path's
+        # overhead), a quarter of the tokens on every step after the first (a token step's
+        # efficiency), and the preset
+        ("toca every token", stepcache.presets.get("toca", ratio=1.0)),
+        ("toca 25% of tokens", stepcache.presets.get("toca", ratio=0.25, warmup=1, interval=1000)),
+        ("toca preset", stepcache.presets.get("toca")),
     ]
 
 
@@ -478,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--only", default=None, help="comma-separated words: run only the policies whose name has one"
+    )
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and args.size == "full" else torch.float32
@@ -499,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return euler(runner, args.arch, inputs, steps, device, dtype, handle, context)
 
     runs = [{"policy": name, "peer": None, "pol": pol} for name, pol in policies(steps)] + peer_runs(model)
+    if args.only:  # the baseline stays: every speedup is over it
+        words = args.only.split(",")
+        runs = [r for r in runs if r["policy"] == "no stepcache" or any(w in r["policy"] for w in words)]
     unavailable: list[dict[str, str]] = []
     for run in list(runs):  # FLOPs and host syncs, untimed
         try:
@@ -507,7 +519,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.remove(run)
             unavailable.append({"policy": run["policy"], "reason": str(e)})
             continue
-        generate(handle, ctx, scope)  # warm-up
+        try:
+            generate(handle, ctx, scope)  # warm-up; some refusals come at the first call
+        except stepcache.UnsupportedModelError as e:
+            detach(model, run)
+            runs.remove(run)
+            unavailable.append({"policy": run["policy"], "reason": str(e)})
+            continue
         run["flops"] = _flops(lambda h=handle, c=ctx, g=scope: generate(h, c, g))
         detach(model, run)
         if run["peer"] is None:
