@@ -118,17 +118,10 @@ class StepRule(ABC):
         """Record a real output for ``rows``."""
 
 
-class BlockRule(ABC):
-    """Splits the block stack into head / middle / tail and decides when the middle runs.
-
-    Head and tail always run. When the middle is skipped, its input plus an estimated residual
-    stands in for its output.
-    """
+class SpanRule(ABC):
+    """A block-level rule over the middle span of the block stack: head and tail always run."""
 
     level = "block"
-    # With an empty head, whether plan needs the first block's modulated input (computing it
-    # costs that block's normalisation once more per call).
-    wants_signal = True
 
     def new_state(self) -> Any:
         """This rule's state for one branch of one generation, handed to every call: a dict, or
@@ -142,6 +135,18 @@ class BlockRule(ABC):
     def span_at(self, num_blocks: int, ctx: CallContext) -> tuple[int, int]:
         """The span for one call; rules whose span moves with the step override this."""
         return self.span(num_blocks)
+
+
+class BlockRule(SpanRule):
+    """Splits the block stack into head / middle / tail and decides when the middle runs.
+
+    Head and tail always run. When the middle is skipped, its input plus an estimated residual
+    stands in for its output.
+    """
+
+    # With an empty head, whether plan needs the first block's modulated input (computing it
+    # costs that block's normalisation once more per call).
+    wants_signal = True
 
     @abstractmethod
     def plan(self, ctx: CallContext, state: Any, head_residual: Streams) -> Plan:
@@ -186,28 +191,16 @@ class PerBlockRule(ABC):
         """Record block ``index``'s real input and residual."""
 
 
-class TokenRule(ABC):
+class TokenRule(SpanRule):
     """Runs the middle span of the block stack on some of the tokens only (per sample), the
     others answering with their input plus the residual they had when they last ran.
 
     The tokens are those of the first hidden stream ``(batch, tokens, channels)``; other streams
     (a text stream) run in full. Inside the span, self-attention still sees every token: the
     runtime keeps each self-attention layer's keys and values and refreshes the rows of the
-    tokens that run, so a running token attends to the others' cached keys and values.
+    tokens that run, so a running token attends to the others' cached keys and values. The
+    guard has nothing to check here: every value a token step uses was computed.
     """
-
-    level = "block"
-
-    def new_state(self) -> Any:
-        """This rule's state for one branch of one generation (a dict or the rule's dataclass)."""
-        return {}
-
-    @abstractmethod
-    def span(self, num_blocks: int) -> tuple[int, int]:
-        """(head_end, tail_start): the middle is blocks[head_end:tail_start]."""
-
-    def span_at(self, num_blocks: int, ctx: CallContext) -> tuple[int, int]:
-        return self.span(num_blocks)
 
     @abstractmethod
     def plan(self, ctx: CallContext, state: Any, block_in: Streams) -> torch.Tensor | None:
