@@ -19,7 +19,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -293,7 +293,7 @@ class Handle:
         self._block_orig: list[Any] = []
         self._block_sig: list[inspect.Signature] = []
         self._replayed: set[int] = set()  # module caches: indices whose output is replayed
-        self._token_span: _TokenSpan | None = None  # token caching: the span running now
+        self._attentions: list[list[nn.Module]] = []  # token caching: each block's self-attention
         self._compiled = False
         self._replaced = False  # a later enable on the same model took over
 
@@ -1053,12 +1053,10 @@ class Handle:
             )
         ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
         tokens = rule.plan(ctx, scratch.state, s_in)
-        if tokens is not None and self.agreement is not None:
-            raise UnsupportedModelError("token caching cannot agree on per-token choices across ranks")
         span = _TokenSpan(gen.token_cache(ctx.branch), scratch.rows, tokens, ctx.batch, hidden.shape[1])
         scratch.skipping = True  # the span runs here: its other blocks pass their input on
         if tokens is None:
-            out = self._run_token_span(span, bound, s_in, head_end, tail_start)
+            out = self._run_token_span(scratch, span, bound, s_in, head_end, tail_start)
             rule.observe(ctx, scratch.state, s_in, _sub(out, s_in), None, scratch.rows)
             return io.format_out(out)
         for r in range(hidden.shape[0]) if scratch.rows is None else scratch.rows.tolist():
@@ -1067,20 +1065,40 @@ class Handle:
         if tokens.shape[1] == 0:  # no token runs: every stream reuses its residual
             return io.format_out(_add(s_in, est))
         sub = (_gather_tokens(hidden, tokens), *s_in[1:])
-        out = self._run_token_span(span, bound, sub, head_end, tail_start)
+        out = self._run_token_span(scratch, span, bound, sub, head_end, tail_start)
         rule.observe(ctx, scratch.state, s_in, _sub(out, sub), tokens, scratch.rows)
         first = hidden + est[0]
         first.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, first.shape[-1]), out[0])
         return io.format_out((first, *out[1:]))
 
     def _run_token_span(
-        self, span: _TokenSpan, bound: inspect.BoundArguments, streams: Streams, start: int, end: int
+        self,
+        scratch: CallScratch,
+        span: _TokenSpan,
+        bound: inspect.BoundArguments,
+        streams: Streams,
+        start: int,
+        end: int,
     ) -> Streams:
-        self._token_span = span  # the key and value projections read it (_bind_projection)
+        scratch.token_span = span  # the key and value projections read it (_bind_projection)
         try:
-            return self._run_span(bound, streams, start, end)
+            out = self._run_span(bound, streams, start, end)
         finally:
-            self._token_span = None
+            scratch.token_span = None
+        # Every layer must have projected through the wrapped to_k and to_v (fusing them later,
+        # e.g. fuse_qkv_projections(), would leave the running queries with their own keys only).
+        missing = [
+            f"block {j}"
+            for j in range(start, end)
+            for a in range(len(self._attentions[j]))
+            if not {(j, a, "to_k"), (j, a, "to_v")} <= span.fired
+        ]
+        if missing:
+            raise UnsupportedModelError(
+                f"token caching: the self-attention of {', '.join(dict.fromkeys(missing))} did "
+                "not call its to_k and to_v (fused projections?), so its keys cannot be kept per token"
+            )
+        return out
 
 
 # Block arguments that tie computation to every token's place: positions applied inside
@@ -1116,11 +1134,13 @@ class _TokenSpan:
     tokens: torch.Tensor | None  # (active rows, k) token positions running; None = all of them
     batch: int
     length: int  # tokens the blocks carry
+    fired: set[tuple[int, int, str]] = field(default_factory=set)  # projections that ran
 
 
 def _project(span: _TokenSpan, key: tuple[int, int, str], output: torch.Tensor) -> torch.Tensor:
     """A key or value projection's output inside the span: recorded for every token, or, run on
     some tokens, written into the kept full-length projection, which attention then gets whole."""
+    span.fired.add(key)
     width, tokens = output.shape[1], span.tokens
     running = span.length if tokens is None else tokens.shape[1]
     stored = take(span.cache.get(key), span.rows)
@@ -1236,7 +1256,12 @@ def attach(
             f"{type(model).__name__} ({adapter.family}) has none"
         )
     if isinstance(rules.block, TokenRule):
-        attentions = [self_attentions(b) for b in blocks]
+        if agreement is not None:
+            raise UnsupportedModelError(
+                "token caching picks tokens per rank's shard, and ranks cannot agree on per-token "
+                "choices: use a step- or block-level rule under context parallelism"
+            )
+        handle._attentions = [self_attentions(b) for b in blocks]
     _set(handle, model, "forward", handle._forward)
     wrap = _bind_branch if isinstance(rules.block, BranchRule) else _bind_block
     for i, blk in enumerate(blocks or []):
@@ -1245,7 +1270,7 @@ def attach(
         handle._block_sig.append(inspect.signature(blk.forward))
         _set(handle, blk, "forward", wrap(handle, i))
     if isinstance(rules.block, TokenRule):
-        for j, layers in enumerate(attentions):
+        for j, layers in enumerate(handle._attentions):
             for a, layer in enumerate(layers):
                 for name in ("to_k", "to_v"):
                     proj = getattr(layer, name)
@@ -1373,7 +1398,8 @@ def _bind_projection(handle: Handle, key: tuple[int, int, str], orig: Any) -> An
     @torch.compiler.disable
     def forward(*args: Any, **kwargs: Any) -> Any:
         out = orig(*args, **kwargs)
-        span = handle._token_span
+        gen = handle._current()
+        span = gen.call.token_span if gen is not None and gen.call is not None else None
         return out if span is None else _project(span, key, out)
 
     return forward

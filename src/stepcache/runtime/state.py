@@ -79,6 +79,7 @@ class CallScratch:
     next_block: int = 0  # linear stack: the block the model must call next
     module_calls: dict[int, int] = field(default_factory=dict)  # module caches: calls so far
     modules: ModuleCache | None = None  # module caches: this branch's cached outputs
+    token_span: Any = None  # token caching: the span running now (engine._TokenSpan)
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
