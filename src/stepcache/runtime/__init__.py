@@ -10,8 +10,10 @@ from .interfaces import (
     RuleSet,
     StepRule,
     TokenRule,
+    gather_tokens,
     put,
     put_streams,
+    scatter_tokens_,
     take,
     take_streams,
 )
@@ -28,9 +30,11 @@ __all__ = [
     "TokenRule",
     "attach",
     "detach",
+    "gather_tokens",
     "handle_of",
     "put",
     "put_streams",
+    "scatter_tokens_",
     "take",
     "take_streams",
 ]

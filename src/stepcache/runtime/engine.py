@@ -34,7 +34,9 @@ from .interfaces import (
     RuleSet,
     Streams,
     TokenRule,
+    gather_tokens,
     put,
+    scatter_tokens_,
     take,
     take_streams,
 )
@@ -1064,12 +1066,10 @@ class Handle:
         est = rule.estimate(ctx, scratch.state, scratch.rows)
         if tokens.shape[1] == 0:  # no token runs: every stream reuses its residual
             return io.format_out(_add(s_in, est))
-        sub = (_gather_tokens(hidden, tokens), *s_in[1:])
+        sub = (gather_tokens(hidden, tokens), *s_in[1:])
         out = self._run_token_span(scratch, span, bound, sub, head_end, tail_start)
         rule.observe(ctx, scratch.state, s_in, _sub(out, sub), tokens, scratch.rows)
-        first = hidden + est[0]
-        first.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, first.shape[-1]), out[0])
-        return io.format_out((first, *out[1:]))
+        return io.format_out((scatter_tokens_(hidden + est[0], tokens, out[0]), *out[1:]))
 
     def _run_token_span(
         self,
@@ -1104,10 +1104,6 @@ class Handle:
 # Block arguments that tie computation to every token's place: positions applied inside
 # attention (rotary embeddings), or the grid a block reshapes its tokens into (Sana's Mix-FFN).
 _TOKEN_LAYOUT = re.compile(r"rotary|rope|freqs|pos_emb|position|height|width|frames")
-
-
-def _gather_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def self_attentions(block: nn.Module) -> list[nn.Module]:
@@ -1155,7 +1151,7 @@ def _project(span: _TokenSpan, key: tuple[int, int, str], output: torch.Tensor) 
         return output
     # In place: the kept projection is the runtime's own (a copy of the rows when rows is set),
     # and attention has read it before the next call writes it.
-    stored.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, stored.shape[-1]), output.to(stored.dtype))
+    scatter_tokens_(stored, tokens, output)
     if span.rows is not None:
         span.cache[key] = put(span.cache[key], span.rows, stored, span.batch)
     return stored

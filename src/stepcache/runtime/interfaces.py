@@ -92,6 +92,17 @@ def put_streams(store: Streams | None, rows: torch.Tensor | None, value: Streams
     return tuple(None if v is None else put(o, rows, v, batch) for o, v in zip(old, value, strict=True))
 
 
+def gather_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The given tokens of each row of ``x`` (rows, all tokens, channels): ``tokens`` holds each
+    row's positions, (rows, k)."""
+    return x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens_(x: torch.Tensor, tokens: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Write ``value`` (rows, k, channels) at each row's ``tokens`` of ``x``, in place."""
+    return x.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]), value.to(x.dtype))
+
+
 class StepRule(ABC):
     """Decides, per call and per row, whether the whole denoiser runs or its output is estimated."""
 

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from ...policy import Param, RuleSchema
-from ...runtime import CallContext, TokenRule, put, put_streams, take, take_streams
+from ...runtime import (
+    CallContext,
+    TokenRule,
+    gather_tokens,
+    put,
+    put_streams,
+    scatter_tokens_,
+    take,
+    take_streams,
+)
 from ...runtime.interfaces import Streams
 from .. import Method
 from ..maths import on_schedule
@@ -52,8 +61,7 @@ def _scatter_rows(
     store: torch.Tensor, rows: torch.Tensor | None, tokens: torch.Tensor, value: torch.Tensor, batch: int
 ) -> torch.Tensor:
     """Write ``value`` (active rows, k, C) at ``tokens`` of the given rows of a full-batch cache."""
-    part = take(store, rows).clone()
-    part.scatter_(1, tokens.unsqueeze(-1).expand(-1, -1, part.shape[-1]), value.detach().to(part.dtype))
+    part = scatter_tokens_(take(store, rows).clone(), tokens, value.detach())
     return part if rows is None else put(store, rows, part, batch)
 
 
@@ -103,8 +111,9 @@ class TokenCache(TokenRule):
             state.seen[slice(None) if rows is None else rows.cpu()] = True
             return
         assert state.inputs is not None and state.residuals is not None
-        picked = block_in[0].gather(1, tokens.unsqueeze(-1).expand(-1, -1, block_in[0].shape[-1]))
-        state.inputs = _scatter_rows(state.inputs, rows, tokens, picked, ctx.batch)
+        state.inputs = _scatter_rows(
+            state.inputs, rows, tokens, gather_tokens(block_in[0], tokens), ctx.batch
+        )
         first = _scatter_rows(state.residuals[0], rows, tokens, residual[0], ctx.batch)
         rest = put_streams(state.residuals[1:], rows, residual[1:], ctx.batch)
         state.residuals = (first, *rest)
