@@ -15,6 +15,23 @@ def _f(v: float | None, spec: str, suffix: str = "") -> str:
     return "—" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _speedup(r: dict) -> str:
+    """The measured speedup with its bootstrap interval; a reading above the FLOP ideal is shown as
+    noise against the ideal, never as a result (skipped work cannot buy more time than it costs)."""
+    s, ideal, ci = r.get("speedup"), r.get("ideal_speedup"), r.get("speedup_interval")
+    if s is None:
+        return "—"
+    band = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[1] - ci[0] >= 0.005 else ""
+    if ideal is not None and s > ideal * (1 + 1e-9):
+        return f"≤ {ideal:.2f}× ‡ (read {s:.2f}×{band})"
+    return f"{s:.2f}×{band}"
+
+
+def _efficiency(r: dict) -> str:
+    e = r.get("efficiency")
+    return "—" if e is None else ("1.000 ‡" if e > 1 + 1e-9 else f"{e:.3f}")
+
+
 def table(doc: dict) -> str:
     lines = [
         "| policy | ms / step | speedup | FLOP ideal | efficiency | overhead | host syncs / step |",
@@ -24,8 +41,8 @@ def table(doc: dict) -> str:
         if r.get("compiled"):
             continue
         lines.append(
-            f"| {r['policy']} | {r['step_ms']:.1f} | {_f(r.get('speedup'), '.2f', '×')} "
-            f"| {_f(r.get('ideal_speedup'), '.2f', '×')} | {_f(r.get('efficiency'), '.3f')} "
+            f"| {r['policy']} | {r['step_ms']:.1f} | {_speedup(r)} "
+            f"| {_f(r.get('ideal_speedup'), '.2f', '×')} | {_efficiency(r)} "
             f"| {_f(r.get('overhead_pct'), '+.2f', '%')} | {_f(r.get('host_syncs_per_step'), '.1f')} |"
         )
     compiled = [r for r in doc["rows"] if r.get("compiled")]
@@ -37,9 +54,11 @@ def table(doc: dict) -> str:
         ]
         for r in compiled:
             lines.append(
-                f"| {r['policy']} | {r['step_ms']:.1f} | {_f(r.get('speedup'), '.2f', '×')} "
+                f"| {r['policy']} | {r['step_ms']:.1f} | {_speedup(r)} "
                 f"| {_f(r.get('eager_speedup'), '.2f', '×')} | {_f(r.get('kept'), '.0%')} |"
             )
+    if any("‡" in line for line in lines):
+        lines += ["", "‡ read above the FLOP ideal: timing noise, not a result."]
     if doc.get("unavailable"):
         lines.append("")
         lines += [f"- not run: {u['policy']}: {u['reason']}" for u in doc["unavailable"]]
@@ -57,13 +76,15 @@ def _get(doc: dict, policy: str, key: str) -> float | None:
 
 def summary(docs: list[dict]) -> str:
     lines = [
-        "| architecture | always-compute overhead | static efficiency (2×–4×) | adaptive efficiency: "
+        "| architecture | step, no stepcache | always-compute overhead | static efficiency (2×–4×) "
+        "| adaptive efficiency: "
         "fbcache / diffusers FBC / cache-dit | never-skip overhead: fbcache / diffusers FBC / cache-dit "
         "| compiled speedup kept (static 2, fbcache) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for doc in docs:
-        static = [e for k in (2, 3, 4) if (e := _get(doc, f"static interval {k}", "efficiency")) is not None]
+        readings = (_get(doc, f"static interval {k}", "efficiency") for k in (2, 3, 4))
+        static = [min(e, 1.0) for e in readings if e is not None]  # above 1.0 is noise
         adaptive = "fbcache skips all it can"
         if _row(doc, adaptive) is None and _row(doc, "deepcache interval 3") is not None:
             adaptive_cell = f"deepcache {_f(_get(doc, 'deepcache interval 3', 'efficiency'), '.3f')}"
@@ -88,7 +109,8 @@ def summary(docs: list[dict]) -> str:
         kept = [r.get("kept") for r in doc["rows"] if r.get("compiled") and r.get("kept") is not None]
         overhead = _f(_get(doc, "always compute", "overhead_pct"), "+.2f", "%")
         lines.append(
-            f"| {doc['arch']} ({doc['size']}) | {overhead} "
+            f"| {doc['arch']} ({doc['size']}) | {_f(_get(doc, 'no stepcache', 'step_ms'), '.1f', ' ms')} "
+            f"| {overhead} "
             f"| {f'{min(static):.3f}–{max(static):.3f}' if static else '—'} | {adaptive_cell} | {never_cell} "
             f"| {' / '.join(_f(k, '.0%') for k in kept) or '—'} |"
         )

@@ -183,3 +183,19 @@ def test_sync_script_counts_every_architecture_on_meta(tmp_path: Path) -> None:
     # token steps choose their tokens on the device: only the read at the end (rotary FLUX refuses)
     assert got["dit", "toca preset"] == got["sd3", "toca 25% of tokens"] == pytest.approx(1 / 6)
     assert ("flux", "toca preset") not in got
+
+
+def test_perf_table_never_prints_a_speedup_above_the_flop_ideal() -> None:
+    spec = importlib.util.spec_from_file_location("perf_table", ROOT / "benchmarks" / "perf_table.py")
+    perf_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf_table)
+    row = {"policy": "static interval 2", "step_ms": 14.8, "ideal_speedup": 5 / 3, "host_syncs_per_step": 0.5}
+    doc = {
+        "rows": [
+            {**row, "speedup": 1.82, "speedup_interval": [1.64, 1.83], "efficiency": 1.09},
+            {**row, "policy": "static interval 3", "speedup": 1.60, "speedup_interval": [1.55, 1.62]},
+        ]
+    }
+    lines = perf_table.table(doc).splitlines()
+    assert "≤ 1.67× ‡ (read 1.82× [1.64, 1.83])" in lines[2] and "| 1.000 ‡ |" in lines[2]
+    assert "| 1.60× [1.55, 1.62] |" in lines[3] and lines[-1].startswith("‡ read above the FLOP ideal")

@@ -33,7 +33,7 @@ import torch
 import stepcache
 from stepcache._env import environment
 from stepcache._io import atomic_write_json
-from stepcache.bench.harness import _flops, _timed
+from stepcache.bench.harness import _flops, _timed, beyond_ideal, speedup_interval
 from stepcache.bench.peer_hooks import _CacheDitPeer
 from stepcache.bench.syncs import HostSyncCounter
 
@@ -467,6 +467,7 @@ def compiled_rows(
             speedup = plain / med
             row.update(
                 speedup=speedup,
+                speedup_interval=speedup_interval(times[cases[0][0]], times[name]),
                 ideal_speedup=eager[eager_name]["ideal_speedup"],
                 efficiency=speedup / eager[eager_name]["ideal_speedup"],
                 eager_speedup=eager[eager_name]["speedup"],
@@ -551,14 +552,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "compiled": False,
                 "step_ms": 1000 * med / steps,
                 "speedup": base / med,
+                "speedup_interval": speedup_interval(times["no stepcache"], times[run["policy"]]),
+                "beyond_ideal": beyond_ideal(times["no stepcache"], times[run["policy"]], ideal),
                 "ideal_speedup": ideal,
                 "efficiency": (base / med) / ideal,
                 "overhead_pct": 100 * (med / base - 1) if abs(ideal - 1) < 1e-9 else None,
                 "host_syncs_per_step": run.get("host_syncs_per_step"),
             }
         )
-    if args.compile:
-        rows += compiled_rows(model, generate, rows, args.repeats, steps)
     doc = {
         "benchmark": "perf",
         "arch": args.arch,
@@ -571,13 +572,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "unavailable": unavailable,
     }
+    if device == "cuda":
+        doc["gpu"] = torch.cuda.get_device_name()
     where = "gpu" if device == "cuda" else "cpu"
     out = (
         Path(args.out)
         if args.out
         else ROOT / "benchmarks" / "results" / where / f"perf-{args.arch}-{args.size}.json"
     )
-    atomic_write_json(out, doc)
+    atomic_write_json(out, doc)  # the eager rows stand even if compiling is cut short
+    if args.compile:
+        rows += compiled_rows(model, generate, rows, args.repeats, steps)
+        atomic_write_json(out, doc)
     for r in rows:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     print(out)
