@@ -13,13 +13,12 @@ import contextlib
 import copy
 import copyreg
 import inspect
-import re
 import sys
 import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,70 +26,14 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import UnsupportedModelError
-from .interfaces import (
-    BranchRule,
-    CallContext,
-    PerBlockRule,
-    RuleSet,
-    Streams,
-    TokenRule,
-    gather_tokens,
-    put,
-    scatter_tokens_,
-    take,
-    take_streams,
-)
+from .blocks import BlockDriver, driver_for
+from .interfaces import CallContext, RuleSet, Streams
 from .ranks import Agreement, agreement_for
-from .state import CallScratch, Generation, tensor_bytes
+from .rows import _finite, _global_rows, _raise_peaks, _resolve, _rows_usable, _tie_cfg_pairs
+from .state import Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
 _CFG_LAYOUTS = (None, "uncond_first", "uncond_last", "separate")
-# The guard's range: an estimate whose per-row norm exceeds this many times the largest norm of
-# the real outputs (or residuals) its rule has observed for that row is rejected. Sound
-# extrapolation stays near 1x (1.2x at most across the presets on the zoo models); runaway
-# high-order extrapolation over long intervals reaches 5-30x within one interval and then
-# drives the latent to overflow. 4x sits between the two.
-GUARD_RANGE = 4.0
-
-
-def _resolve(plan: Any, active: int) -> tuple[bool, bool, torch.Tensor | None]:
-    """(compute_all, compute_none, local mask). One host sync when the plan is a tensor."""
-    if isinstance(plan, bool):
-        return plan, not plan, None
-    mask = plan.to(torch.bool).reshape(-1)
-    if mask.numel() != active:
-        raise RuntimeError(f"rule returned a plan for {mask.numel()} rows, the call has {active}")
-    n = int(mask.sum().item())
-    return n == active, n == 0, mask
-
-
-def _tie_cfg_pairs(plan: Any, ctx: CallContext) -> Any:
-    """One decision per sample: under batched CFG a sample is two rows, the k-th unconditional
-    row and the k-th conditional one (as the guidance rules pair them), and both run when the
-    rule wants either. A pair split between a fresh and a stale row turns the stale row's error
-    into a guidance-scaled error of the guidance direction. Rows outside ``ctx.rows`` keep their
-    partner's decision; a row without a partner keeps its own. On the device, no host sync."""
-    if not isinstance(plan, torch.Tensor):
-        return plan
-    mask = ctx.uncond_rows()
-    if mask is None:
-        return plan
-    wanted = plan.to(torch.bool).reshape(-1)
-    device = wanted.device
-    rows = torch.arange(ctx.batch, device=device) if ctx.rows is None else ctx.rows.to(device)
-    if rows.numel() != wanted.numel():
-        return plan  # a plan of the wrong size, which _resolve reports
-    mask = mask.reshape(-1).to(device)
-    pair = torch.where(mask, mask.cumsum(0) - 1, (~mask).cumsum(0) - 1)
-    full = torch.zeros(ctx.batch, dtype=torch.int8, device=device)
-    full[rows] = wanted.to(torch.int8)
-    either = torch.zeros_like(full).scatter_reduce(0, pair, full, reduce="amax")
-    return either[pair][rows].to(torch.bool)
-
-
-def _global_rows(rows: torch.Tensor | None, local: torch.Tensor, device: torch.device) -> torch.Tensor:
-    idx = torch.nonzero(local, as_tuple=False).reshape(-1).to(device)
-    return idx if rows is None else rows.index_select(0, idx)
 
 
 def as_batch(value: Any) -> torch.Tensor | None:
@@ -177,75 +120,6 @@ def _not_finite_message(bad: list[int], estimated: list[int], methods: str) -> s
     )
 
 
-def _finite(streams: tuple) -> bool:
-    flags = [torch.isfinite(s).all() for s in streams if s is not None]
-    return not flags or bool(torch.stack(flags).all())  # one host sync however many streams
-
-
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Per row, the L2 norm in float32: non-finite where the row is (or overflows)."""
-    flat = x.detach().flatten(1) if x.dim() > 1 else x.detach().reshape(-1, 1)
-    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
-
-
-def _rows_usable(streams: Streams, peaks: Streams | None, rows: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Per row, on the device: every stream of that row's estimate is finite and, where the
-    rule has observed that row, within GUARD_RANGE times the largest norm it observed there.
-
-    ``rows``: the full-batch rows the estimate is for (None: all); ``n``: how many."""
-    flags = []
-    for i, s in enumerate(streams):
-        if s is None:
-            continue
-        norm = _row_norms(s)
-        ok = torch.isfinite(norm)
-        peak = None if peaks is None else peaks[i]
-        if peak is not None:
-            rows_here = None if rows is None else rows.to(peak.device)
-            ok = ok & (norm <= GUARD_RANGE * take(peak, rows_here))
-        flags.append(ok)
-    return torch.stack(flags).all(0) if flags else torch.ones(n, dtype=torch.bool)
-
-
-def _raise_peaks(old: Streams | None, seen: Streams, rows: torch.Tensor | None, batch: int) -> Streams:
-    """``old`` with the per-row norms of ``seen`` (real outputs of ``rows``) folded in by max."""
-    out = []
-    for i, s in enumerate(seen):
-        prev = None if old is None else old[i]
-        if s is None:
-            out.append(prev)
-            continue
-        norm = _row_norms(s)
-        if prev is None:
-            prev = torch.zeros(batch, dtype=torch.float32, device=norm.device)
-        if rows is None:
-            out.append(torch.maximum(prev, norm))
-        else:
-            rows = rows.to(prev.device)
-            out.append(prev.index_copy(0, rows, torch.maximum(prev.index_select(0, rows), norm)))
-    return tuple(out)
-
-
-def _add(a: Streams, b: Streams) -> Streams:
-    return tuple(None if (x is None or y is None) else x + y for x, y in zip(a, b, strict=True))
-
-
-def _sub(a: Streams, b: Streams) -> Streams:
-    return tuple(None if (x is None or y is None) else x - y for x, y in zip(a, b, strict=True))
-
-
-def _scatter(full: Streams, rows: torch.Tensor, part: Streams) -> Streams:
-    out = []
-    for f, p in zip(full, part, strict=True):
-        if f is None or p is None:
-            out.append(f)
-        else:
-            f = f.clone()
-            f.index_copy_(0, rows, p)
-            out.append(f)
-    return tuple(out)
-
-
 @dataclass
 class _GuidanceCall:
     """The guidance decision of one call; index tensors live on the host."""
@@ -291,11 +165,7 @@ class Handle:
         self._installed: list[tuple[Any, str, bool, Any]] = []  # (object, attr, had_own, own_value)
         self._sig = inspect.signature(model.forward)
         self._orig_forward = model.forward
-        self._blocks: list[nn.Module] = []
-        self._block_orig: list[Any] = []
-        self._block_sig: list[inspect.Signature] = []
-        self._replayed: set[int] = set()  # module caches: indices whose output is replayed
-        self._attentions: list[list[nn.Module]] = []  # token caching: each block's self-attention
+        self.blocks: BlockDriver | None = None  # the block rule's hooks (set by attach)
         self._compiled = False
         self._replaced = False  # a later enable on the same model took over
 
@@ -371,13 +241,11 @@ class Handle:
             raise RuntimeError("this handle is disabled; enable stepcache again, then compile")
         if self._compiled:
             raise RuntimeError("this handle is already compiled; disable and enable again to recompile")
-        if self._blocks:
-            self._block_orig = [torch.compile(f, **options) for f in self._block_orig]
-            for blk in self._blocks:
-                _set(self, blk, "forward", torch.compiler.disable(blk.forward))
+        if self.blocks is not None:
+            self.blocks.compile(**options)
         else:
             self._orig_forward = torch.compile(self._orig_forward, **options)
-        _set(self, self.model, "forward", torch.compiler.disable(self.model.forward))
+        self._set(self.model, "forward", torch.compiler.disable(self.model.forward))
         self._compiled = True
         return self
 
@@ -488,11 +356,11 @@ class Handle:
         batch = adapter.batch_size(bound)
         if hidden is None:  # a sample that is no batch the adapter knows: the model's own error
             return self._orig_forward(*args, **kwargs)
-        if self._blocks and adapter.needs_probe and not isinstance(self.rules.block, BranchRule):
+        if self.blocks is not None and self.blocks.probes and adapter.needs_probe:
             # once per enable: one plain call (the block hooks pass through outside a call)
             adapter.probe(
-                self._blocks,
-                self._block_sig,
+                self.blocks.blocks,
+                self.blocks.sig,
                 lambda: self._orig_forward(*bound.args, **bound.kwargs),
                 batch,
             )
@@ -683,14 +551,6 @@ class Handle:
         n = next((s.shape[0] for s in est if s is not None), 0)
         return bool(_rows_usable(est, gen.peaks.get(key), rows, n).all())
 
-    def _observe_block(
-        self, gen: Generation, scratch: CallScratch, ctx: CallContext, residual: Streams, rows: Any
-    ) -> None:
-        self.rules.block.observe(ctx, scratch.state, residual, rows)
-        if self.rules.guard:
-            key = _block_key(scratch)
-            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), residual, rows, ctx.batch)
-
     def _methods(self) -> str:
         """The policy's methods, as a warning names them."""
         rules = getattr(self.policy, "rules", None)
@@ -806,30 +666,15 @@ class Handle:
         row_actions: list[str],
     ) -> Any:
         """Run the real denoiser on ``bound`` (the block hooks see this call's scratch)."""
-        block = self.rules.block
-        scratch = None
-        if isinstance(block, BranchRule):
-            scratch = self._branch_scratch(gen, ctx, rows, row_actions)
-        elif block is not None and self._blocks:
-            scratch = CallScratch(
-                ctx=ctx,
-                state=gen.state_for(ctx.branch, "block", block),
-                span=None if isinstance(block, PerBlockRule) else block.span_at(len(self._blocks), ctx),
-                rows=rows,
-                row_actions=row_actions,
-                per_block=isinstance(block, PerBlockRule),
-            )
+        blocks = self.blocks
+        scratch = blocks.scratch(gen, ctx, rows, row_actions) if blocks is not None else None
         gen.call = scratch
         try:
             out = self._orig_forward(*bound.args, **bound.kwargs)
         finally:
             gen.call = None
-        if (
-            scratch is not None
-            and not isinstance(block, BranchRule)
-            and scratch.next_block != len(self._blocks)
-        ):
-            raise self._stack_changed(f"called {scratch.next_block} of its {len(self._blocks)} blocks")
+        if scratch is not None:
+            blocks.finish(scratch)
         if rows is None or ctx.branch not in gen.templates:
             gen.templates[ctx.branch] = out
         return out
@@ -842,319 +687,12 @@ class Handle:
     def _all_ranks(self, ok: bool, device: torch.device | None = None) -> bool:
         return ok if self.agreement is None else self.agreement.every(ok, device)
 
-    # ---- module caches (DeepCache, FORA) ---------------------------------------------------
-    def _branch_scratch(
-        self, gen: Generation, ctx: CallContext, rows: torch.Tensor | None, row_actions: list[str]
-    ) -> CallScratch:
-        state = gen.state_for(ctx.branch, "block", self.rules.block)
-        plan = self._agreed(self.rules.block.plan(ctx, state))
-        # A sub-batch cannot use the full batch's cached outputs: it computes.
-        modules = gen.module_cache(ctx.branch)
-        skipping = not plan and rows is None and modules.ready
-        if skipping:
-            for r in range(len(row_actions)):
-                row_actions[r] = "P"
-        return CallScratch(
-            ctx=ctx,
-            state=state,
-            span=None,
-            rows=rows,
-            row_actions=row_actions,
-            skipping=skipping,
-            modules=modules,
-        )
-
-    def _branch_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
-        gen = self._current()
-        scratch = gen.call if gen is not None else None
-        if scratch is None:
-            return self._block_orig[index](*args, **kwargs)
-        replayed = index in self._replayed
-        # A module may run more than once per forward (CogView4's feed-forward, on the image and
-        # on the text tokens): each of its calls keeps its own output.
-        key = (index, scratch.module_calls.get(index, 0))
-        scratch.module_calls[index] = key[1] + 1
-        cache = scratch.modules
-        assert cache is not None  # set by _branch_scratch for every call of a module-output rule
-        known = key in cache.outputs if replayed else key in cache.shapes
-        if not scratch.skipping or not known:
-            out = self._block_orig[index](*args, **kwargs)
-            if scratch.rows is None and not scratch.skipping:
-                # Replayed modules keep their output; the others only its shapes, so their
-                # placeholders cost no memory between steps.
-                if replayed:
-                    cache.outputs[key] = _detached(out)
-                else:
-                    cache.shapes[key] = _shapes(out)
-                cache.ready = True
-            return out
-        if replayed:
-            return cache.outputs[key]
-        return _placeholders(cache.shapes[key])
-
-    # ---- block calls ----------------------------------------------------------------------
-    def _stack_changed(self, what: str) -> UnsupportedModelError:
-        """A span of the stack can be skipped only if every call runs all its blocks in order."""
-        return UnsupportedModelError(
-            f"{type(self.model).__name__}: its block stack changed between calls ({what} in this "
-            "call), so block-level rules cannot skip a span of it; stepcache was disabled on it"
-        )
-
-    def _block_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
-        gen = self._current()
-        scratch = gen.call if gen is not None else None
-        if scratch is None:
-            return self._block_orig[index](*args, **kwargs)
-        if index != scratch.next_block:
-            raise self._stack_changed(f"called block {index} where block {scratch.next_block} comes next")
-        scratch.next_block = index + 1
-        if scratch.per_block:
-            return self._per_block(gen, scratch, index, args, kwargs)
-        head_end, tail_start = scratch.span
-        if index < head_end:
-            if index == 0:
-                scratch.head_in = self.adapter.block_io.read_in(self._block_sig[0].bind(*args, **kwargs))
-            return self._block_orig[index](*args, **kwargs)
-        if index >= tail_start:
-            return self._block_orig[index](*args, **kwargs)
-        if index == head_end:
-            return self._middle_start(gen, scratch, args, kwargs)
-        io = self.adapter.block_io
-        if scratch.skipping:
-            return io.format_out(io.read_in(self._block_sig[index].bind(*args, **kwargs)))
-        out = self._block_orig[index](*args, **kwargs)
-        if index == tail_start - 1:
-            residual = _sub(io.read_out(out), scratch.mid_in)
-            self._observe_block(gen, scratch, scratch.ctx, residual, scratch.rows)
-        return out
-
-    def _per_block(self, gen: Generation, scratch: CallScratch, index: int, args: tuple, kwargs: dict) -> Any:
-        """One block under a PerBlockRule: its input plus the estimated residual, or the block."""
-        rule, io, ctx = self.rules.block, self.adapter.block_io, scratch.ctx
-        if scratch.rows is not None:  # a subset of the rows: the caches hold the full batch
-            return self._block_orig[index](*args, **kwargs)
-        s_in = io.read_in(self._block_sig[index].bind(*args, **kwargs))
-        key = (ctx.branch, "block", index)
-        if not self._agreed(rule.plan(ctx, scratch.state, index, s_in), s_in[0].device):
-            est = rule.estimate(ctx, scratch.state, index, s_in)
-            if self._all_ranks(not self.rules.guard or self._usable(gen, key, est, None), s_in[0].device):
-                scratch.row_actions[:] = ["P"] * len(scratch.row_actions)
-                return io.format_out(_add(s_in, est))
-            gen.stats.fallbacks += 1
-        out = self._block_orig[index](*args, **kwargs)
-        residual = _sub(io.read_out(out), s_in)
-        rule.observe(ctx, scratch.state, index, s_in, residual)
-        if self.rules.guard:
-            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), residual, None, ctx.batch)
-        return out
-
-    def _middle_start(self, gen: Generation, scratch: CallScratch, args: tuple, kwargs: dict) -> Any:
-        rule = self.rules.block
-        io = self.adapter.block_io
-        head_end, tail_start = scratch.span
-        bound = self._block_sig[head_end].bind(*args, **kwargs)
-        if isinstance(rule, TokenRule):
-            return self._token_middle(gen, scratch, bound)
-        s_in = io.read_in(bound)
-        ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
-        state = scratch.state
-        if head_end == 0:
-            # No head: the rule decides on the first block's timestep-modulated input (or its
-            # plain input where the family has none).
-            signal = self.adapter.modulated_input(self._blocks[0], bound) if rule.wants_signal else None
-            plan = rule.plan(ctx, state, (s_in[0] if signal is None else signal,))
-        elif scratch.head_in is not None:
-            plan = rule.plan(ctx, state, _sub(s_in, scratch.head_in))
-        else:
-            plan = True
-        plan = _tie_cfg_pairs(plan, ctx)
-        active = int(s_in[0].shape[0])
-        est_all = None
-        if self.rules.guard and isinstance(plan, torch.Tensor):
-            # A per-row plan is read on the host anyway: fold the guard into that one read.
-            # Rows whose estimate is not finite or out of range join the rows that compute
-            # (counted at the end).
-            est_all = rule.estimate(ctx, state, scratch.rows)
-            wanted = plan.to(device=s_in[0].device, dtype=torch.bool).reshape(-1)
-            peaks = gen.peaks.get(_block_key(scratch))
-            unusable = ~_rows_usable(est_all, peaks, scratch.rows, active).to(wanted.device)
-            gen.deferred_fallbacks.append((unusable & ~wanted).sum())
-            plan = wanted | unusable
-        compute_all, compute_none, mask = _resolve(self._agreed(plan, s_in[0].device), active)
-
-        if not compute_all and est_all is not None:
-            if compute_none:
-                est = est_all
-            else:  # nonzero reads the mask's size: only where some rows run
-                est = take_streams(est_all, torch.nonzero(~mask).reshape(-1).to(s_in[0].device))
-        elif not compute_all:
-            skip_rows = scratch.rows if compute_none else _global_rows(scratch.rows, ~mask, s_in[0].device)
-            est = rule.estimate(ctx, state, skip_rows)
-            usable = not self.rules.guard or self._usable(gen, _block_key(scratch), est, skip_rows)
-            if not self._all_ranks(usable, s_in[0].device):
-                gen.stats.fallbacks += 1
-                compute_all = True
-        if compute_all:
-            scratch.mid_in = s_in
-            out = self._block_orig[head_end](*args, **kwargs)
-            if head_end == tail_start - 1:
-                self._observe_block(gen, scratch, ctx, _sub(io.read_out(out), s_in), scratch.rows)
-            return out
-
-        scratch.skipping = True
-        skipped_local = range(active) if compute_none else torch.nonzero(~mask).reshape(-1).tolist()
-        to_global = list(range(active)) if scratch.rows is None else scratch.rows.tolist()
-        for r in skipped_local:
-            scratch.row_actions[to_global[r]] = "P"
-        if compute_none:
-            return io.format_out(_add(s_in, est))
-
-        # Some rows run the middle: gather them, run the span here, scatter back.
-        run_local = torch.nonzero(mask).reshape(-1).to(s_in[0].device)
-        skip_local = torch.nonzero(~mask).reshape(-1).to(s_in[0].device)
-        sub = self.adapter.slice_rows(bound, run_local, active)
-        sub_in = io.read_in(sub)
-        streams = self._run_span(sub, sub_in, head_end, tail_start)
-        residual = _sub(streams, sub_in)
-        run_global = _global_rows(scratch.rows, mask, s_in[0].device)
-        self._observe_block(gen, scratch, ctx, residual, run_global)
-        skipped = _add(take_streams(s_in, skip_local), est)
-        full = _scatter(s_in, run_local, streams)
-        full = _scatter(full, skip_local, skipped)
-        return io.format_out(full)
-
-    def _run_span(self, bound: inspect.BoundArguments, streams: Streams, start: int, end: int) -> Streams:
-        """Blocks ``start:end`` run here in turn on ``streams``, with ``bound``'s other arguments."""
-        io = self.adapter.block_io
-        for j in range(start, end):
-            call = inspect.BoundArguments(self._block_sig[j], bound.arguments.copy())
-            for name, value in zip(io.streams, streams, strict=True):
-                if name in call.arguments or value is not None:
-                    call.arguments[name] = value
-            streams = io.read_out(self._block_orig[j](*call.args, **call.kwargs))
-        return streams
-
-    def _token_middle(self, gen: Generation, scratch: CallScratch, bound: inspect.BoundArguments) -> Any:
-        """The middle span under a TokenRule: on every token, or on the tokens the rule picks
-        (per row) with self-attention reading the other tokens' cached keys and values."""
-        rule, io = self.rules.block, self.adapter.block_io
-        head_end, tail_start = scratch.span
-        s_in = io.read_in(bound)
-        hidden = s_in[0]
-        if hidden is None or hidden.dim() != 3:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__}: token caching needs its blocks' hidden states as "
-                f"(batch, tokens, channels), and they are {None if hidden is None else tuple(hidden.shape)}"
-            )
-        layout = [n for n, v in bound.arguments.items() if v is not None and _TOKEN_LAYOUT.search(n)]
-        if layout:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__}: its blocks take {', '.join(layout)}: per-token positions "
-                "(rotary) or a spatial layout used inside the block, which a subset of the tokens "
-                "cannot keep; token caching needs positions added before the blocks"
-            )
-        ctx = CallContext(**{**scratch.ctx.__dict__, "rows": scratch.rows})
-        tokens = rule.plan(ctx, scratch.state, s_in)
-        span = _TokenSpan(gen.token_cache(ctx.branch), scratch.rows, tokens, ctx.batch, hidden.shape[1])
-        scratch.skipping = True  # the span runs here: its other blocks pass their input on
-        if tokens is None:
-            out = self._run_token_span(scratch, span, bound, s_in, head_end, tail_start)
-            rule.observe(ctx, scratch.state, s_in, _sub(out, s_in), None, scratch.rows)
-            return io.format_out(out)
-        for r in range(hidden.shape[0]) if scratch.rows is None else scratch.rows.tolist():
-            scratch.row_actions[r] = "P"
-        est = rule.estimate(ctx, scratch.state, scratch.rows)
-        if tokens.shape[1] == 0:  # no token runs: every stream reuses its residual
-            return io.format_out(_add(s_in, est))
-        sub = (gather_tokens(hidden, tokens), *s_in[1:])
-        out = self._run_token_span(scratch, span, bound, sub, head_end, tail_start)
-        rule.observe(ctx, scratch.state, s_in, _sub(out, sub), tokens, scratch.rows)
-        return io.format_out((scatter_tokens_(hidden + est[0], tokens, out[0]), *out[1:]))
-
-    def _run_token_span(
-        self,
-        scratch: CallScratch,
-        span: _TokenSpan,
-        bound: inspect.BoundArguments,
-        streams: Streams,
-        start: int,
-        end: int,
-    ) -> Streams:
-        scratch.token_span = span  # the key and value projections read it (_bind_projection)
-        try:
-            out = self._run_span(bound, streams, start, end)
-        finally:
-            scratch.token_span = None
-        # Every layer must have projected through the wrapped to_k and to_v (fusing them later,
-        # e.g. fuse_qkv_projections(), would leave the running queries with their own keys only).
-        missing = [
-            f"block {j}"
-            for j in range(start, end)
-            for a in range(len(self._attentions[j]))
-            if not {(j, a, "to_k"), (j, a, "to_v")} <= span.fired
-        ]
-        if missing:
-            raise UnsupportedModelError(
-                f"token caching: the self-attention of {', '.join(dict.fromkeys(missing))} did "
-                "not call its to_k and to_v (fused projections?), so its keys cannot be kept per token"
-            )
-        return out
-
-
-# Block arguments that tie computation to every token's place: positions applied inside
-# attention (rotary embeddings), or the grid a block reshapes its tokens into (Sana's Mix-FFN).
-_TOKEN_LAYOUT = re.compile(r"rotary|rope|freqs|pos_emb|position|height|width|frames")
-
-
-def self_attentions(block: nn.Module) -> list[nn.Module]:
-    """The attention layers of a block that may attend over its own tokens: those with key and
-    value projections that do not declare themselves cross-attention. (A layer that turns out to
-    project other tokens is refused when it runs: its width is not the span's.)"""
-    found = [
-        m
-        for m in block.modules()
-        if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v"))
-        and not getattr(m, "is_cross_attention", False)
-    ]
-    if not found:
-        raise UnsupportedModelError(f"{type(block).__name__} has no self-attention layer for token caching")
-    return found
-
-
-@dataclass
-class _TokenSpan:
-    """What the key and value projections of a span running under a TokenRule need to know."""
-
-    cache: dict[tuple[int, int, str], torch.Tensor]  # per (block, layer, projection): all tokens
-    rows: torch.Tensor | None
-    tokens: torch.Tensor | None  # (active rows, k) token positions running; None = all of them
-    batch: int
-    length: int  # tokens the blocks carry
-    fired: set[tuple[int, int, str]] = field(default_factory=set)  # projections that ran
-
-
-def _project(span: _TokenSpan, key: tuple[int, int, str], output: torch.Tensor) -> torch.Tensor:
-    """A key or value projection's output inside the span: recorded for every token, or, run on
-    some tokens, written into the kept full-length projection, which attention then gets whole."""
-    span.fired.add(key)
-    width, tokens = output.shape[1], span.tokens
-    running = span.length if tokens is None else tokens.shape[1]
-    stored = take(span.cache.get(key), span.rows)
-    if width != running or (tokens is not None and (stored is None or stored.shape[1] != span.length)):
-        raise UnsupportedModelError(
-            f"token caching: self-attention {key[1]} of block {key[0]} projects {width} tokens "
-            f"where the blocks carry {running} (other tokens, such as a text, are mixed into "
-            "its keys), so its keys cannot be kept per token"
-        )
-    if tokens is None:
-        span.cache[key] = put(span.cache.get(key), span.rows, output, span.batch)
-        return output
-    # In place: the kept projection is the runtime's own (a copy of the rows when rows is set),
-    # and attention has read it before the next call writes it.
-    scatter_tokens_(stored, tokens, output)
-    if span.rows is not None:
-        span.cache[key] = put(span.cache[key], span.rows, stored, span.batch)
-    return stored
+    def _set(self, obj: Any, attr: str, value: Any) -> None:
+        """Install ``value`` as ``obj``'s own ``attr``; ``disable`` restores what was there."""
+        had_own = attr in obj.__dict__
+        self._installed.append((obj, attr, had_own, obj.__dict__.get(attr)))
+        # Straight into the instance dict: bypasses nn.Module / pipeline __setattr__ bookkeeping.
+        obj.__dict__[attr] = value
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -1182,17 +720,7 @@ def spatial_multiple(model: nn.Module) -> int:
     return 1
 
 
-def _block_key(scratch: CallScratch) -> tuple:
-    # Per span: a rule whose span moves with the step (Delta-DiT) sees residuals of other sizes.
-    return (scratch.ctx.branch, "block", scratch.span)
-
-
 # ---- attach / detach ------------------------------------------------------------------------
-def _set(handle: Handle, obj: Any, attr: str, value: Any) -> None:
-    had_own = attr in obj.__dict__
-    handle._installed.append((obj, attr, had_own, obj.__dict__.get(attr)))
-    # Straight into the instance dict: bypasses nn.Module / pipeline __setattr__ bookkeeping.
-    obj.__dict__[attr] = value
 
 
 class _GenerationBar:
@@ -1240,37 +768,10 @@ def attach(
     if previous is not None:
         detach(model)
     handle = Handle(target, model, adapter, rules, policy, agreement)
-    if isinstance(rules.block, BranchRule):
-        replayed, skipped = rules.block.modules(adapter, model)
-        blocks = replayed + skipped
-        handle._replayed = set(range(len(replayed)))
-    else:
-        blocks = adapter.blocks() if rules.block is not None else None
-    if rules.block is not None and not isinstance(rules.block, BranchRule) and not blocks:
-        raise UnsupportedModelError(
-            f"block-level rule {type(rules.block).__name__} needs a linear block stack, and "
-            f"{type(model).__name__} ({adapter.family}) has none"
-        )
-    if isinstance(rules.block, TokenRule):
-        if agreement is not None:
-            raise UnsupportedModelError(
-                "token caching picks tokens per rank's shard, and ranks cannot agree on per-token "
-                "choices: use a step- or block-level rule under context parallelism"
-            )
-        handle._attentions = [self_attentions(b) for b in blocks]
-    _set(handle, model, "forward", handle._forward)
-    wrap = _bind_branch if isinstance(rules.block, BranchRule) else _bind_block
-    for i, blk in enumerate(blocks or []):
-        handle._blocks.append(blk)
-        handle._block_orig.append(blk.forward)
-        handle._block_sig.append(inspect.signature(blk.forward))
-        _set(handle, blk, "forward", wrap(handle, i))
-    if isinstance(rules.block, TokenRule):
-        for j, layers in enumerate(handle._attentions):
-            for a, layer in enumerate(layers):
-                for name in ("to_k", "to_v"):
-                    proj = getattr(layer, name)
-                    _set(handle, proj, "forward", _bind_projection(handle, (j, a, name), proj.forward))
+    handle.blocks = driver_for(handle)  # finds the rule's modules; refuses a model without them
+    handle._set(model, "forward", handle._forward)
+    if handle.blocks is not None:
+        handle.blocks.install()
     if target is not model and callable(getattr(target, "progress_bar", None)):
         orig_bar = target.progress_bar
 
@@ -1286,7 +787,7 @@ def attach(
                 return _GenerationBar(handle, bar, gen)
             return _iterate_generation(handle, bar, gen)
 
-        _set(handle, target, "progress_bar", progress_bar)
+        handle._set(target, "progress_bar", progress_bar)
     for obj in _patched_objects(handle):
         _guard_copies(handle, obj)
     _HANDLES[model] = handle
@@ -1312,8 +813,8 @@ def _guard_copies(handle: Handle, obj: Any) -> None:
     def refuse_pickle(protocol: int = 2) -> Any:
         raise TypeError(_refusal(obj, "pickled or shallow-copied"))
 
-    _set(handle, obj, "__deepcopy__", deepcopy_plain)
-    _set(handle, obj, "__reduce_ex__", refuse_pickle)
+    handle._set(obj, "__deepcopy__", deepcopy_plain)
+    handle._set(obj, "__reduce_ex__", refuse_pickle)
 
 
 def _refusal(obj: Any, what: str) -> str:
@@ -1359,53 +860,6 @@ def _plain_deepcopy(handle: Handle, obj: Any, memo: dict[int, Any]) -> Any:
     else:
         y.__dict__.update(state)
     return y
-
-
-def _detached(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    if isinstance(out, tuple):
-        return tuple(_detached(o) for o in out)
-    return out
-
-
-def _shapes(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return (out.shape, out.dtype, out.device)
-    return tuple(_shapes(o) for o in out)
-
-
-def _placeholders(shapes: Any) -> Any:
-    if isinstance(shapes[0], torch.Size):
-        shape, dtype, device = shapes
-        return torch.empty(shape, dtype=dtype, device=device)
-    return tuple(_placeholders(s) for s in shapes)
-
-
-def _bind_branch(handle: Handle, index: int) -> Any:
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return handle._branch_forward(index, *args, **kwargs)
-
-    return forward
-
-
-def _bind_projection(handle: Handle, key: tuple[int, int, str], orig: Any) -> Any:
-    # Out of dynamo: whether a span is running is the runtime's Python state.
-    @torch.compiler.disable
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        out = orig(*args, **kwargs)
-        gen = handle._current()
-        span = gen.call.token_span if gen is not None and gen.call is not None else None
-        return out if span is None else _project(span, key, out)
-
-    return forward
-
-
-def _bind_block(handle: Handle, index: int) -> Any:
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return handle._block_forward(index, *args, **kwargs)
-
-    return forward
 
 
 def detach(model: nn.Module) -> bool:

@@ -306,6 +306,6 @@ class RuleSet:
     block: BlockRule | PerBlockRule | TokenRule | BranchRule | None = None
     guidance: GuidanceRule | None = None
     # Compute instead of using a step or block estimate that is not finite or whose per-row norm
-    # exceeds GUARD_RANGE (engine.py) times the largest the rule observed; a guidance estimate
+    # exceeds GUARD_RANGE (rows.py) times the largest the rule observed; a guidance estimate
     # only when it is not finite.
     guard: bool = True

@@ -75,11 +75,10 @@ class CallScratch:
     head_in: tuple | None = None
     mid_in: tuple | None = None
     skipping: bool = False  # linear stack: the middle is being skipped; U-Net: the deep branch
-    per_block: bool = False  # a PerBlockRule decides each block
     next_block: int = 0  # linear stack: the block the model must call next
     module_calls: dict[int, int] = field(default_factory=dict)  # module caches: calls so far
     modules: ModuleCache | None = None  # module caches: this branch's cached outputs
-    token_span: Any = None  # token caching: the span running now (engine._TokenSpan)
+    token_span: Any = None  # token caching: the span running now (blocks._TokenSpan)
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
