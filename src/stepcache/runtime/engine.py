@@ -18,7 +18,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -118,6 +118,18 @@ def _not_finite_message(bad: list[int], estimated: list[int], methods: str) -> s
         f"steps {before}: those estimates likely drove the latent out of range (try a shorter "
         "interval or a lower order); stepcache leaves the output as it is"
     )
+
+
+@dataclass
+class _StepCall:
+    """The step rule's plan for one call: the rows the network answers, the others' estimate."""
+
+    state: Any
+    run: torch.Tensor | None = None  # bool over the batch (host); None = every row
+    est: torch.Tensor | None = None
+    est_rows: torch.Tensor | None = None  # the estimated rows; None with an estimate = all
+    letter: str = "E"  # what an estimated row did: "E" nothing, "P" a cheaper network ran
+    ran: list[Any] = field(default_factory=list)  # what the estimate ran (run_at, run_model)
 
 
 @dataclass
@@ -382,45 +394,18 @@ class Handle:
             if mode in (None, "batched")
             else None,
         )
-        ran: list[Any] = []  # what the step rule's estimate ran: the network at low resolution, or another
         first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
         device = hidden.device
 
         # 1. The step rule: which rows the network answers at all; the others it estimates.
-        rule = self.rules.step
-        state = gen.state_for(branch, "step", rule) if rule is not None else None
-        step_run: torch.Tensor | None = None  # bool over the batch (host); None = every row
-        est, est_rows = None, None
-        if rule is not None:
-            plan = self._agreed(_tie_cfg_pairs(rule.plan(ctx, state), ctx), device)
-            compute_all, compute_none, mask = _resolve(
-                True if first and not getattr(rule, "answers_first", False) else plan, batch
-            )
-            if not compute_all:
-                est_rows = None if compute_none else _global_rows(None, ~mask, device)
-                # Only an estimate may run the network another way (CallContext.run_at, run_model).
-                ctx._run_at = lambda scale, rows: self._run_at(bound, batch, scale, rows, ran)
-                ctx._run_model = lambda module, rows: self._run_model(
-                    bound, batch, module, rows, ran, gen.templates.get(branch)
-                )
-                est = rule.estimate(ctx, state, est_rows)
-                ctx._run_at = ctx._run_model = None
-                # None: the rule's own validation rejected its estimate. The guard's finiteness
-                # and range check is one host read.
-                usable = est is not None and (
-                    not self.rules.guard or self._usable(gen, (branch, "step"), (est,), est_rows)
-                )
-                if not self._all_ranks(usable, device):
-                    gen.stats.fallbacks += 1
-                    compute_all, est, est_rows = True, None, None
-            if not compute_all:
-                step_run = torch.zeros(batch, dtype=torch.bool) if compute_none else mask.cpu()
-        skipped = "P" if ran else "E"  # a cheaper network ran: partial work, not none
+        step_call = self._step_plan(gen, ctx, bound, first, device)
+        step_run = step_call.run if step_call is not None else None
         if step_run is not None and not bool(step_run.any()):
-            gen.stats.record([skipped] * batch)
+            gen.stats.record([step_call.letter] * batch)
             gen.estimated_steps.append(step)
-            return _replace_first(gen.templates.get(branch, ran[-1] if ran else None), est)
+            ran = step_call.ran[-1] if step_call.ran else None
+            return _replace_first(gen.templates.get(branch, ran), step_call.est)
 
         # 2. The guidance rule: which unconditional rows of computed pairs to leave out.
         if mode == "separate":
@@ -447,20 +432,15 @@ class Handle:
             full.index_copy_(0, run_rows, part)
         if self.rules.guard and part is not None:  # on the device, no sync: read at the end
             gen.finite.append((step, torch.isfinite(part).all()))
-        if est_rows is not None:
-            full.index_copy_(0, est_rows, est.to(full.dtype))
-            for r in est_rows.tolist():
-                row_actions[r] = skipped
+        if step_call is not None and step_call.est_rows is not None:
+            full.index_copy_(0, step_call.est_rows, step_call.est.to(full.dtype))
+            for r in step_call.est_rows.tolist():
+                row_actions[r] = step_call.letter
         if guide is not None:
             self._guidance_finish(gen, ctx, bound, guide, full, row_actions)
 
-        if rule is not None:
-            rows = None if step_run is None else _global_rows(None, step_run, device)
-            seen = full if rows is None else full.index_select(0, rows)
-            rule.observe(ctx, state, seen, rows)
-            if self.rules.guard:
-                key = (branch, "step")
-                gen.peaks[key] = _raise_peaks(gen.peaks.get(key), (seen,), rows, batch)
+        if step_call is not None:
+            self._step_observe(gen, ctx, step_call, full, device)
         gen.stats.record(row_actions)
         if any(a != "C" for a in row_actions):
             gen.estimated_steps.append(step)
@@ -468,6 +448,55 @@ class Handle:
             answered = torch.tensor([a != "E" for a in row_actions])
             gen.cond_out = (step, branch, full.detach(), answered)
         return out if full is _first(out) else _replace_first(out, full)
+
+    # ---- the step level ----------------------------------------------------------------------
+    def _step_plan(
+        self, gen: Generation, ctx: CallContext, bound: inspect.BoundArguments, first: bool, device: Any
+    ) -> _StepCall | None:
+        """The step rule's plan for this call (None without one): the rows the network answers,
+        and the others' estimate, which the guard checks in one host read (a rejected estimate:
+        every row computes)."""
+        rule = self.rules.step
+        if rule is None:
+            return None
+        call = _StepCall(gen.state_for(ctx.branch, "step", rule))
+        plan = self._agreed(_tie_cfg_pairs(rule.plan(ctx, call.state), ctx), device)
+        compute_all, compute_none, mask = _resolve(
+            True if first and not getattr(rule, "answers_first", False) else plan, ctx.batch
+        )
+        if compute_all:
+            return call
+        est_rows = None if compute_none else _global_rows(None, ~mask, device)
+        # Only an estimate may run the network another way (CallContext.run_at, run_model).
+        template = gen.templates.get(ctx.branch)
+        ctx._run_at = lambda scale, rows: self._run_at(bound, ctx.batch, scale, rows, call.ran)
+        ctx._run_model = lambda module, rows: self._run_model(
+            bound, ctx.batch, module, rows, call.ran, template
+        )
+        est = rule.estimate(ctx, call.state, est_rows)
+        ctx._run_at = ctx._run_model = None
+        # None: the rule's own validation rejected its estimate.
+        usable = est is not None and (
+            not self.rules.guard or self._usable(gen, (ctx.branch, "step"), (est,), est_rows)
+        )
+        if not self._all_ranks(usable, device):
+            gen.stats.fallbacks += 1
+            return call
+        call.run = torch.zeros(ctx.batch, dtype=torch.bool) if compute_none else mask.cpu()
+        call.est, call.est_rows = est, est_rows
+        call.letter = "P" if call.ran else "E"  # a cheaper network ran: partial work, not none
+        return call
+
+    def _step_observe(
+        self, gen: Generation, ctx: CallContext, call: _StepCall, full: torch.Tensor, device: Any
+    ) -> None:
+        """The step rule sees the rows the network answered (the guard records their norms)."""
+        rows = None if call.run is None else _global_rows(None, call.run, device)
+        seen = full if rows is None else full.index_select(0, rows)
+        self.rules.step.observe(ctx, call.state, seen, rows)
+        if self.rules.guard:
+            key = (ctx.branch, "step")
+            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), (seen,), rows, ctx.batch)
 
     def _run_at(
         self,
