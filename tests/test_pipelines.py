@@ -46,7 +46,7 @@ def _gen():
     return torch.Generator().manual_seed(0)
 
 
-def _pixart():
+def _pixart(guidance_scale: float = 3.0, images: int = 1):
     pipe = PixArtAlphaPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -68,7 +68,8 @@ def _pixart():
                 num_inference_steps=4,
                 height=64,
                 width=64,
-                guidance_scale=3.0,
+                guidance_scale=guidance_scale,
+                num_images_per_prompt=images,
                 generator=_gen(),
                 output_type="np",
                 use_resolution_binning=False,
@@ -269,6 +270,53 @@ def test_context_knows_step_branch_and_unconditional_rows(name):
         assert seen == [(s, 0, 4, [True, False]) for s in range(4)]
     else:  # conditional then unconditional call, each its own branch
         assert seen == [(s, b, 4, None) for s in range(4) for b in range(2)]
+
+
+def test_guidance_kept_as_a_local_is_told_by_the_calls():
+    """PixArt keeps ``do_classifier_free_guidance`` as a local of ``__call__``, FLUX its
+    ``do_true_cfg``: the runtime reads neither. Batched CFG shows as one sample twice in a call;
+    two samples without CFG, or one call per step, have no unconditional rows."""
+
+    def unconditional_rows(pipe, run):
+        seen = []
+
+        class Spy(StepRule):
+            def plan(self, ctx, state):
+                rows = ctx.uncond_rows()
+                seen.append(None if rows is None else rows.tolist())
+                return True
+
+            def estimate(self, ctx, state, rows):
+                raise AssertionError("never asked")
+
+            def observe(self, ctx, state, output, rows):
+                pass
+
+        pipe.set_progress_bar_config(disable=True)
+        attach(pipe, pipe.transformer, adapter_for(pipe.transformer), RuleSet(step=Spy()), None)
+        run()
+        stepcache.disable(pipe)
+        return seen
+
+    assert unconditional_rows(*_pixart(3.0, images=2)) == [[True, True, False, False]] * 4
+    assert unconditional_rows(*_pixart(1.0, images=2)) == [None] * 4  # two different samples
+    pipe, _ = _flux()
+    pe, pp = _embeds()
+    single = lambda: pipe(  # noqa: E731  (no negative prompt: no true CFG, one call per step)
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pp,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        generator=_gen(),
+        output_type="np",
+    )
+    assert unconditional_rows(pipe, single) == [None] * 4
+    handle = stepcache.enable(
+        pipe, presets.get("guidance-interval", **GUIDANCE_ON_FOUR_STEPS["guidance-interval"])
+    )
+    single()
+    assert handle.stats()["cfg_skipped"] == 0 and handle.stats()["computed"] == 4
 
 
 @pytest.mark.parametrize("name", ["flux", "wan", "qwenimage"])

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import copyreg
 import inspect
-import sys
 import threading
 import warnings
 import weakref
@@ -34,6 +33,12 @@ from .state import Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
 _CFG_LAYOUTS = (None, "uncond_first", "uncond_last", "separate")
+
+
+def _halves_equal(sample: torch.Tensor) -> bool:
+    """Whether a batch is one sample twice over (``torch.cat([latents] * 2)``): batched CFG."""
+    n = sample.shape[0]
+    return n % 2 == 0 and n > 0 and torch.equal(sample[: n // 2], sample[n // 2 :])
 
 
 def as_batch(value: Any) -> torch.Tensor | None:
@@ -306,29 +311,27 @@ class Handle:
         gen.peaks.clear()
         gen.call = None
 
-    def _pipeline_cfg(self, caller_locals: dict[str, Any]) -> tuple[str | None, str | None]:
+    def _pipeline_cfg(self) -> tuple[str | None, str | None]:
         """(batched layout, how guidance calls the denoiser) for the generation a pipeline opens.
 
-        Pipelines say CFG as a property (SD3) or only as a local of ``__call__`` (PixArt; FLUX
-        and Qwen-Image's ``do_true_cfg``), so read the locals of the frame that opened the
-        progress bar first.
+        A pipeline that says CFG as a property (SD3, Wan) is taken at its word. Many keep it
+        only as a local of ``__call__`` (PixArt, CogVideoX; FLUX's and Qwen-Image's true CFG):
+        there the calls of step 0 tell (``Generation.cfg_mode``): a second call per step is the
+        unconditional pass, and a call whose two halves carry the same sample is batched CFG.
         """
-        if caller_locals.get("do_true_cfg") is True:  # true CFG: a second call per step
-            return None, "separate"
-        do_cfg = caller_locals.get("do_classifier_free_guidance")
-        if not isinstance(do_cfg, bool):
-            do_cfg = getattr(self.target, "do_classifier_free_guidance", False)
-        if do_cfg is not True:
+        do_cfg = getattr(self.target, "do_classifier_free_guidance", None)
+        if do_cfg is False:
             return None, None
         # A pipeline may declare its own layout (the zoo's class-conditional pipeline puts the
         # unconditional half last even around a U-Net); otherwise the family's convention.
         declared = getattr(type(self.target), "stepcache_cfg_layout", None)
         if declared in ("uncond_first", "uncond_last"):
-            return declared, "batched"
+            return declared, "batched" if do_cfg is True else "auto"
         layout = self.adapter.pipeline_cfg_layout
-        if self.adapter.family == "generic":  # unknown pipeline: step 0's calls tell
-            return layout, "auto"
-        return layout, "batched" if layout is not None else "separate"
+        if do_cfg is True and self.adapter.family != "generic":
+            return layout, "batched" if layout is not None else "separate"
+        # diffusers' pipelines put the unconditional half first (torch.cat([negative, positive]))
+        return layout or "uncond_first", "auto"
 
     # ---- the denoiser call ----------------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -383,16 +386,18 @@ class Handle:
         gen.signature[branch] = signature
         if step == 0:
             gen.step0_calls = max(gen.step0_calls, branch + 1)
+            if branch == 0 and gen.cfg_calls == "auto":  # one host read per generation
+                gen.halves_equal = _halves_equal(hidden)
         mode = gen.cfg_mode(step)
+        # an undecided or CFG-free call of a pipeline that did not say has no unconditional half
+        layout = gen.cfg_layout if mode == "batched" or gen.cfg_calls != "auto" else None
         ctx = CallContext(
             step=step,
             branch=branch,
             num_steps=gen.num_steps,
             batch=batch,
             timestep=adapter.timestep(bound),
-            _uncond=(lambda: adapter.uncond_rows(bound, gen.cfg_layout))
-            if mode in (None, "batched")
-            else None,
+            _uncond=(lambda: adapter.uncond_rows(bound, layout)) if mode in (None, "batched") else None,
         )
         first = branch not in gen.templates  # nothing computed yet: no output to stand in for
         row_actions = ["C"] * batch
@@ -807,10 +812,7 @@ def attach(
         def progress_bar(iterable: Any = None, total: int | None = None) -> Any:
             bar = orig_bar(iterable=iterable, total=total)
             n = total if iterable is None else (len(iterable) if hasattr(iterable, "__len__") else None)
-            caller = sys._getframe(1)
-            while caller.f_code is progress_bar.__code__:  # another denoiser's wrapper (two experts)
-                caller = caller.f_back
-            gen = Generation(n, None, *handle._pipeline_cfg(caller.f_locals))
+            gen = Generation(n, None, *handle._pipeline_cfg())
             gen.scheduler_order = int(getattr(getattr(target, "scheduler", None), "order", 1) or 1)
             if iterable is None:
                 return _GenerationBar(handle, bar, gen)

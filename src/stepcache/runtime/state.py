@@ -118,6 +118,7 @@ class Generation:
         # or None (not said: a family's rows may still identify themselves, e.g. DiT's labels).
         self.cfg_calls = cfg_calls
         self.step0_calls = 0
+        self.halves_equal = False  # "auto": step 0's first call carried one sample twice (batched CFG)
         # network evaluations per scheduler step (Heun: 2): each is a call, or a cond/uncond pair
         self.scheduler_order = 1
         # this step's last conditional output when guidance runs as separate calls:
@@ -149,13 +150,16 @@ class Generation:
         return self.step, self.branch
 
     def cfg_mode(self, step: int) -> str | None:
-        """ "batched", "separate" or None for the calls of ``step``. "auto" decides from step 0,
-        whose calls therefore keep their unconditional pass."""
+        """ "batched", "separate" or None for the calls of ``step``. "auto" decides from step 0:
+        batched where its first call carried one sample twice, else separate where it made two
+        calls per network evaluation (step 0's calls then keep their unconditional pass), else none."""
         if self.cfg_calls != "auto":
             return self.cfg_calls
+        if self.halves_equal:
+            return "batched"
         if step == 0:
             return "undecided"
-        return "separate" if self.step0_calls >= 2 * self.scheduler_order else "batched"
+        return "separate" if self.step0_calls >= 2 * self.scheduler_order else None
 
     def advance_step(self, step: int | None = None) -> None:
         self.step = self.step + 1 if step is None else step
