@@ -421,22 +421,8 @@ class Handle:
         if guide is not None:
             run[guide.uncond[guide.dropped]] = False
 
-        # 3. Run the rows that run (all of them, none, or gather -> run -> scatter).
-        if guide is not None and guide.cond_source is not None and not bool(run.any()):
-            # every row is the guidance rule's or the step rule's: the network does not run
-            out = gen.templates.get(branch, gen.templates.get(0))
-            full, part = torch.empty_like(guide.cond_source), None
-        elif bool(run.all()):
-            out = self._run(gen, ctx, bound, None, row_actions)
-            full = part = _output_tensor(out, self.model)
-        else:
-            run_rows = _global_rows(None, run, device)
-            out = self._run(gen, ctx, adapter.slice_rows(bound, run_rows, batch), run_rows, row_actions)
-            part = _output_tensor(out, self.model)
-            full = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
-            full.index_copy_(0, run_rows, part)
-        if self.rules.guard and part is not None:  # on the device, no sync: read at the end
-            gen.finite.append((step, torch.isfinite(part).all()))
+        # 3. Run the rows that run; the levels then fill in the others and observe.
+        out, full = self._run_rows(gen, ctx, bound, run, guide, row_actions, device)
         if step_call is not None and step_call.est_rows is not None:
             full.index_copy_(0, step_call.est_rows, step_call.est.to(full.dtype))
             for r in step_call.est_rows.tolist():
@@ -690,6 +676,34 @@ class Handle:
                 full.index_select(0, guide.uncond[observed].to(device)),
                 pair_idx[observed].to(device),
             )
+
+    def _run_rows(
+        self,
+        gen: Generation,
+        ctx: CallContext,
+        bound: inspect.BoundArguments,
+        run: torch.Tensor,
+        guide: _GuidanceCall | None,
+        row_actions: list[str],
+        device: Any,
+    ) -> tuple[Any, torch.Tensor]:
+        """The network on the rows that run (all of them, none, or gathered, run and scattered):
+        its output object and a full-batch tensor whose other rows are still to be filled."""
+        if guide is not None and guide.cond_source is not None and not bool(run.any()):
+            # every row is the guidance rule's or the step rule's: the network does not run
+            return gen.templates.get(ctx.branch, gen.templates.get(0)), torch.empty_like(guide.cond_source)
+        if bool(run.all()):
+            out = self._run(gen, ctx, bound, None, row_actions)
+            full = part = _output_tensor(out, self.model)
+        else:
+            rows = _global_rows(None, run, device)
+            out = self._run(gen, ctx, self.adapter.slice_rows(bound, rows, ctx.batch), rows, row_actions)
+            part = _output_tensor(out, self.model)
+            full = torch.empty((ctx.batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
+            full.index_copy_(0, rows, part)
+        if self.rules.guard:  # on the device, no sync: read at the end
+            gen.finite.append((ctx.step, torch.isfinite(part).all()))
+        return out, full
 
     def _run(
         self,
