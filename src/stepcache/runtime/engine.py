@@ -17,7 +17,6 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,8 +26,9 @@ from ..adapters import Adapter
 from ..errors import UnsupportedModelError
 from .blocks import BlockDriver, driver_for
 from .interfaces import CallContext, RuleSet, Streams
+from .levels import GuidanceCall, GuidanceDriver, StepDriver
 from .ranks import Agreement, agreement_for
-from .rows import _finite, _global_rows, _raise_peaks, _resolve, _rows_usable, _tie_cfg_pairs
+from .rows import _first, _global_rows, _rows_usable, as_batch
 from .state import Generation, tensor_bytes
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -39,25 +39,6 @@ def _halves_equal(sample: torch.Tensor) -> bool:
     """Whether a batch is one sample twice over (``torch.cat([latents] * 2)``): batched CFG."""
     n = sample.shape[0]
     return n % 2 == 0 and n > 0 and torch.equal(sample[: n // 2], sample[n // 2 :])
-
-
-def as_batch(value: Any) -> torch.Tensor | None:
-    """A batch as one tensor: the tensor itself, or a list of per-sample tensors of one shape
-    stacked (Z-Image takes and returns its latents so); None for anything else."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-        if len({(v.shape, v.dtype, v.device) for v in value}) == 1:
-            return torch.stack(value)
-    return None
-
-
-def _first(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    first = out if isinstance(out, list) else out[0]
-    stacked = as_batch(first) if isinstance(first, list) else None
-    return first if stacked is None else stacked
 
 
 def _output_tensor(out: Any, model: nn.Module) -> torch.Tensor:
@@ -125,33 +106,6 @@ def _not_finite_message(bad: list[int], estimated: list[int], methods: str) -> s
     )
 
 
-@dataclass
-class _StepCall:
-    """The step rule's plan for one call: the rows the network answers, the others' estimate."""
-
-    state: Any
-    run: torch.Tensor | None = None  # bool over the batch (host); None = every row
-    est: torch.Tensor | None = None
-    est_rows: torch.Tensor | None = None  # the estimated rows; None with an estimate = all
-    letter: str = "E"  # what an estimated row did: "E" nothing, "P" a cheaper network ran
-    ran: list[Any] = field(default_factory=list)  # what the estimate ran (run_at, run_model)
-
-
-@dataclass
-class _GuidanceCall:
-    """The guidance decision of one call; index tensors live on the host."""
-
-    state: dict[str, Any]
-    uncond: torch.Tensor  # batch rows of the unconditional half, pair order
-    cond: torch.Tensor  # batch rows of the conditional half, pair order
-    both: torch.Tensor  # pairs whose two rows both run
-    dropped: torch.Tensor  # pairs whose unconditional row is left out
-    # the conditional output when it came from an earlier call of the step (separate CFG calls);
-    # None: the conditional rows are in this call's output
-    cond_source: torch.Tensor | None = None
-    ctx: CallContext | None = None  # the rule's view of the call, when it differs from the call's
-
-
 class Handle:
     """What ``enable`` returns: statistics, a generation scope for bare loops, and ``disable``.
 
@@ -182,7 +136,10 @@ class Handle:
         self._installed: list[tuple[Any, str, bool, Any]] = []  # (object, attr, had_own, own_value)
         self._sig = inspect.signature(model.forward)
         self._orig_forward = model.forward
-        self.blocks: BlockDriver | None = None  # the block rule's hooks (set by attach)
+        # the levels' drivers (the block one is set by attach, which finds the blocks)
+        self.step = StepDriver(self, rules.step) if rules.step is not None else None
+        self.guidance = GuidanceDriver(self, rules.guidance) if rules.guidance is not None else None
+        self.blocks: BlockDriver | None = None
         self._compiled = False
         self._replaced = False  # a later enable on the same model took over
 
@@ -404,34 +361,28 @@ class Handle:
         device = hidden.device
 
         # 1. The step rule: which rows the network answers at all; the others it estimates.
-        step_call = self._step_plan(gen, ctx, bound, first, device)
+        step_call = self.step.plan(gen, ctx, bound, first, device) if self.step is not None else None
         step_run = step_call.run if step_call is not None else None
-        if step_run is not None and not bool(step_run.any()):
+        if step_call is not None and step_call.runs_nothing:
             gen.stats.record([step_call.letter] * batch)
             gen.estimated_steps.append(step)
             ran = step_call.ran[-1] if step_call.ran else None
             return _replace_first(gen.templates.get(branch, ran), step_call.est)
 
         # 2. The guidance rule: which unconditional rows of computed pairs to leave out.
-        if mode == "separate":
-            guide = self._separate_guidance_plan(gen, ctx, step_run) if branch % 2 else None
-        else:
-            guide = self._guidance_plan(gen, ctx, step_run)
+        guide = self.guidance.plan(gen, ctx, mode, step_run) if self.guidance is not None else None
         run = torch.ones(batch, dtype=torch.bool) if step_run is None else step_run.clone()
         if guide is not None:
             run[guide.uncond[guide.dropped]] = False
 
         # 3. Run the rows that run; the levels then fill in the others and observe.
         out, full = self._run_rows(gen, ctx, bound, run, guide, row_actions, device)
-        if step_call is not None and step_call.est_rows is not None:
-            full.index_copy_(0, step_call.est_rows, step_call.est.to(full.dtype))
-            for r in step_call.est_rows.tolist():
-                row_actions[r] = step_call.letter
-        if guide is not None:
-            self._guidance_finish(gen, ctx, bound, guide, full, row_actions)
-
         if step_call is not None:
-            self._step_observe(gen, ctx, step_call, full, device)
+            self.step.fill(step_call, full, row_actions)
+        if guide is not None:
+            self.guidance.finish(gen, ctx, bound, guide, full, row_actions)
+        if step_call is not None:
+            self.step.observe(gen, ctx, step_call, full, device)
         gen.stats.record(row_actions)
         if any(a != "C" for a in row_actions):
             gen.estimated_steps.append(step)
@@ -439,55 +390,6 @@ class Handle:
             answered = torch.tensor([a != "E" for a in row_actions])
             gen.cond_out = (step, branch, full.detach(), answered)
         return out if full is _first(out) else _replace_first(out, full)
-
-    # ---- the step level ----------------------------------------------------------------------
-    def _step_plan(
-        self, gen: Generation, ctx: CallContext, bound: inspect.BoundArguments, first: bool, device: Any
-    ) -> _StepCall | None:
-        """The step rule's plan for this call (None without one): the rows the network answers,
-        and the others' estimate, which the guard checks in one host read (a rejected estimate:
-        every row computes)."""
-        rule = self.rules.step
-        if rule is None:
-            return None
-        call = _StepCall(gen.state_for(ctx.branch, "step", rule))
-        plan = self._agreed(_tie_cfg_pairs(rule.plan(ctx, call.state), ctx), device)
-        compute_all, compute_none, mask = _resolve(
-            True if first and not getattr(rule, "answers_first", False) else plan, ctx.batch
-        )
-        if compute_all:
-            return call
-        est_rows = None if compute_none else _global_rows(None, ~mask, device)
-        # Only an estimate may run the network another way (CallContext.run_at, run_model).
-        template = gen.templates.get(ctx.branch)
-        ctx._run_at = lambda scale, rows: self._run_at(bound, ctx.batch, scale, rows, call.ran)
-        ctx._run_model = lambda module, rows: self._run_model(
-            bound, ctx.batch, module, rows, call.ran, template
-        )
-        est = rule.estimate(ctx, call.state, est_rows)
-        ctx._run_at = ctx._run_model = None
-        # None: the rule's own validation rejected its estimate.
-        usable = est is not None and (
-            not self.rules.guard or self._usable(gen, (ctx.branch, "step"), (est,), est_rows)
-        )
-        if not self._all_ranks(usable, device):
-            gen.stats.fallbacks += 1
-            return call
-        call.run = torch.zeros(ctx.batch, dtype=torch.bool) if compute_none else mask.cpu()
-        call.est, call.est_rows = est, est_rows
-        call.letter = "P" if call.ran else "E"  # a cheaper network ran: partial work, not none
-        return call
-
-    def _step_observe(
-        self, gen: Generation, ctx: CallContext, call: _StepCall, full: torch.Tensor, device: Any
-    ) -> None:
-        """The step rule sees the rows the network answered (the guard records their norms)."""
-        rows = None if call.run is None else _global_rows(None, call.run, device)
-        seen = full if rows is None else full.index_select(0, rows)
-        self.rules.step.observe(ctx, call.state, seen, rows)
-        if self.rules.guard:
-            key = (ctx.branch, "step")
-            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), (seen,), rows, ctx.batch)
 
     def _run_at(
         self,
@@ -579,111 +481,13 @@ class Handle:
         found = (self.rules.step, self.rules.block, self.rules.guidance)
         return ", ".join(type(r).__name__ for r in found if r is not None) or "stepcache"
 
-    # ---- guidance ---------------------------------------------------------------------------
-    def _guidance_plan(self, gen: Generation, ctx: CallContext, step_run: torch.Tensor | None) -> Any:
-        """Which pairs of this call drop their unconditional row, or None when no rule applies.
-
-        Only pairs whose two rows both run are candidates (the others are the step rule's). One
-        host sync: the unconditional mask (and a tensor plan) are read on the host.
-        """
-        grule = self.rules.guidance
-        if grule is None:
-            return None
-        mask = ctx.uncond_rows()
-        if mask is None:
-            return None  # no batched CFG in this call
-        mask = mask.reshape(-1).cpu()
-        uncond = torch.nonzero(mask).reshape(-1)
-        cond = torch.nonzero(~mask).reshape(-1)
-        if uncond.numel() == 0 or uncond.numel() != cond.numel():
-            return None
-        state = gen.state_for(ctx.branch, "guidance", grule)
-        pairs = uncond.numel()
-        both = torch.ones(pairs, dtype=torch.bool)
-        if step_run is not None:
-            both = step_run[uncond] & step_run[cond]
-        keep_all, keep_none, keep = _resolve(self._agreed(grule.plan(ctx, state)), pairs)
-        if keep_all:
-            dropped = torch.zeros(pairs, dtype=torch.bool)
-        else:
-            dropped = both.clone() if keep_none else both & ~keep.cpu()
-        return _GuidanceCall(state, uncond, cond, both, dropped)
-
-    def _separate_guidance_plan(
-        self, gen: Generation, ctx: CallContext, step_run: torch.Tensor | None
-    ) -> _GuidanceCall | None:
-        """The unconditional call (odd branch) of a step whose conditional call (the branch
-        before it) came first: its rows pair with that call's rows, one to one; only pairs whose
-        two rows the network answers are candidates. The rule sees pairs as on batched CFG
-        (``ctx.batch`` is both calls' rows). A second-order scheduler's second evaluation is
-        another such pair of calls (branches 2 and 3)."""
-        grule = self.rules.guidance
-        if grule is None or gen.cond_out is None or gen.cond_out[:2] != (ctx.step, ctx.branch - 1):
-            return None
-        _, pair_branch, cond, answered = gen.cond_out
-        if cond.shape[0] != ctx.batch:
-            return None  # the two calls are not one pair per row
-        pair_ctx = CallContext(**{**ctx.__dict__, "batch": 2 * ctx.batch, "branch": pair_branch})
-        state = gen.state_for(pair_branch, "guidance", grule)
-        both = answered.clone() if step_run is None else answered & step_run
-        keep_all, keep_none, keep = _resolve(self._agreed(grule.plan(pair_ctx, state)), ctx.batch)
-        if keep_all:
-            dropped = torch.zeros(ctx.batch, dtype=torch.bool)
-        else:
-            dropped = both.clone() if keep_none else both & ~keep.cpu()
-        rows = torch.arange(ctx.batch)
-        return _GuidanceCall(state, rows, rows, both, dropped, cond_source=cond, ctx=pair_ctx)
-
-    def _guidance_finish(
-        self,
-        gen: Generation,
-        ctx: CallContext,
-        bound: inspect.BoundArguments,
-        guide: _GuidanceCall,
-        full: torch.Tensor,
-        row_actions: list[str],
-    ) -> None:
-        """Fill the left-out unconditional rows from the rule's estimate; let it observe the rest."""
-        grule = self.rules.guidance
-        device = full.device
-        source = full if guide.cond_source is None else guide.cond_source
-        pair_ctx = guide.ctx or ctx
-        pair_idx = torch.arange(guide.uncond.numel())
-        if bool(guide.dropped.any()):
-            pairs = pair_idx[guide.dropped].to(device)
-            u_rows = guide.uncond[guide.dropped].to(device)
-            cond = source.index_select(0, guide.cond[guide.dropped].to(device))
-            est = grule.estimate(pair_ctx, guide.state, cond, pairs)
-            usable = est is not None and (not self.rules.guard or _finite((est,)))
-            if not self._all_ranks(usable, device):
-                gen.stats.fallbacks += 1
-                sub = self._run(
-                    gen, ctx, self.adapter.slice_rows(bound, u_rows, ctx.batch), u_rows, row_actions
-                )
-                full.index_copy_(0, u_rows, _first(sub))
-                guide.dropped[:] = False
-            else:
-                full.index_copy_(0, u_rows, est.to(full.dtype))
-                for r in u_rows.tolist():
-                    row_actions[r] = "G"
-                gen.stats.cfg_skipped += len(u_rows)
-        observed = guide.both & ~guide.dropped
-        if bool(observed.any()):
-            grule.observe(
-                pair_ctx,
-                guide.state,
-                source.index_select(0, guide.cond[observed].to(device)),
-                full.index_select(0, guide.uncond[observed].to(device)),
-                pair_idx[observed].to(device),
-            )
-
     def _run_rows(
         self,
         gen: Generation,
         ctx: CallContext,
         bound: inspect.BoundArguments,
         run: torch.Tensor,
-        guide: _GuidanceCall | None,
+        guide: GuidanceCall | None,
         row_actions: list[str],
         device: Any,
     ) -> tuple[Any, torch.Tensor]:

@@ -124,3 +124,22 @@ def _scatter(full: Streams, rows: torch.Tensor, part: Streams) -> Streams:
             f.index_copy_(0, rows, p)
             out.append(f)
     return tuple(out)
+
+
+def as_batch(value: Any) -> torch.Tensor | None:
+    """A batch as one tensor: the tensor itself, or a list of per-sample tensors of one shape
+    stacked (Z-Image takes and returns its latents so); None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+        if len({(v.shape, v.dtype, v.device) for v in value}) == 1:
+            return torch.stack(value)
+    return None
+
+
+def _first(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    first = out if isinstance(out, list) else out[0]
+    stacked = as_batch(first) if isinstance(first, list) else None
+    return first if stacked is None else stacked
