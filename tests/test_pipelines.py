@@ -12,7 +12,7 @@ import torch
 import stepcache
 from stepcache import presets
 from stepcache.adapters import adapter_for
-from stepcache.runtime import RuleSet, StepRule, attach
+from stepcache.runtime import GuidanceRule, RuleSet, StepRule, attach
 
 pytest.importorskip("transformers")
 
@@ -317,6 +317,59 @@ def test_guidance_kept_as_a_local_is_told_by_the_calls():
     )
     single()
     assert handle.stats()["cfg_skipped"] == 0 and handle.stats()["computed"] == 4
+
+
+def test_true_cfg_is_paired_from_step_0_and_same_noise_is_no_cfg():
+    """FLUX says nothing of its true CFG: its second call of step 0 is already paired with the
+    first. Two samples of the same noise without CFG stay two samples (FLUX batches no CFG)."""
+    pipe, run = _flux()
+    pipe.set_progress_bar_config(disable=True)
+    planned = []
+
+    class Keep(GuidanceRule):
+        def plan(self, ctx, state):
+            planned.append((ctx.step, ctx.batch))
+            return True
+
+        def estimate(self, ctx, state, cond, pairs):
+            raise AssertionError("never asked")
+
+        def observe(self, ctx, state, cond, uncond, pairs):
+            pass
+
+    attach(pipe, pipe.transformer, adapter_for(pipe.transformer), RuleSet(guidance=Keep()), None)
+    run()
+    stepcache.disable(pipe)
+    assert planned == [(s, 2) for s in range(4)]  # each step's pair, as batched CFG would see it
+
+    seen = []
+
+    class Spy(StepRule):
+        def plan(self, ctx, state):
+            rows = ctx.uncond_rows()
+            seen.append(None if rows is None else rows.tolist())
+            return True
+
+        def estimate(self, ctx, state, rows):
+            raise AssertionError("never asked")
+
+        def observe(self, ctx, state, output, rows):
+            pass
+
+    pe, pp = _embeds()
+    attach(pipe, pipe.transformer, adapter_for(pipe.transformer), RuleSet(step=Spy()), None)
+    pipe(
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pp,
+        num_images_per_prompt=2,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        generator=[_gen(), _gen()],  # the same noise twice
+        output_type="np",
+    )
+    stepcache.disable(pipe)
+    assert seen == [None] * 4
 
 
 @pytest.mark.parametrize("name", ["flux", "wan", "qwenimage"])

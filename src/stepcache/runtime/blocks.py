@@ -432,8 +432,8 @@ class ModuleDriver(BlockDriver):
         return _placeholders(cache.shapes[key])
 
 
-# Each kind of block rule by the interface it implements (TokenRule before BlockRule: both are
-# spans, and a token rule is not skipped as a whole).
+# Each kind of block rule by the interface it implements, the first that matches (TokenRule
+# before BlockRule: both are spans, and a token rule is not skipped as a whole). Read once, at enable.
 _DRIVERS: dict[type, type[BlockDriver]] = {
     BranchRule: ModuleDriver,
     PerBlockRule: PerBlockDriver,
@@ -447,7 +447,7 @@ def driver_for(handle: Handle) -> BlockDriver | None:
     rule = handle.rules.block
     if rule is None:
         return None
-    kind = next((d for base in type(rule).__mro__ if (d := _DRIVERS.get(base)) is not None), None)
+    kind = next((d for interface, d in _DRIVERS.items() if isinstance(rule, interface)), None)
     if kind is None:
         raise TypeError(f"{type(rule).__name__} implements no block-rule interface of stepcache.runtime")
     if kind is ModuleDriver:

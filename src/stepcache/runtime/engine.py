@@ -215,7 +215,7 @@ class Handle:
             raise RuntimeError("this handle is disabled; enable stepcache again, then compile")
         if self._compiled:
             raise RuntimeError("this handle is already compiled; disable and enable again to recompile")
-        if self.blocks is not None:
+        if self.blocks is not None and self.blocks.blocks:
             self.blocks.compile(**options)
         else:
             self._orig_forward = torch.compile(self._orig_forward, **options)
@@ -268,27 +268,28 @@ class Handle:
         gen.peaks.clear()
         gen.call = None
 
-    def _pipeline_cfg(self) -> tuple[str | None, str | None]:
-        """(batched layout, how guidance calls the denoiser) for the generation a pipeline opens.
-
-        A pipeline that says CFG as a property (SD3, Wan) is taken at its word. Many keep it
-        only as a local of ``__call__`` (PixArt, CogVideoX; FLUX's and Qwen-Image's true CFG):
-        there the calls of step 0 tell (``Generation.cfg_mode``): a second call per step is the
-        unconditional pass, and a call whose two halves carry the same sample is batched CFG.
-        """
+    def _pipeline_generation(self, num_steps: int | None) -> Generation:
+        """The generation a pipeline's progress bar opens, with how its guidance reaches the
+        denoiser. A pipeline that says CFG as a property (SD3, Wan) is taken at its word: batched
+        in its family's layout, or separate calls where the family has none. Many keep it only as a
+        local of ``__call__`` (PixArt, CogVideoX; FLUX's and Qwen-Image's true CFG): there the
+        calls of step 0 tell (``Generation.cfg_mode``)."""
         do_cfg = getattr(self.target, "do_classifier_free_guidance", None)
-        if do_cfg is False:
-            return None, None
         # A pipeline may declare its own layout (the zoo's class-conditional pipeline puts the
         # unconditional half last even around a U-Net); otherwise the family's convention.
         declared = getattr(type(self.target), "stepcache_cfg_layout", None)
-        if declared in ("uncond_first", "uncond_last"):
-            return declared, "batched" if do_cfg is True else "auto"
-        layout = self.adapter.pipeline_cfg_layout
-        if do_cfg is True and self.adapter.family != "generic":
-            return layout, "batched" if layout is not None else "separate"
-        # diffusers' pipelines put the unconditional half first (torch.cat([negative, positive]))
-        return layout or "uncond_first", "auto"
+        layout = declared if declared in ("uncond_first", "uncond_last") else self.adapter.pipeline_cfg_layout
+        if do_cfg is False:
+            gen = Generation(num_steps, None, None, None)
+        elif do_cfg is True and (
+            declared in ("uncond_first", "uncond_last") or self.adapter.family != "generic"
+        ):
+            gen = Generation(num_steps, None, layout, "batched" if layout is not None else "separate")
+        else:
+            gen = Generation(num_steps, None, layout, "auto")
+            gen.cfg_said = do_cfg is True
+        gen.scheduler_order = int(getattr(getattr(self.target, "scheduler", None), "order", 1) or 1)
+        return gen
 
     # ---- the denoiser call ----------------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -343,8 +344,8 @@ class Handle:
         gen.signature[branch] = signature
         if step == 0:
             gen.step0_calls = max(gen.step0_calls, branch + 1)
-            if branch == 0 and gen.cfg_calls == "auto":  # one host read per generation
-                gen.halves_equal = _halves_equal(hidden)
+            if branch == 0 and gen.cfg_calls == "auto" and gen.cfg_layout is not None:
+                gen.halves_equal = _halves_equal(hidden)  # one host read per generation
         mode = gen.cfg_mode(step)
         # an undecided or CFG-free call of a pipeline that did not say has no unconditional half
         layout = gen.cfg_layout if mode == "batched" or gen.cfg_calls != "auto" else None
@@ -386,7 +387,7 @@ class Handle:
         gen.stats.record(row_actions)
         if any(a != "C" for a in row_actions):
             gen.estimated_steps.append(step)
-        if mode == "separate" and branch % 2 == 0:  # the conditional pass the next call pairs with
+        if mode in ("separate", "undecided") and branch % 2 == 0:  # what the next call pairs with
             answered = torch.tensor([a != "E" for a in row_actions])
             gen.cond_out = (step, branch, full.detach(), answered)
         return out if full is _first(out) else _replace_first(out, full)
@@ -630,8 +631,7 @@ def attach(
         def progress_bar(iterable: Any = None, total: int | None = None) -> Any:
             bar = orig_bar(iterable=iterable, total=total)
             n = total if iterable is None else (len(iterable) if hasattr(iterable, "__len__") else None)
-            gen = Generation(n, None, *handle._pipeline_cfg())
-            gen.scheduler_order = int(getattr(getattr(target, "scheduler", None), "order", 1) or 1)
+            gen = handle._pipeline_generation(n)
             if iterable is None:
                 return _GenerationBar(handle, bar, gen)
             return _iterate_generation(handle, bar, gen)

@@ -119,6 +119,7 @@ class Generation:
         self.cfg_calls = cfg_calls
         self.step0_calls = 0
         self.halves_equal = False  # "auto": step 0's first call carried one sample twice (batched CFG)
+        self.cfg_said = False  # "auto": the pipeline said it runs CFG, but not how (one call: batched)
         # network evaluations per scheduler step (Heun: 2): each is a call, or a cond/uncond pair
         self.scheduler_order = 1
         # this step's last conditional output when guidance runs as separate calls:
@@ -151,15 +152,18 @@ class Generation:
 
     def cfg_mode(self, step: int) -> str | None:
         """ "batched", "separate" or None for the calls of ``step``. "auto" decides from step 0:
-        batched where its first call carried one sample twice, else separate where it made two
-        calls per network evaluation (step 0's calls then keep their unconditional pass), else none."""
+        separate once it has made two calls per network evaluation (its first conditional call is
+        kept for pairing), else batched where its first call carried one sample twice (the layout
+        must allow it), else batched where the pipeline said CFG, else none."""
         if self.cfg_calls != "auto":
             return self.cfg_calls
+        if self.step0_calls >= 2 * self.scheduler_order:
+            return "separate"
         if self.halves_equal:
             return "batched"
         if step == 0:
             return "undecided"
-        return "separate" if self.step0_calls >= 2 * self.scheduler_order else None
+        return "batched" if self.cfg_said else None
 
     def advance_step(self, step: int | None = None) -> None:
         self.step = self.step + 1 if step is None else step

@@ -16,7 +16,18 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
+class _SaysGuidance:
+    """``do_classifier_free_guidance`` as a property, as diffusers' newer pipelines say it: a
+    runtime wrapping the pipeline reads it when the progress bar opens."""
+
+    _guidance_scale = 1.0
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+
+class ClassConditionalPipeline(_SaysGuidance, DiffusionPipeline):
     """Holds either a DiT (``transformer``) or a class-embedding UNet2DModel (``unet``).
 
     With CFG the batch is [conditional, unconditional (null label)], as diffusers' DiT pipeline
@@ -65,7 +76,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         _check_common(num_inference_steps, output_type)
         model = self.denoiser
         device, dtype = self._execution_device, model.dtype
-        do_classifier_free_guidance = guidance_scale > 1.0  # the local is read by stepcache
+        self._guidance_scale = guidance_scale
+        do_classifier_free_guidance = self.do_classifier_free_guidance
         size = int(model.config.sample_size)
         shape = (labels.numel(), int(model.config.in_channels), size, size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -119,7 +131,7 @@ def _finish(pipe: DiffusionPipeline, x: torch.Tensor, output_type: str, return_d
     return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
-class TextConditionalPipeline(DiffusionPipeline):
+class TextConditionalPipeline(_SaysGuidance, DiffusionPipeline):
     """Text-to-image flow matching with a PixArt transformer and sentence-embedding captions.
 
     ``pipe(prompt=[...], ...).images`` -> (N, H, W, C) in [0, 1]. With CFG the batch is
@@ -154,7 +166,8 @@ class TextConditionalPipeline(DiffusionPipeline):
         model = self.transformer
         device, dtype = self._execution_device, model.dtype
         cond = prompt_embeds.to(device=device, dtype=dtype).reshape(prompt_embeds.shape[0], 1, -1)
-        do_classifier_free_guidance = guidance_scale > 1.0  # read by stepcache for the CFG layout
+        self._guidance_scale = guidance_scale
+        do_classifier_free_guidance = self.do_classifier_free_guidance
         emb = torch.cat([torch.zeros_like(cond), cond]) if do_classifier_free_guidance else cond
         size = int(model.config.sample_size)
         x = randn_tensor(
@@ -184,7 +197,7 @@ class TextConditionalPipeline(DiffusionPipeline):
         return _finish(self, x, output_type, return_dict)
 
 
-class CaptionPipeline(DiffusionPipeline):
+class CaptionPipeline(_SaysGuidance, DiffusionPipeline):
     """Text-to-image (SD3 transformer) or text-to-video (Wan transformer) flow matching with
     per-token caption embeddings (``zoo.text.encode_tokens``).
 
@@ -224,7 +237,8 @@ class CaptionPipeline(DiffusionPipeline):
         _check_common(num_inference_steps, output_type)
         device, dtype = self._execution_device, self.transformer.dtype
         tokens, pooled = (t.to(device=device, dtype=dtype) for t in encode_tokens(prompts))
-        do_classifier_free_guidance = guidance_scale > 1.0  # read by stepcache for the CFG layout
+        self._guidance_scale = guidance_scale
+        do_classifier_free_guidance = self.do_classifier_free_guidance
         if do_classifier_free_guidance:
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
