@@ -272,31 +272,33 @@ def test_context_knows_step_branch_and_unconditional_rows(name):
         assert seen == [(s, b, 4, None) for s in range(4) for b in range(2)]
 
 
+def unconditional_rows(pipe, run) -> list:
+    """What a step rule sees of each call's unconditional rows over one run of the pipeline."""
+    seen = []
+
+    class Spy(StepRule):
+        def plan(self, ctx, state):
+            rows = ctx.uncond_rows()
+            seen.append(None if rows is None else rows.tolist())
+            return True
+
+        def estimate(self, ctx, state, rows):
+            raise AssertionError("never asked")
+
+        def observe(self, ctx, state, output, rows):
+            pass
+
+    pipe.set_progress_bar_config(disable=True)
+    attach(pipe, pipe.transformer, adapter_for(pipe.transformer), RuleSet(step=Spy()), None)
+    run()
+    stepcache.disable(pipe)
+    return seen
+
+
 def test_guidance_kept_as_a_local_is_told_by_the_calls():
     """PixArt keeps ``do_classifier_free_guidance`` as a local of ``__call__``, FLUX its
     ``do_true_cfg``: the runtime reads neither. Batched CFG shows as one sample twice in a call;
     two samples without CFG, or one call per step, have no unconditional rows."""
-
-    def unconditional_rows(pipe, run):
-        seen = []
-
-        class Spy(StepRule):
-            def plan(self, ctx, state):
-                rows = ctx.uncond_rows()
-                seen.append(None if rows is None else rows.tolist())
-                return True
-
-            def estimate(self, ctx, state, rows):
-                raise AssertionError("never asked")
-
-            def observe(self, ctx, state, output, rows):
-                pass
-
-        pipe.set_progress_bar_config(disable=True)
-        attach(pipe, pipe.transformer, adapter_for(pipe.transformer), RuleSet(step=Spy()), None)
-        run()
-        stepcache.disable(pipe)
-        return seen
 
     assert unconditional_rows(*_pixart(3.0, images=2)) == [[True, True, False, False]] * 4
     assert unconditional_rows(*_pixart(1.0, images=2)) == [None] * 4  # two different samples
@@ -342,23 +344,8 @@ def test_true_cfg_is_paired_from_step_0_and_same_noise_is_no_cfg():
     stepcache.disable(pipe)
     assert planned == [(s, 2) for s in range(4)]  # each step's pair, as batched CFG would see it
 
-    seen = []
-
-    class Spy(StepRule):
-        def plan(self, ctx, state):
-            rows = ctx.uncond_rows()
-            seen.append(None if rows is None else rows.tolist())
-            return True
-
-        def estimate(self, ctx, state, rows):
-            raise AssertionError("never asked")
-
-        def observe(self, ctx, state, output, rows):
-            pass
-
     pe, pp = _embeds()
-    attach(pipe, pipe.transformer, adapter_for(pipe.transformer), RuleSet(step=Spy()), None)
-    pipe(
+    same_noise = lambda: pipe(  # noqa: E731
         prompt_embeds=pe,
         pooled_prompt_embeds=pp,
         num_images_per_prompt=2,
@@ -368,8 +355,7 @@ def test_true_cfg_is_paired_from_step_0_and_same_noise_is_no_cfg():
         generator=[_gen(), _gen()],  # the same noise twice
         output_type="np",
     )
-    stepcache.disable(pipe)
-    assert seen == [None] * 4
+    assert unconditional_rows(pipe, same_noise) == [None] * 4
 
 
 @pytest.mark.parametrize("name", ["flux", "wan", "qwenimage"])
