@@ -53,15 +53,15 @@ class BlockDriver:
         self.sig = [inspect.signature(b.forward) for b in blocks]
 
     @classmethod
-    def find(cls, handle: Handle) -> list[nn.Module]:
-        """The modules this kind of rule hooks; refuses a model without them."""
+    def build(cls, handle: Handle) -> BlockDriver:
+        """The driver on the modules this kind of rule hooks; refuses a model without them."""
         blocks = handle.adapter.blocks()
         if not blocks:
             raise UnsupportedModelError(
                 f"block-level rule {type(handle.rules.block).__name__} needs a linear block stack, and "
                 f"{type(handle.model).__name__} ({handle.adapter.family}) has none"
             )
-        return blocks
+        return cls(handle, blocks)
 
     def install(self) -> None:
         for i, block in enumerate(self.blocks):
@@ -92,7 +92,7 @@ class BlockDriver:
     def forward(self, index: int, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
 
-    def _scratch_of_call(self, index: int) -> tuple[Generation | None, CallScratch | None]:
+    def _scratch_of_call(self) -> tuple[Generation | None, CallScratch | None]:
         gen = self.handle._current()
         return gen, (gen.call if gen is not None else None)
 
@@ -107,14 +107,6 @@ class BlockDriver:
             f"{type(self.handle.model).__name__}: its block stack changed between calls ({what} in this "
             "call), so block-level rules cannot skip a span of it; stepcache was disabled on it"
         )
-
-    def observe(
-        self, gen: Generation, scratch: CallScratch, ctx: CallContext, residual: Streams, rows: Any
-    ) -> None:
-        self.rule.observe(ctx, scratch.state, residual, rows)
-        if self.handle.rules.guard:
-            key = _block_key(scratch)
-            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), residual, rows, ctx.batch)
 
 
 class SpanDriver(BlockDriver):
@@ -132,7 +124,7 @@ class SpanDriver(BlockDriver):
         )
 
     def forward(self, index: int, args: tuple, kwargs: dict) -> Any:
-        gen, scratch = self._scratch_of_call(index)
+        gen, scratch = self._scratch_of_call()
         if scratch is None:
             return self.orig[index](*args, **kwargs)
         self._next(scratch, index)
@@ -186,12 +178,12 @@ class SpanDriver(BlockDriver):
             gen.deferred_fallbacks.append((unusable & ~wanted).sum())
             plan = wanted | unusable
         compute_all, compute_none, mask = _resolve(handle._agreed(plan, device), active)
+        # nonzero reads the mask's size (a host sync): once, and only where some rows run
+        partial = not (compute_all or compute_none)
+        skip_local = torch.nonzero(~mask).reshape(-1).to(device) if partial else None
 
         if not compute_all and est_all is not None:
-            if compute_none:
-                est = est_all
-            else:  # nonzero reads the mask's size: only where some rows run
-                est = take_streams(est_all, torch.nonzero(~mask).reshape(-1).to(device))
+            est = est_all if compute_none else take_streams(est_all, skip_local)
         elif not compute_all:
             skip_rows = scratch.rows if compute_none else _global_rows(scratch.rows, ~mask, device)
             est = rule.estimate(ctx, state, skip_rows)
@@ -207,7 +199,7 @@ class SpanDriver(BlockDriver):
             return out
 
         scratch.skipping = True
-        skipped_local = range(active) if compute_none else torch.nonzero(~mask).reshape(-1).tolist()
+        skipped_local = range(active) if compute_none else skip_local.tolist()
         to_global = list(range(active)) if scratch.rows is None else scratch.rows.tolist()
         for r in skipped_local:
             scratch.row_actions[to_global[r]] = "P"
@@ -216,7 +208,6 @@ class SpanDriver(BlockDriver):
 
         # Some rows run the middle: gather them, run the span here, scatter back.
         run_local = torch.nonzero(mask).reshape(-1).to(device)
-        skip_local = torch.nonzero(~mask).reshape(-1).to(device)
         sub = handle.adapter.slice_rows(bound, run_local, active)
         sub_in = io.read_in(sub)
         streams = self.run_span(sub, sub_in, head_end, tail_start)
@@ -224,6 +215,15 @@ class SpanDriver(BlockDriver):
         skipped = _add(take_streams(s_in, skip_local), est)
         full = _scatter(s_in, run_local, streams)
         return io.format_out(_scatter(full, skip_local, skipped))
+
+    def observe(
+        self, gen: Generation, scratch: CallScratch, ctx: CallContext, residual: Streams, rows: Any
+    ) -> None:
+        """The rule records the span's real residual (the guard its per-row norms)."""
+        self.rule.observe(ctx, scratch.state, residual, rows)
+        if self.handle.rules.guard:
+            key = _block_key(scratch)
+            gen.peaks[key] = _raise_peaks(gen.peaks.get(key), residual, rows, ctx.batch)
 
     def run_span(self, bound: inspect.BoundArguments, streams: Streams, start: int, end: int) -> Streams:
         """Blocks ``start:end`` run here in turn on ``streams``, with ``bound``'s other arguments."""
@@ -247,7 +247,7 @@ class PerBlockDriver(BlockDriver):
         return CallScratch(ctx=ctx, state=state, span=None, rows=rows, row_actions=actions)
 
     def forward(self, index: int, args: tuple, kwargs: dict) -> Any:
-        gen, scratch = self._scratch_of_call(index)
+        gen, scratch = self._scratch_of_call()
         if scratch is None:
             return self.orig[index](*args, **kwargs)
         self._next(scratch, index)
@@ -377,9 +377,9 @@ class ModuleDriver(BlockDriver):
         self.replayed = set(range(replayed))
 
     @classmethod
-    def find(cls, handle: Handle) -> tuple[list[nn.Module], int]:  # type: ignore[override]
+    def build(cls, handle: Handle) -> BlockDriver:
         replayed, skipped = handle.rules.block.modules(handle.adapter, handle.model)
-        return replayed + skipped, len(replayed)
+        return cls(handle, replayed + skipped, len(replayed))
 
     def scratch(
         self, gen: Generation, ctx: CallContext, rows: torch.Tensor | None, actions: list[str]
@@ -405,7 +405,7 @@ class ModuleDriver(BlockDriver):
         pass  # modules may run in any order, or more than once
 
     def forward(self, index: int, args: tuple, kwargs: dict) -> Any:
-        _, scratch = self._scratch_of_call(index)
+        _, scratch = self._scratch_of_call()
         if scratch is None:
             return self.orig[index](*args, **kwargs)
         replayed = index in self.replayed
@@ -450,10 +450,7 @@ def driver_for(handle: Handle) -> BlockDriver | None:
     kind = next((d for interface, d in _DRIVERS.items() if isinstance(rule, interface)), None)
     if kind is None:
         raise TypeError(f"{type(rule).__name__} implements no block-rule interface of stepcache.runtime")
-    if kind is ModuleDriver:
-        blocks, replayed = ModuleDriver.find(handle)
-        return ModuleDriver(handle, blocks, replayed)
-    return kind(handle, kind.find(handle))
+    return kind.build(handle)
 
 
 def self_attentions(block: nn.Module) -> list[nn.Module]:
