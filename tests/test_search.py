@@ -538,3 +538,50 @@ def test_a_damped_forecast_moves_that_fraction_of_the_way_and_is_stored_and_chec
     for bad in (0.6, "0.75", None):
         with pytest.raises(ValueError, match="damping"):
             checked_candidate({**cand.as_dict(), "damping": bad}, 20)
+
+
+def test_a_fitted_forecast_is_fitted_in_closed_loop_and_replays_from_its_weights(digits: tuple) -> None:
+    from stepcache.policy import PolicyError
+    from stepcache.search.storage import checked_point
+
+    _, ev = digits
+    for k, order in ((3, 0), (4, 1), (4, 2)):
+        mask = ev.mask(k, order)
+        plain = ev.evaluate(Candidate(k, order).policy(mask, cfg=False))
+        cand = Candidate(k, order, expansion="fitted")
+        fitted = ev.evaluate(cand.policy(mask, cfg=False), fit=True)
+        # fitted to land each skipped step on the reference: nearer it than the polynomial
+        assert fitted["psnr"] > plain["psnr"] + 0.5, (k, order)
+        w = fitted["weights"]
+        assert len(w) == len(mask) * (order + 1)
+        for s, computed in enumerate(mask):
+            history = sum(mask[:s])
+            fitted_here = any(w[s * (order + 1) : (s + 1) * (order + 1)])
+            assert fitted_here == (not computed and history >= order + 1), (s, mask)
+        # the policy that stores them gives the fitting run's images back
+        again = ev.evaluate(cand.policy(mask, cfg=False, weights=w))
+        assert again["psnr"] == fitted["psnr"] and again["actions"] == fitted["actions"]
+
+    point = {"candidate": cand.as_dict(), "psnr": 30.0, "speedup": 2.0, "cost": 0.5}
+    point.update(mask=mask, actions=fitted["actions"], row_actions=fitted["row_actions"])
+    assert checked_point({**point, "weights": w}, len(mask)).weights == w
+    for bad in (None, w[:-1], [*w[:-1], float("nan")], [*w[:-1], "1"]):
+        with pytest.raises(ValueError, match="weights"):
+            checked_point({**point, "weights": bad}, len(mask))
+    with pytest.raises(PolicyError, match="weights"):
+        rule = {"method": "schedule", "mask": mask, "order": order, "weights": w[:-1]}
+        Policy.from_dict({"schema": "stepcache.policy/1", "rules": {"step": rule}})
+
+
+def test_schedule_weights_combine_the_last_computed_outputs() -> None:
+    from stepcache.methods.step.schedule import Schedule
+    from stepcache.runtime import CallContext
+
+    outputs = {0: torch.full((2, 3), 1.0), 1: torch.full((2, 3), 3.0)}
+    weights = [0.0, 0.0, 0.0, 0.0, 0.25, 2.0]  # step 2: 0.25 * step 0 + 2 * step 1
+    rule = Schedule([True, True, False], order=1, variable="step", weights=weights)
+    state = rule.new_state()
+    for s in (0, 1):
+        rule.observe(CallContext(step=s, branch=0, num_steps=3, batch=2, timestep=0), state, outputs[s], None)
+    ctx = CallContext(step=2, branch=0, num_steps=3, batch=2, timestep=0)
+    assert torch.equal(rule.estimate(ctx, state, None), torch.full((2, 3), 6.25))

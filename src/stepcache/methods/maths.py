@@ -45,7 +45,11 @@ def lagrange_weights(xs: list[float], x: float) -> list[float]:
 
 def extrapolate(outputs: list[torch.Tensor], xs: list[float], x: float) -> torch.Tensor:
     """Value at ``x`` of the polynomial through (xs[i], outputs[i]), computed in float32 or wider."""
-    weights = lagrange_weights(xs, x)
+    return combine(outputs, lagrange_weights(xs, x))
+
+
+def combine(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``sum(w * o)``, accumulated in float32 or wider, in the outputs' dtype."""
     acc_dtype = torch.promote_types(outputs[0].dtype, torch.float32)
     result = torch.zeros_like(outputs[0], dtype=acc_dtype)
     for w, o in zip(weights, outputs, strict=True):

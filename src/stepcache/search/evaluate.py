@@ -8,13 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import presets
 from ..api import disable, enable
 from ..bench.harness import Batch, _flops, adherence
 from ..errors import UnsupportedModelError
+from ..methods.step.schedule import Schedule
 from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
 from ..policy import Policy
+from .fit import TrajectoryFit, fitted_weights
 from .planner import SegmentErrors, plan
 from .space import Candidate, strided_mask
 from .trajectory import record
@@ -34,12 +37,19 @@ def policy_key(policy: Policy) -> str:
 class Evaluator:
     """A seed set's reference (trajectory and images) and the evaluation of candidate policies."""
 
-    def __init__(self, pipe: Any, work: Batch, reference: np.ndarray | None = None):
-        """Records the reference trajectory, or, given ``reference`` images (a remote worker
-        that only scores candidates), takes them as they are."""
+    def __init__(
+        self,
+        pipe: Any,
+        work: Batch,
+        reference: np.ndarray | None = None,
+        samples: torch.Tensor | None = None,
+    ):
+        """Records the reference trajectory, or, given ``reference`` images and the reference's
+        per-step ``samples`` (a remote worker that only scores candidates), takes them as they are."""
         self.pipe, self.work = pipe, work
         self.traj = record(pipe, lambda: work.generate(pipe)) if reference is None else None
         self.reference = self.traj.images if self.traj is not None else reference
+        self.samples = self.traj.x if self.traj is not None else samples
         self.cfg = (work.guidance or 0.0) > 1.0
         self._errors = {order: SegmentErrors(self.traj, order) for order in (0, 1)} if self.traj else {}
         self._masks: dict[tuple[int, int], list[bool]] = {}
@@ -60,15 +70,21 @@ class Evaluator:
             self._masks[key] = plan(self._errors[key[1]], self.num_steps, computed)[0]
         return self._masks[key]
 
-    def evaluate(self, policy: Policy) -> dict[str, Any]:
+    def evaluate(self, policy: Policy, fit: bool = False) -> dict[str, Any]:
         """Fidelity of ``policy`` on this seed set; ``cost`` is the fraction of network rows it
-        ran (0 when the same policy was evaluated before: its result is reused)."""
-        key = policy_key(policy)
+        ran (0 when the same policy was evaluated before: its result is reused). With ``fit``,
+        its schedule's skipped-step weights are fitted to this seed set's trajectory as it runs
+        (``search.fit``) and returned as ``weights``: the policy with them gives these images."""
+        key = policy_key(policy) + ("|fit" if fit else "")
         if key in self._cache:
             return {**self._cache[key], "cost": 0.0}
         handle = enable(self.pipe, policy)
+        weights = None
         try:
-            images = self.work.generate(self.pipe)
+            if fit:
+                images, weights = self._fitted_generation(handle.rules.step)
+            else:
+                images = self.work.generate(self.pipe)
             stats = handle.stats()
         finally:
             disable(self.pipe)
@@ -85,10 +101,25 @@ class Evaluator:
             "cost": (letters.count("C") + 0.5 * letters.count("P")) / len(letters),
             "adherence": adherence(self.work.model, images, self.work.captions),
             "images": images,
+            **({"weights": weights} if fit else {}),
         }
         # Kept without images: a long search on a large pipeline holds one candidate's at a time.
         self._cache[key] = {k: v for k, v in result.items() if k != "images"}
         return result
+
+    def _fitted_generation(self, rule: Any) -> tuple[np.ndarray, list[float]]:
+        if not isinstance(rule, Schedule):
+            raise SearchError("fitting: only a planned schedule's forecast weights can be fitted")
+        if self.samples is None:
+            raise SearchError("fitting: needs the reference trajectory's samples")
+        fit = TrajectoryFit(self.pipe.scheduler, self.samples, rule.mask)
+        rule.fitter = fit
+        try:
+            with fit.recording():
+                images = self.work.generate(self.pipe)
+        finally:
+            rule.fitter = None
+        return images, fitted_weights(fit, len(rule.mask), rule.order + 1)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,10 @@ class _Worker:
         guidance: float | None,
         seeds: list[int],
         reference: np.ndarray,
+        samples: np.ndarray | None = None,
     ):
+        import torch
+
         from ..bench.harness import make_batch, workload_batch
         from ..pipelines import load_pipeline
         from ..workload import Workload
@@ -38,10 +41,11 @@ class _Worker:
             batch = make_batch(target.pipe, target.name, steps, guidance, seeds)
         else:
             batch = workload_batch(target.pipe, target.name, Workload.from_dict(workload), seeds)
-        self.ev = Evaluator(target.pipe, batch, reference=reference)
+        steps = None if samples is None else torch.from_numpy(samples)
+        self.ev = Evaluator(target.pipe, batch, reference=reference, samples=steps)
 
-    def evaluate(self, policy: dict[str, Any]) -> dict[str, Any]:
-        res = self.ev.evaluate(Policy.from_dict(policy))
+    def evaluate(self, policy: dict[str, Any], fit: bool = False) -> dict[str, Any]:
+        res = self.ev.evaluate(Policy.from_dict(policy), fit=fit)
         return {k: v for k, v in res.items() if k != "images"}  # images stay on the worker
 
 
@@ -56,6 +60,7 @@ class RayPool:
         reference: np.ndarray,
         workers: int,
         address: str | None = None,
+        samples: Any = None,
     ):
         try:
             import ray
@@ -85,12 +90,15 @@ class RayPool:
                 work.guidance,
                 list(work.seeds),
                 reference,
+                None if samples is None else samples.numpy(),
             )
             for _ in range(workers)
         ]
 
-    def evaluate(self, policies: list[Policy]) -> list[dict[str, Any]]:
-        futures = [self.actors[i % self.size].evaluate.remote(p.to_dict()) for i, p in enumerate(policies)]
+    def evaluate(self, policies: list[tuple[Policy, bool]]) -> list[dict[str, Any]]:
+        """Scores (policy, fit) pairs: ``fit`` fits a schedule's weights as it runs."""
+        actors = [self.actors[i % self.size] for i in range(len(policies))]
+        futures = [a.evaluate.remote(p.to_dict(), fit) for a, (p, fit) in zip(actors, policies, strict=True)]
         return self._ray.get(futures)
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from .. import presets
 from ..policy import Policy, compose
 
 CFG_MODES = ("estimated", "cond-only")
-EXPANSIONS = ("polynomial", "taylor")
+EXPANSIONS = ("polynomial", "taylor", "fitted")  # fitted: weights fitted on the calibration run
 STRIDES = (0, 2, 3, 4, 6)  # 0: the planner's placement; else the first steps, then every stride-th
 DAMPINGS = (1.0, 0.75, 0.5)  # the forecast's step from the last computed output, as a fraction
 
@@ -40,7 +40,8 @@ class Candidate:
     block_threshold: float = 0.1
     partial: tuple[int, ...] = ()
     stride: int = 0  # 0: the planner's placement of the computed steps; else see strided_mask
-    expansion: str = "polynomial"  # the forecast of skipped steps: "polynomial" or TaylorSeer's "taylor"
+    # the forecast of skipped steps: "polynomial", TaylorSeer's "taylor", or "fitted" (search.fit)
+    expansion: str = "polynomial"
     damping: float = 1.0  # how far that forecast moves from the last computed output (1: all the way)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,11 @@ class Candidate:
         if self.damping == 1.0:
             del out["damping"]
         return out
+
+    @property
+    def fitted(self) -> bool:
+        """Whether evaluating it fits the forecast's weights (``Evaluator.evaluate(fit=True)``)."""
+        return self.expansion == "fitted"
 
     def middle_fraction(self, num_blocks: int) -> float:
         """The share of the blocks a partial step skips, relative to skipping all but the first."""
@@ -90,12 +96,16 @@ class Candidate:
         g = self.guidance_mask(mask)
         return "".join(("C" if gs else "G") if m else "E" for m, gs in zip(mask, g, strict=True))
 
-    def policy(self, mask: list[bool], cfg: bool, name: str = "searched") -> Policy:
-        parts = [
-            presets.get(
-                "schedule", mask=list(mask), order=self.order, expansion=self.expansion, damping=self.damping
-            )
-        ]
+    def policy(
+        self, mask: list[bool], cfg: bool, name: str = "searched", weights: list[float] | None = None
+    ) -> Policy:
+        """The policy it stands for; a fitted candidate's ``weights`` come from its evaluation
+        (before it, the polynomial forecast stands in, and the evaluation fits them)."""
+        expansion = "polynomial" if self.fitted else self.expansion
+        step = {"mask": list(mask), "order": self.order, "expansion": expansion, "damping": self.damping}
+        if self.fitted and weights is not None:
+            step["weights"] = list(weights)
+        parts = [presets.get("schedule", **step)]
         if self.partial and self.block_fn > 0:
             full = [m and s not in self.partial for s, m in enumerate(mask)]
             parts.append(
@@ -221,6 +231,10 @@ class Point:
     row_actions: list[str] = field(default_factory=list)
     adherence: float | None = None
     psnr_median: float | None = None  # None: a point stored before medians were kept
+    weights: list[float] | None = None  # a fitted candidate's forecast weights
+
+    def policy(self, cfg: bool, name: str = "searched") -> Policy:
+        return self.candidate.policy(self.mask, cfg, name=name, weights=self.weights)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -233,4 +247,5 @@ class Point:
             "row_actions": list(self.row_actions),
             "adherence": self.adherence,
             "psnr_median": self.psnr_median,
+            **({"weights": list(self.weights)} if self.weights is not None else {}),
         }

@@ -297,6 +297,15 @@ def checked_point(p: Any, num_steps: int) -> Point:
         raise ValueError("point adherence")
     if median is not None and not _is_real(median):
         raise ValueError("point psnr_median")
+    weights = p.get("weights")
+    if cand.fitted != (weights is not None):
+        raise ValueError("point weights")  # a fitted candidate's point holds them; no other does
+    if weights is not None and not (
+        isinstance(weights, list)
+        and len(weights) == num_steps * (cand.order + 1)
+        and all(_is_real(w) and abs(w) <= 1000 for w in weights)
+    ):
+        raise ValueError("point weights")
     return Point(
         candidate=cand,
         psnr=float(psnr),
@@ -307,6 +316,7 @@ def checked_point(p: Any, num_steps: int) -> Point:
         row_actions=list(rows),
         adherence=None if adherence is None else float(adherence),
         psnr_median=None if median is None else float(median),
+        weights=None if weights is None else [float(w) for w in weights],
     )
 
 

@@ -71,6 +71,11 @@ class Target:
         return base if self.min_adherence is None else f"{base}-adh{self.min_adherence:g}"
 
 
+def _key(policy: Policy, cand: Candidate) -> str:
+    """What a candidate's evaluation computes: its policy, and whether the run fits its weights."""
+    return policy_key(policy) + ("|fit" if cand.fitted else "")
+
+
 def _pareto(points: list[Point]) -> list[Point]:
     from ..bench.report import pareto_front
 
@@ -138,10 +143,13 @@ class _Run:
         """Evaluate candidates (on the pool's workers, in parallel when it has several)."""
         prepared = [(cand, *self.predict(cand)) for cand in cands]
         policies = [cand.policy(mask, self.ev.cfg) for cand, mask, _, _ in prepared]
-        keys = [policy_key(p) for p in policies]
+        keys = [_key(p, cand) for p, (cand, *_) in zip(policies, prepared, strict=True)]
         fresh = list(dict.fromkeys(k for k in keys if k not in self.known))
-        todo = [policies[keys.index(k)] for k in fresh]
-        results = self.pool.evaluate(todo) if self.pool is not None else [self.ev.evaluate(p) for p in todo]
+        todo = [(policies[keys.index(k)], prepared[keys.index(k)][0].fitted) for k in fresh]
+        if self.pool is not None:
+            results = self.pool.evaluate(todo)
+        else:
+            results = [self.ev.evaluate(p, fit=fit) for p, fit in todo]
         for k, res in zip(fresh, results, strict=True):
             self.known[k] = {name: v for name, v in res.items() if name != "images"}
         unpaid = set(fresh)  # each fresh policy pays once, even when a batch holds it twice
@@ -162,6 +170,7 @@ class _Run:
                 row_actions=list(res["row_actions"]),
                 adherence=res.get("adherence"),
                 psnr_median=res.get("psnr_median"),
+                weights=res.get("weights"),
             )
             self.evaluated.append(point)
             points.append(point)
@@ -177,7 +186,7 @@ class _Run:
         self.used += point.cost
         if point.row_actions:  # stored since the study kept them; older points pay again
             policy = point.candidate.policy(point.mask, self.ev.cfg)
-            self.known.setdefault(policy_key(policy), point.as_dict())
+            self.known.setdefault(_key(policy, point.candidate), point.as_dict())
 
     def score(self, point: Point) -> float:
         """One number to maximise: for a speed target, the median PSNR over the calibration seeds
@@ -225,6 +234,11 @@ class _Run:
                 cand = self.largest_feasible(order, **cfg)
                 if cand is not None and cand not in seeds:
                     seeds.append(cand)
+        # The forecast fitted to the calibration trajectory (search.fit), on the planner's steps.
+        for cfg in cfgs:
+            cand = self.largest_feasible(1, expansion="fitted", **cfg)
+            if cand is not None and cand not in seeds:
+                seeds.append(cand)
         # The peers' own schedule (warm-up, then every 2nd step, TaylorSeer's second-order
         # expansion), so a tuned fixed-schedule peer is a point this search has tried.
         cand = self.largest_feasible(2, stride=2, expansion="taylor")
@@ -418,7 +432,7 @@ def evaluate_steps(r: _Run, cand: Candidate, steps: frozenset[int]) -> Point | N
     actions = "".join("P" if s in cand.partial else a for s, a in enumerate(cand.actions(mask, False)))
     if not r.affordable(actions):
         return None
-    res = r.ev.evaluate(cand.policy(mask, cfg=False))
+    res = r.ev.evaluate(cand.policy(mask, cfg=False), fit=cand.fitted)
     r.used += res["cost"]
     point = Point(
         candidate=cand,
@@ -429,6 +443,7 @@ def evaluate_steps(r: _Run, cand: Candidate, steps: frozenset[int]) -> Point | N
         cost=res["cost"],
         adherence=res.get("adherence"),
         psnr_median=res.get("psnr_median"),
+        weights=res.get("weights"),
     )
     r.evaluated.append(point)
     r.progress(r.used, r.budget, f"best {max(p.psnr for p in r.evaluated):.1f} dB")
@@ -547,7 +562,7 @@ def _oracle(ev_ho: Evaluator, cost: CostModel, chosen: Candidate, psnr_goal: flo
     for k in range(1, n + 1):  # ascending: the first that reaches the goal is the fastest
         cand = dataclasses.replace(chosen, computed=k, stride=0)
         mask = ev_ho.mask(k, cand.order)
-        res = ev_ho.evaluate(cand.policy(mask, ev_ho.cfg))
+        res = ev_ho.evaluate(cand.policy(mask, ev_ho.cfg), fit=cand.fitted)  # fitted: to these seeds
         if res["psnr"] >= psnr_goal - 1e-9:
             speed = cost.speedup_rows(res["row_actions"], cand.middle_fraction(cost.num_blocks))
             return {"computed": k, "psnr": res["psnr"], "speedup": speed, "actions": res["actions"]}
@@ -822,7 +837,7 @@ def search(
                 from .remote import RayPool
 
                 say(r.used, budget, f"starting {workers} Ray workers")
-                r.pool = RayPool(model, wl, calib, ev.reference, workers, ray_address)
+                r.pool = RayPool(model, wl, calib, ev.reference, workers, ray_address, samples=ev.samples)
             try:
                 info = _optuna_search(r, searcher, opt, seed, lock)
             finally:
@@ -838,7 +853,7 @@ def search(
         raise SearchError("budget: exhausted before any candidate could be evaluated")
 
     chosen = best.candidate
-    policy = chosen.policy(best.mask, ev.cfg, name=f"searched {label} {target.slug()}")
+    policy = best.policy(ev.cfg, name=f"searched {label} {target.slug()}")
     say(r.used, budget, "held-out evaluation")
     ev_ho = Evaluator(pipe, batch_for(loaded, wl, "heldout", heldout_seeds, calib.steps, calib.guidance))
     ev_ho.cfg = ev.cfg
