@@ -3,7 +3,8 @@
 A candidate fixes, jointly: how many steps run the network (``computed``) and which (the planner's
 answer for that count, or with a ``stride`` the peers' placement: the first steps, then every
 ``stride``-th), the extrapolation order of the others and its form (the polynomial through the
-points, or TaylorSeer's expansion) and how far it moves from the last computed output
+points, TaylorSeer's expansion, or weights fitted to the calibration trajectory while the
+candidate is evaluated: ``search.fit``) and how far it moves from the last computed output
 (``damping``), and per step the guidance mode:
 full guidance for the first ``cfg_full`` fraction of the steps, then either the cached guidance
 direction refreshed every ``cfg_interval``-th computed step (``estimated``) or the conditional
