@@ -5,6 +5,7 @@ kind, and the best preset's lead over the best documented peer setting (what a u
 searches gets). Writes benchmarks/results/fair-MODEL.json and prints the Markdown table.
 
 Run: python benchmarks/fair.py benchmarks/results/compare-fmnist-dit [...] [--peers-from DIR ...]
+[--figure-dir docs] (PSNR against FLOP speedup of every run, by kind)
 (the compare: stepcache compare fmnist-dit --tune-peers 10 --repeats 3 --policy ... --out DIR).
 ``--peers-from`` reads only the peers of a result on the same seeds, ``--presets-from`` only its
 presets: stepcache's side measured again later (new presets, a new search) never sits beside its
@@ -102,6 +103,41 @@ def markdown(model: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MARKERS = {
+    "searched": ("o", "C0"),
+    "preset": ("s", "C2"),
+    "tuned peer": ("^", "C3"),
+    "documented peer": ("v", "C1"),
+}
+
+
+def figure(model: str, runs: list[dict], rows: list[dict], path: Path) -> None:
+    """PSNR against FLOP speedup of every run by kind, with each band's edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, (marker, colour) in MARKERS.items():
+        pts = [(flop_speedup(r), r["psnr"]) for r in runs if kind(r) == name and r.get("psnr") is not None]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, color=colour, label=name, s=22, alpha=0.8)
+    for r in rows:
+        ax.axvline(r["band"], color="0.85", lw=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xticks([r["band"] for r in rows], [f"{r['band']:g}×" for r in rows])
+    ax.minorticks_off()
+    ax.set_xlabel("FLOP speedup (exact)")
+    ax.set_ylabel("PSNR vs full compute, dB (16 held-out seeds)")
+    ax.set_title(f"{model}: stepcache vs peers tuned with the same budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Each DIR is a compare (or bench) result; results of one model are read together (a policy
     measured in a separate ``stepcache bench`` on the same seeds joins its compare)."""
@@ -111,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--presets-from", action="append", type=Path, default=[], help="a result: its presets only"
     )
+    ap.add_argument("--figure-dir", type=Path, help="also plot each model to DIR/fair-MODEL.png")
     args = ap.parse_args(argv)
     by_model: dict[str, list[dict]] = {}
     sources = [(d, None) for d in args.dirs]
@@ -142,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
                 "bands": rows,
             },
         )
+        if args.figure_dir is not None:
+            figure(
+                model,
+                [r for r in runs if r.get("psnr") != float("inf")],
+                rows,
+                args.figure_dir / f"fair-{model}.png",
+            )
         print(markdown(model, rows))
         print()
 
