@@ -29,9 +29,10 @@ class SearchError(ValueError):
     """A search request that cannot be carried out; the message names the argument."""
 
 
-def policy_key(policy: Policy) -> str:
-    """Identifies what a policy computes, whatever its name or meta."""
-    return str(sorted(policy.to_dict()["rules"].items()))
+def policy_key(policy: Policy, fit: bool = False) -> str:
+    """Identifies what a policy computes, whatever its name or meta (and whether its evaluation
+    fits its schedule's weights)."""
+    return str(sorted(policy.to_dict()["rules"].items())) + ("|fit" if fit else "")
 
 
 class Evaluator:
@@ -75,7 +76,7 @@ class Evaluator:
         ran (0 when the same policy was evaluated before: its result is reused). With ``fit``,
         its schedule's skipped-step weights are fitted to this seed set's trajectory as it runs
         (``search.fit``) and returned as ``weights``: the policy with them gives these images."""
-        key = policy_key(policy) + ("|fit" if fit else "")
+        key = policy_key(policy, fit)
         if key in self._cache:
             return {**self._cache[key], "cost": 0.0}
         handle = enable(self.pipe, policy)

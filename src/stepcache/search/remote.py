@@ -41,8 +41,8 @@ class _Worker:
             batch = make_batch(target.pipe, target.name, steps, guidance, seeds)
         else:
             batch = workload_batch(target.pipe, target.name, Workload.from_dict(workload), seeds)
-        steps = None if samples is None else torch.from_numpy(samples)
-        self.ev = Evaluator(target.pipe, batch, reference=reference, samples=steps)
+        trajectory = None if samples is None else torch.from_numpy(samples)
+        self.ev = Evaluator(target.pipe, batch, reference=reference, samples=trajectory)
 
     def evaluate(self, policy: dict[str, Any], fit: bool = False) -> dict[str, Any]:
         res = self.ev.evaluate(Policy.from_dict(policy), fit=fit)

@@ -71,11 +71,6 @@ class Target:
         return base if self.min_adherence is None else f"{base}-adh{self.min_adherence:g}"
 
 
-def _key(policy: Policy, cand: Candidate) -> str:
-    """What a candidate's evaluation computes: its policy, and whether the run fits its weights."""
-    return policy_key(policy) + ("|fit" if cand.fitted else "")
-
-
 def _pareto(points: list[Point]) -> list[Point]:
     from ..bench.report import pareto_front
 
@@ -143,7 +138,7 @@ class _Run:
         """Evaluate candidates (on the pool's workers, in parallel when it has several)."""
         prepared = [(cand, *self.predict(cand)) for cand in cands]
         policies = [cand.policy(mask, self.ev.cfg) for cand, mask, _, _ in prepared]
-        keys = [_key(p, cand) for p, (cand, *_) in zip(policies, prepared, strict=True)]
+        keys = [policy_key(p, cand.fitted) for p, (cand, *_) in zip(policies, prepared, strict=True)]
         fresh = list(dict.fromkeys(k for k in keys if k not in self.known))
         todo = [(policies[keys.index(k)], prepared[keys.index(k)][0].fitted) for k in fresh]
         if self.pool is not None:
@@ -186,7 +181,7 @@ class _Run:
         self.used += point.cost
         if point.row_actions:  # stored since the study kept them; older points pay again
             policy = point.candidate.policy(point.mask, self.ev.cfg)
-            self.known.setdefault(_key(policy, point.candidate), point.as_dict())
+            self.known.setdefault(policy_key(policy, point.candidate.fitted), point.as_dict())
 
     def score(self, point: Point) -> float:
         """One number to maximise: for a speed target, the median PSNR over the calibration seeds
