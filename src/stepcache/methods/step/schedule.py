@@ -93,7 +93,7 @@ class Schedule(TaylorSeer):
         super().__init__(interval=1, order=order, warmup=0, variable=variable, expansion=expansion)
         self.mask = list(mask)
         self.damping = damping
-        self.weights = weights
+        self.weights = None if weights is None else list(weights)  # the fitting run writes into it
 
     def plan(self, ctx: CallContext, state: History) -> bool:
         return on_mask(ctx.step, self.mask) or not state.outputs
