@@ -585,3 +585,19 @@ def test_schedule_weights_combine_the_last_computed_outputs() -> None:
         rule.observe(CallContext(step=s, branch=0, num_steps=3, batch=2, timestep=0), state, outputs[s], None)
     ctx = CallContext(step=2, branch=0, num_steps=3, batch=2, timestep=0)
     assert torch.equal(rule.estimate(ctx, state, None), torch.full((2, 3), 6.25))
+
+
+def test_a_remote_worker_fits_from_the_reference_samples_it_is_sent(digits: tuple) -> None:
+    from stepcache.search.remote import _Worker
+
+    _, ev = digits
+    mask = ev.mask(4, 1)
+    policy = Candidate(4, 1, expansion="fitted").policy(mask, cfg=False)
+    here = ev.evaluate(policy, fit=True)
+    # what RayPool hands each actor: the reference images and per-step samples, as numpy
+    worker = _Worker("digits-dit", None, 8, None, [0, 1, 2], ev.reference, ev.samples.numpy())
+    there = worker.evaluate(policy.to_dict(), fit=True)
+    assert there["weights"] == pytest.approx(here["weights"], abs=1e-6)
+    assert there["psnr"] == pytest.approx(here["psnr"], abs=1e-3)
+    with pytest.raises(SearchError, match="samples"):  # an old-style worker, sent images only
+        _Worker("digits-dit", None, 8, None, [0, 1, 2], ev.reference).evaluate(policy.to_dict(), fit=True)
