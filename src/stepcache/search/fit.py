@@ -18,11 +18,12 @@ search would have run anyway to score the schedule. They are stored in the polic
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from .trajectory import _snapshot, prev_sample, wrapped_step
 
 
 class TrajectoryFit:
@@ -40,23 +41,20 @@ class TrajectoryFit:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[TrajectoryFit]:
-        original = self.scheduler.step
+        def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+            def step(
+                model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *rest: Any, **kw: Any
+            ) -> Any:
+                out = original(model_output, timestep, sample, *rest, **kw)
+                self.outputs[self.step_index] = model_output.detach()
+                self.sample = prev_sample(out)
+                self.step_index += 1
+                return out
 
-        # The scheduler's own parameter names: pipelines may pass them as keywords.
-        def step(
-            model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *rest: Any, **kw: Any
-        ) -> Any:
-            out = original(model_output, timestep, sample, *rest, **kw)
-            self.outputs[self.step_index] = model_output.detach()
-            self.sample = out.prev_sample if hasattr(out, "prev_sample") else out[0]
-            self.step_index += 1
-            return out
+            return step
 
-        self.scheduler.step = step  # an instance attribute shadows the method; deleted below
-        try:
+        with wrapped_step(self.scheduler, wrap):
             yield self
-        finally:
-            del self.scheduler.step
 
     def __call__(self, step: int, k: int) -> list[float]:
         """The weights of the last ``k`` computed outputs (oldest first) for skipped ``step``."""
@@ -73,10 +71,7 @@ class TrajectoryFit:
         timestep = self.scheduler.timesteps[step]
 
         def advance(v: torch.Tensor) -> torch.Tensor:
-            trial = copy.deepcopy(self.scheduler)
-            trial.__dict__.pop("step", None)  # the recording wrapper
-            out = trial.step(v, timestep, x, return_dict=False)[0]
-            return out.double().flatten()
+            return prev_sample(_snapshot(self.scheduler).step(v, timestep, x)).double().flatten()
 
         start = advance(torch.zeros_like(history[0]))
         columns = torch.stack([advance(h) - start for h in history], 1)

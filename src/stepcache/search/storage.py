@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..policy import PolicyError
 from .evaluate import CostModel, SearchError
 from .space import CFG_MODES, DAMPINGS, EXPANSIONS, STRIDES, Candidate, Point
 
@@ -300,12 +301,11 @@ def checked_point(p: Any, num_steps: int) -> Point:
     weights = p.get("weights")
     if cand.fitted != (weights is not None):
         raise ValueError("point weights")  # a fitted candidate's point holds them; no other does
-    if weights is not None and not (
-        isinstance(weights, list)
-        and len(weights) == num_steps * (cand.order + 1)
-        and all(_is_real(w) and abs(w) <= 1000 for w in weights)
-    ):
-        raise ValueError("point weights")
+    if weights is not None:  # checked as the policy they go into checks them
+        try:
+            weights = cand.policy(mask, cfg=False, weights=weights).rules["step"].params["weights"]
+        except PolicyError:
+            raise ValueError("point weights") from None
     return Point(
         candidate=cand,
         psnr=float(psnr),
@@ -316,7 +316,7 @@ def checked_point(p: Any, num_steps: int) -> Point:
         row_actions=list(rows),
         adherence=None if adherence is None else float(adherence),
         psnr_median=None if median is None else float(median),
-        weights=None if weights is None else [float(w) for w in weights],
+        weights=weights,
     )
 
 

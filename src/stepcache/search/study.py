@@ -140,7 +140,7 @@ class _Run:
         policies = [cand.policy(mask, self.ev.cfg) for cand, mask, _, _ in prepared]
         keys = [policy_key(p, cand.fitted) for p, (cand, *_) in zip(policies, prepared, strict=True)]
         fresh = list(dict.fromkeys(k for k in keys if k not in self.known))
-        todo = [(policies[keys.index(k)], prepared[keys.index(k)][0].fitted) for k in fresh]
+        todo = [(policies[i], prepared[i][0].fitted) for i in map(keys.index, fresh)]
         if self.pool is not None:
             results = self.pool.evaluate(todo)
         else:

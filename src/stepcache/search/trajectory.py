@@ -65,35 +65,51 @@ def _snapshot(scheduler: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _recording(scheduler: Any) -> Iterator[list[tuple[Any, ...]]]:
-    records: list[tuple[Any, ...]] = []
-    original = scheduler.step
-
-    def step(
-        model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> Any:
-        before = _snapshot(scheduler)
-        out = original(model_output, timestep, sample, *args, **kwargs)
-        prev = out.prev_sample if hasattr(out, "prev_sample") else out[0]
-        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0]
-        records.append(
-            (
-                model_output.detach().float().cpu(),
-                sample.detach().float().cpu(),
-                prev.detach().float().cpu(),
-                t,
-                before,
-                timestep,
-                model_output.dtype,
-            )
-        )
-        return out
-
-    scheduler.step = step  # an instance attribute shadows the method; deleted below
+def wrapped_step(scheduler: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """``scheduler.step`` replaced by ``wrap(original)`` inside the block: an instance attribute
+    that shadows the method (``_snapshot`` leaves it out of copies), deleted after. The wrapper
+    should take the scheduler's own parameter names: pipelines may pass them as keywords."""
+    scheduler.step = wrap(scheduler.step)
     try:
-        yield records
+        yield
     finally:
         del scheduler.step
+
+
+def prev_sample(out: Any) -> torch.Tensor:
+    """The sample a scheduler's ``step`` returned (as an output object or a tuple)."""
+    return out.prev_sample if hasattr(out, "prev_sample") else out[0]
+
+
+@contextlib.contextmanager
+def _recording(scheduler: Any) -> Iterator[list[tuple[Any, ...]]]:
+    records: list[tuple[Any, ...]] = []
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def step(
+            model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            before = _snapshot(scheduler)
+            out = original(model_output, timestep, sample, *args, **kwargs)
+            prev = prev_sample(out)
+            t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0]
+            records.append(
+                (
+                    model_output.detach().float().cpu(),
+                    sample.detach().float().cpu(),
+                    prev.detach().float().cpu(),
+                    t,
+                    before,
+                    timestep,
+                    model_output.dtype,
+                )
+            )
+            return out
+
+        return step
+
+    with wrapped_step(scheduler, wrap):
+        yield records
 
 
 def record(pipe: Any, generate: Callable[[], np.ndarray]) -> Trajectory:
