@@ -23,6 +23,8 @@ from stepcache.cli import app
 from stepcache.search import SearchError, SegmentErrors, brute_force, plan, search
 from stepcache.search.evaluate import Evaluator
 from stepcache.search.space import Candidate
+from stepcache.search.storage import checked_candidate
+from stepcache.search.study import neighbour_masks
 from stepcache.search.trajectory import NotFirstOrderError, record
 
 pytest.importorskip("optuna")
@@ -104,6 +106,30 @@ def test_speed_target_is_met_and_recorded(searched: tuple[Path, Policy]) -> None
     assert meta["model_hash"].startswith("sha256:") and meta["pareto"]
     assert meta["heldout"]["actions"].count("E") >= 6  # half or more of the 12 steps estimated
     assert meta["oracle"]["computed"] is not None
+
+
+def test_neighbour_masks_move_one_computed_step_and_never_the_first() -> None:
+    mask = [True, True, False, True, False, False]
+    got = neighbour_masks(mask)
+    assert got == [
+        [True, False, True, True, False, False],  # step 1 -> 2 (step 1 -> 0 would hit step 0)
+        [True, True, False, False, True, False],  # step 3 -> 4
+        [True, True, True, False, False, False],  # step 3 -> 2
+    ]
+    assert neighbour_masks([True, True, True]) == []  # nothing free to move into
+
+
+def test_the_search_polishes_the_planners_steps_and_gains(searched: tuple[Path, Policy]) -> None:
+    _, pol = searched
+    meta = pol.meta
+    assert meta["search"]["polish_moves"] >= 1
+    pipe = zoo.load("digits-dit")
+    ev = Evaluator(pipe, make_batch(pipe, "digits-dit", 12, None, [0, 1, 2, 3]))
+    cand = checked_candidate(meta["search"]["candidate"], 12)
+    planned, mask = ev.mask(cand.computed, cand.order), pol.rules["step"].params["mask"]
+    assert mask != planned and sum(mask) == sum(planned)
+    unpolished = ev.evaluate(cand.policy(planned, ev.cfg), fit=cand.fitted)
+    assert unpolished["psnr_median"] < meta["calibration"]["psnr_median"]
 
 
 def test_saved_policy_reproduces_its_heldout_metrics(searched: tuple[Path, Policy]) -> None:
