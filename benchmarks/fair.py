@@ -84,8 +84,14 @@ def summarise(doc: dict) -> list[dict]:
 def _fmt(c: dict | None) -> str:
     if c is None:
         return "—"
-    measured = "noise" if c["measured_speedup"] is None else f"{c['measured_speedup']:.2f}×"
-    return f"{c['name']}: **{c['psnr']:.1f} dB**, {c['flop_speedup']:.2f}× FLOPs, {measured} measured"
+    lo, hi = c.get("measured_ci") or (None, None)
+    if c["measured_speedup"] is None:
+        measured = "noise measured"
+    elif lo is None or hi is None:
+        measured = f"{c['measured_speedup']:.2f}× measured"
+    else:  # the 95% bootstrap interval over the interleaved repeats
+        measured = f"{c['measured_speedup']:.2f}× measured ({lo:.2f}–{hi:.2f})"
+    return f"{c['name']}: **{c['psnr']:.1f} dB**, {c['flop_speedup']:.2f}× FLOPs, {measured}"
 
 
 def _db(v: float | None) -> str:
