@@ -137,7 +137,7 @@ def test_calibrate_writes_a_policy_that_loads_and_runs(tmp_path, digits_pipe):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["calibrate", "fbcache"], "no coefficients to fit"),
+        (["calibrate", "static-interval"], "no coefficients or threshold to fit"),
         (["calibrate", "magcache", "--model", "nope"], "is not a zoo key"),
         (["calibrate", "linear-ag", "-p", "end=2"], "linear-ag.end"),
         (
@@ -221,3 +221,18 @@ def test_the_package_exposes_its_parts_and_runs_as_a_module():
     )
     assert cli.returncode == 0, cli.stderr
     assert "fmnist-dit" in cli.stdout
+
+
+def test_calibrate_fits_an_adaptive_threshold_and_refuses_one_given(tmp_path):
+    import stepcache
+    from stepcache.methods.threshold import GRID
+
+    out = tmp_path / "fb.json"
+    args = ["calibrate", "fbcache", "--model", "digits-dit", "--samples", "4", "--steps", "8"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rule = stepcache.Policy.load(out).rules["block"]
+    assert rule.method == "fbcache" and rule.params["threshold"] in GRID
+    given = tmp_path / "given.json"
+    result = runner.invoke(app, [*args, "--out", str(given), "-p", "threshold=0.2"])
+    assert result.exit_code == 2 and "fbcache.threshold" in result.output and not given.exists()

@@ -288,6 +288,8 @@ def test_calibrated_magcache_ratios_have_one_per_step(digits_pipe):
     ratios = pol.rules["step"].params["ratios"]
     assert len(ratios) == 7 and ratios[0] == 1.0 and all(0.2 < r < 5 for r in ratios)
     with pytest.raises(ValueError, match="nothing to fit"):
+        calibrate("static-interval", digits_pipe, run)
+    with pytest.raises(ValueError, match=r"^run: returned nothing"):  # a threshold fit needs images
         calibrate("fbcache", digits_pipe, run)
 
 

@@ -275,3 +275,37 @@ def test_taylor_expansion_is_taylorseers_own_form() -> None:
     assert max(errors) < 1e-5  # exact on a line
     with pytest.raises(PolicyError, match="expansion"):
         presets.get("taylorseer", expansion="newton")
+
+
+@pytest.mark.parametrize("method", ["fbcache", "dbcache"])
+def test_a_calibrated_threshold_is_the_largest_that_keeps_the_fidelity_floor(method, digits_pipe):
+    from stepcache.bench.harness import make_batch
+    from stepcache.methods.threshold import GRID, SAFE_PSNR_DB, threshold_fit
+    from stepcache.metrics import psnr_per_image
+
+    batch = make_batch(digits_pipe, "digits-dit", 8, None, [0, 1, 2, 3])
+    runs = []
+
+    def run():
+        runs.append(1)
+        return batch.generate(digits_pipe)
+
+    params = presets.get(method).rules["block"].params
+    chosen = threshold_fit(method)(digits_pipe, run, params)
+    assert chosen in GRID and len(runs) <= 2 + int(np.ceil(np.log2(len(GRID))))  # bisection, not a sweep
+    reference = batch.generate(digits_pipe)
+
+    def psnr(threshold: float) -> float:
+        handle = stepcache.enable(digits_pipe, presets.get(method, threshold=threshold))
+        try:
+            images = batch.generate(digits_pipe)
+            skipped = handle.stats()["actions"].count("C") < len(handle.stats()["actions"])
+        finally:
+            stepcache.disable(digits_pipe)
+        return float(np.minimum(psnr_per_image(images, reference), 100.0).mean()), skipped
+
+    kept, _ = psnr(chosen)
+    assert kept >= SAFE_PSNR_DB
+    if chosen != GRID[-1]:
+        above, skipped = psnr(GRID[GRID.index(chosen) + 1])
+        assert above < SAFE_PSNR_DB and skipped

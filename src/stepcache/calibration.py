@@ -1,4 +1,5 @@
-"""Calibration: fit a method's coefficients on full-compute runs and store them in its policy.
+"""Calibration: fit a method's coefficients (or its threshold) on full-compute runs and store
+them in its policy.
 
 A method with coefficients declares its fit in its own file (``Method.calibrate``, ``Method.fits``);
 the fit runs full-compute generations with one of the recorders below attached (the runtime's own
@@ -92,7 +93,8 @@ def check_calibrate_args(method: Any, run: Any, overrides: dict[str, Any]) -> No
     """Refuse what would fail only after the recording runs (ValueError naming the argument)."""
     if not isinstance(method, str) or method not in calibrated():
         raise ValueError(
-            f"calibrate: {method!r} has nothing to fit; methods with coefficients: {calibrated()}"
+            f"calibrate: {method!r} has nothing to fit; methods with coefficients or a threshold to fit: "
+            f"{calibrated()}"
         )
     if not callable(run):
         raise ValueError(f"run: expected a function that generates, got {type(run).__name__}")

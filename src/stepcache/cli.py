@@ -216,7 +216,11 @@ def demo(
 @app.command()
 def calibrate(
     method: Annotated[
-        str, typer.Argument(help="A method with coefficients: linear-ag, magcache, teacache, hyca.")
+        str,
+        typer.Argument(
+            help="A method with coefficients (linear-ag, magcache, teacache, hyca) or a threshold to fit "
+            "(fbcache, dbcache)."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Policy JSON file to write.")],
     model: Annotated[
@@ -236,13 +240,13 @@ def calibrate(
         typer.Option("--param", "-p", help="Other preset parameter KEY=VALUE (repeatable)."),
     ] = None,
 ) -> None:
-    """Fit a method's coefficients on full-compute runs of a model; write the policy."""
+    """Fit a method's coefficients (or its threshold) on full-compute runs of a model; write the policy."""
     from .calibration import calibrated
     from .tools import calibrate as fit
 
     if method not in calibrated():
         raise typer.BadParameter(
-            f"{method!r} has no coefficients to fit; choose one of {', '.join(calibrated())}"
+            f"{method!r} has no coefficients or threshold to fit; choose one of {', '.join(calibrated())}"
         )
     _model_spec(model)
     wl = _workload(workload)

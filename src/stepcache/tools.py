@@ -115,7 +115,8 @@ def calibrate(
     command: str | None = None,
     **overrides: Any,
 ) -> Policy:
-    """``method``'s coefficients (linear-ag, magcache, teacache, hyca) fitted on full-compute runs of
+    """``method``'s coefficients (linear-ag, magcache, teacache, hyca) or threshold (fbcache,
+    dbcache: ``methods.threshold``) fitted on full-compute runs of
     the workload's calibration seeds (on a zoo model without a workload: ``samples`` seeds, 32 by
     default, at ``steps`` and ``guidance``); the returned policy records where they came from.
     ``out`` also saves it."""

@@ -20,6 +20,7 @@ from ...policy import Param, RuleSchema
 from ...runtime import CallContext
 from ...runtime.interfaces import Streams
 from .. import Method
+from ..threshold import threshold_fit
 from .fbcache import FBCache
 
 SCHEMA = RuleSchema(
@@ -146,4 +147,6 @@ METHOD = Method(
         {"threshold": 0.12, "warmup": 8, "forecast": 1},
         {"threshold": 0.3, "max_consecutive": 4},
     ),
+    fits="threshold",
+    calibrate=threshold_fit(SCHEMA.method),
 )

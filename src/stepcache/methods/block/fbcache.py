@@ -15,6 +15,7 @@ from ...runtime import BlockRule, CallContext, put, put_streams, take, take_stre
 from ...runtime.interfaces import Streams
 from .. import Method
 from ..maths import relative_l1
+from ..threshold import threshold_fit
 
 SCHEMA = RuleSchema(
     method="fbcache",
@@ -76,4 +77,6 @@ METHOD = Method(
         {},
         {"threshold": 0.3, "max_consecutive": 4},
     ),
+    fits="threshold",
+    calibrate=threshold_fit(SCHEMA.method),
 )
