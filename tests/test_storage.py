@@ -27,7 +27,7 @@ optuna = pytest.importorskip("optuna")
 
 # A fixed cost model: which candidates meet the target must not depend on this machine's timing.
 FIXED = CostModel(full=6.0, save_estimated=0.9, save_cond_only=0.45)
-TINY = {"speedup": 2.0, "budget": 3.0, "calib_seeds": 2, "heldout_seeds": 1, "steps": 6, "oracle": False}
+TINY = {"speedup": 2.0, "budget": 4.5, "calib_seeds": 2, "heldout_seeds": 1, "steps": 6, "oracle": False}
 
 
 class _Opens:
@@ -131,8 +131,10 @@ KILL_POINTS = {
     "a proposal running": (Evaluator, "evaluate", 4, False, None),
     "a proposal asked, not yet recorded": (optuna.study.Study, "ask", 6, True, None),
     "a point stored, the trial not closed": (optuna.trial.Trial, "set_user_attr", 3, True, "point"),
-    # the 6th ask, before it: random search asks 7 times in all at TINY's budget, TPE 10
+    # the 6th ask, before it: random search asks 9 times in all at TINY's budget, TPE 15
     "some trials completed": (optuna.study.Study, "ask", 6, False, None),
+    # TINY's search evaluates 6 candidates, then 3 in the polish (not trials: it runs again on resume)
+    "a polish move running": (Evaluator, "evaluate", 8, False, None),
 }
 
 

@@ -1,6 +1,7 @@
 """Method registry. A method is one file in ``methods/step``, ``methods/block`` or
 ``methods/guidance`` that defines ``METHOD = Method(...)``: its parameters, its rule, its default
-preset, the settings ``compare`` sweeps and, if it has coefficients, how calibration fits them.
+preset, the settings ``compare`` sweeps and, if it has coefficients or a threshold to fit, how
+calibration fits them (``methods/threshold.py`` for thresholds).
 The registry imports every module of those folders and registers the ``METHOD`` it finds, so
 dropping a file in is all it takes (files starting with ``_`` are skipped).
 
