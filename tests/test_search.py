@@ -132,6 +132,14 @@ def test_the_search_polishes_the_planners_steps_and_gains(searched: tuple[Path, 
     assert unpolished["psnr_median"] < meta["calibration"]["psnr_median"]
 
 
+def test_the_smallest_budget_still_buys_a_point_before_the_polish_keeps_its_share() -> None:
+    pol = search(
+        "digits-dit", speedup=2.0, budget=1.5, calib_seeds=4, heldout_seeds=2, steps=12, oracle=False
+    )
+    assert pol.meta["search"]["evaluated"] >= 1 and pol.meta["budget_used"] <= 1.5
+    assert pol.meta["calibration"]["predicted_speedup"] >= 2.0
+
+
 def test_saved_policy_reproduces_its_heldout_metrics(searched: tuple[Path, Policy]) -> None:
     out, _ = searched
     pol = Policy.load(out)

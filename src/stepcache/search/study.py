@@ -408,7 +408,11 @@ def _ask(study: Any, where: dict[str, Any], fixed: Candidate | None, bounds: Bou
     return trial, cand
 
 
-def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = None) -> dict[str, Any]:
+def _optuna_search(
+    r: _Run, searcher: str, study: Any, seed: int, lock: Any = None, keep: float = 0.0
+) -> dict[str, Any]:
+    """The Optuna loop; once a point meets the target it leaves ``keep`` of the budget unspent
+    (for the polish), so a budget too small for both still buys a first point."""
     from optuna.trial import TrialState
 
     multi = searcher == "nsga2"
@@ -420,11 +424,12 @@ def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = No
     k_max = max(1, (r.largest_feasible(0, **r.fastest_settings()) or Candidate(1, 0)).computed)
     bounds = Bounds(k_max=k_max, cfg=r.ev.cfg, num_blocks=r.cost.num_blocks)
     width = r.pool.size if r.pool is not None else 1
-    limit = max(200, int(100 * r.budget))  # infeasible proposals cost nothing; bound them
+    limit = max(200, int(100 * (r.budget - keep)))  # infeasible proposals cost nothing; bound them
     while True:
         batch: list[tuple[Any, Candidate]] = []
         reserved = r.used
         exhausted = False
+        cap = r.budget - (keep if r.best() is not None else 0.0)
         while len(batch) < width:
             if lock is not None:
                 lock.check()
@@ -443,9 +448,9 @@ def _optuna_search(r: _Run, searcher: str, study: Any, seed: int, lock: Any = No
                 study.tell(trial, [-1.0, speed] if multi else -100.0 + speed)  # never evaluated: free
                 continue
             cost = r.eval_cost(actions)
-            if reserved + cost > r.budget + 1e-9:
+            if reserved + cost > cap + 1e-9:
                 study.tell(trial, state=TrialState.FAIL)  # too dear for what is left; cheaper may fit
-                exhausted = r.budget - reserved < 1.0 / r.ev.num_steps  # not even one computed step
+                exhausted = cap - reserved < 1.0 / r.ev.num_steps  # not even one computed step
                 if exhausted:
                     break
                 continue
@@ -883,9 +888,8 @@ def search(
             try:
                 # A share of the budget is kept back to polish the best schedule's steps.
                 polishing = target.speedup is not None and searcher != "planner"
-                r.budget = float(budget) * (1 - POLISH_SHARE) if polishing else float(budget)
-                info = _optuna_search(r, searcher, opt, seed, lock)
-                r.budget = float(budget)
+                keep = float(budget) * POLISH_SHARE if polishing else 0.0
+                info = _optuna_search(r, searcher, opt, seed, lock, keep=keep)
                 if polishing:
                     info["polish_moves"] = r.polish()
             finally:
