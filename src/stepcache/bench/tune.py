@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import psnr_per_image
+from ..metrics import capped_psnr_per_image
 from .harness import Batch, _flops_and_images
 from .peers import Knob, PeerMethod, PeerRun, Unavailable
 
-PSNR_CAP = 100.0  # dB for an image identical to its reference, as the search counts it
 STALE_PROPOSALS = 25  # proposals in a row that repeat a tried (or refused) configuration end it
 SEEDED = 6  # documented settings tried first, spread over the documented sweep
 
@@ -93,7 +92,7 @@ def evaluate(pipe: Any, method: PeerMethod, config: dict[str, Any], cal: Calibra
         return Trial(config, 0.0, -math.inf, 1.0, f"{type(e).__name__}: {e}")
     finally:
         run.detach(pipe)
-    psnr = float(np.minimum(psnr_per_image(images, cal.reference), PSNR_CAP).mean())
+    psnr = float(capped_psnr_per_image(images, cal.reference).mean())
     return Trial(config, cal.flops / flops if flops > 0 else math.inf, psnr, flops / cal.flops)
 
 

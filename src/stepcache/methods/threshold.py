@@ -25,7 +25,7 @@ def threshold_fit(method: str) -> Callable[[Any, Callable[[], Any], Mapping[str,
     def fit(pipe: Any, run: Callable[[], Any], params: Mapping[str, Any]) -> float:
         from .. import presets
         from ..api import disable, enable
-        from ..metrics import psnr_per_image
+        from ..metrics import capped_psnr_per_image
         from ..pipelines import images_of
 
         def images() -> np.ndarray:  # ``run`` may return the images or the pipeline's output
@@ -45,8 +45,7 @@ def threshold_fit(method: str) -> Callable[[Any, Callable[[], Any], Mapping[str,
                 got = images()
             finally:
                 disable(pipe)
-            psnr = np.minimum(psnr_per_image(got, reference), 100.0)  # identical images: inf
-            return float(psnr.mean()) >= SAFE_PSNR_DB
+            return float(capped_psnr_per_image(got, reference).mean()) >= SAFE_PSNR_DB
 
         lo, hi = 0, len(GRID) - 1
         if keeps(hi):

@@ -26,6 +26,17 @@ def psnr_per_image(images: np.ndarray | torch.Tensor, reference: np.ndarray | to
     return psnr.reshape(-1).numpy()
 
 
+PSNR_CAP = 100.0  # dB given to an image identical to its reference, so means stay finite
+
+
+def capped_psnr_per_image(
+    images: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor
+) -> np.ndarray:
+    """``psnr_per_image`` with identical images at ``PSNR_CAP`` instead of +inf: what a search or a
+    calibration averages."""
+    return np.minimum(psnr_per_image(images, reference), PSNR_CAP)
+
+
 def ssim_per_image(images: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) -> np.ndarray:
     """SSIM of each image (N, H, W, C) in [0, 1] against its reference (Gaussian window 7, or smaller)."""
     a, b = _pair(images, reference)

@@ -15,14 +15,12 @@ from ..api import disable, enable
 from ..bench.harness import Batch, _flops, adherence
 from ..errors import UnsupportedModelError
 from ..methods.step.schedule import Schedule
-from ..metrics import bootstrap_ci, psnr_per_image, ssim_per_image
+from ..metrics import bootstrap_ci, capped_psnr_per_image, ssim_per_image
 from ..policy import Policy
 from .fit import TrajectoryFit, fitted_weights
 from .planner import SegmentErrors, plan
 from .space import Candidate, strided_mask
 from .trajectory import record
-
-PSNR_CAP = 100.0  # dB given to an image identical to its reference, so means stay finite
 
 
 class SearchError(ValueError):
@@ -89,7 +87,7 @@ class Evaluator:
             stats = handle.stats()
         finally:
             disable(self.pipe)
-        psnr = np.minimum(psnr_per_image(images, self.reference), PSNR_CAP)
+        psnr = capped_psnr_per_image(images, self.reference)
         letters = "".join(stats["row_actions"])
         result = {
             "psnr": float(psnr.mean()),
