@@ -197,7 +197,7 @@ MODELS: dict[str, ZooModel] = {
         ),
         ZooModel(
             key="shapes-dit",
-            summary="text-to-image SD3 (MMDiT) on the shapes world 32x32; prompt-following is judged",
+            summary="text-to-image SD3 (MMDiT), shapes world 32x32; prompt-following judged (weak: pairs)",
             family="sd3",
             config={
                 "sample_size": 32,
@@ -226,7 +226,7 @@ MODELS: dict[str, ZooModel] = {
         ),
         ZooModel(
             key="shapes-video",
-            summary="text-to-video Wan transformer on the shapes world, 8 frames of 32x32; motion is judged",
+            summary="text-to-video Wan transformer, shapes world, 8 frames of 32x32; motion judged (weak)",
             family="wan",
             config={
                 "patch_size": [2, 4, 4],
