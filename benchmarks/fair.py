@@ -50,6 +50,7 @@ def cell(run: dict | None) -> dict | None:
         "measured_ci": ci,
         "psnr": run["psnr"],
         "psnr_ci": run.get("psnr_ci"),
+        "adherence": run.get("adherence"),  # the shapes judge's share, on a shapes model
     }
 
 
@@ -91,16 +92,20 @@ def _fmt(c: dict | None) -> str:
         measured = f"{c['measured_speedup']:.2f}× measured"
     else:  # the 95% bootstrap interval over the interleaved repeats
         measured = f"{c['measured_speedup']:.2f}× measured ({lo:.2f}–{hi:.2f})"
-    return f"{c['name']}: **{c['psnr']:.1f} dB**, {c['flop_speedup']:.2f}× FLOPs, {measured}"
+    adherence = "" if c.get("adherence") is None else f", adherence {c['adherence']:.0%}"
+    return f"{c['name']}: **{c['psnr']:.1f} dB**{adherence}, {c['flop_speedup']:.2f}× FLOPs, {measured}"
 
 
 def _db(v: float | None) -> str:
     return "—" if v is None else f"{v:+.1f}"
 
 
-def markdown(model: str, rows: list[dict]) -> str:
+def markdown(model: str, rows: list[dict], reference_adherence: float | None = None) -> str:
     head = "| FLOPs | best stepcache | best tuned peer | lead | best preset | best documented peer | lead |"
-    lines = [f"**{model}**", "", head, "|" + "---|" * 7]
+    title = f"**{model}**"
+    if reference_adherence is not None:
+        title += f" (full compute: adherence {reference_adherence:.0%})"
+    lines = [title, "", head, "|" + "---|" * 7]
     for r in rows:
         lines.append(
             f"| ≥ {r['band']:g}× | {_fmt(r['stepcache'])} | {_fmt(r['tuned_peer'])} | {_db(r['lead_db'])} "
@@ -117,27 +122,43 @@ MARKERS = {
 }
 
 
-def figure(model: str, runs: list[dict], rows: list[dict], path: Path) -> None:
-    """PSNR against FLOP speedup of every run by kind, with each band's edge."""
+def figure(
+    model: str,
+    runs: list[dict],
+    rows: list[dict],
+    path: Path,
+    seeds: int = 16,
+    reference_adherence: float | None = None,
+) -> None:
+    """PSNR against FLOP speedup of every run by kind, with each band's edge; beside it, on a
+    shapes model, prompt adherence against FLOP speedup."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, (marker, colour) in MARKERS.items():
-        pts = [(flop_speedup(r), r["psnr"]) for r in runs if kind(r) == name and r.get("psnr") is not None]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), marker=marker, color=colour, label=name, s=22, alpha=0.8)
-    for r in rows:
-        ax.axvline(r["band"], color="0.85", lw=0.8, zorder=0)
-    ax.set_xscale("log")
-    ax.set_xticks([r["band"] for r in rows], [f"{r['band']:g}×" for r in rows])
-    ax.minorticks_off()
-    ax.set_xlabel("FLOP speedup (exact)")
-    ax.set_ylabel("PSNR vs full compute, dB (16 held-out seeds)")
-    ax.set_title(f"{model}: stepcache vs peers tuned with the same budget")
-    ax.legend(fontsize=8)
+    metrics = [("psnr", f"PSNR vs full compute, dB ({seeds} held-out seeds)")]
+    if any(r.get("adherence") is not None for r in runs):
+        metrics.append(("adherence", f"prompt adherence, judged ({seeds} held-out captions)"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.2), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], metrics, strict=True):
+        for name, (marker, colour) in MARKERS.items():
+            pts = [
+                (flop_speedup(r), r[metric]) for r in runs if kind(r) == name and r.get(metric) is not None
+            ]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), marker=marker, color=colour, label=name, s=22, alpha=0.8)
+        for r in rows:
+            ax.axvline(r["band"], color="0.85", lw=0.8, zorder=0)
+        if metric == "adherence" and reference_adherence is not None:
+            ax.axhline(reference_adherence, color="k", lw=0.8, ls="--", label="full compute")
+        ax.set_xscale("log")
+        ax.set_xticks([r["band"] for r in rows], [f"{r['band']:g}×" for r in rows])
+        ax.minorticks_off()
+        ax.set_xlabel("FLOP speedup (exact)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title(f"{model}: stepcache vs peers tuned with the same budget")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -172,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{model}: the results were measured on different seeds ({seeds})")
         runs = [r for doc in docs for r in doc["runs"]]
         rows = summarise({"runs": runs})
+        reference = next((r for r in runs if r["kind"] == "reference"), {})
+        reference_adherence = reference.get("adherence")
+        seeds = docs[0].get("protocol", {}).get("num_seeds", 16)
         atomic_write_json(
             ROOT / "benchmarks" / "results" / f"fair-{model}.json",
             {
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 ],
                 "device": docs[0].get("device"),
                 "command": "python benchmarks/fair.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "reference_adherence": reference_adherence,
                 "bands": rows,
             },
         )
@@ -191,8 +216,10 @@ def main(argv: list[str] | None = None) -> None:
                 [r for r in runs if r.get("psnr") != float("inf")],
                 rows,
                 args.figure_dir / f"fair-{model}.png",
+                seeds=seeds,
+                reference_adherence=reference_adherence,
             )
-        print(markdown(model, rows))
+        print(markdown(model, rows, reference_adherence))
         print()
 
 
