@@ -329,3 +329,24 @@ def test_committed_training_weights_fit_their_model_and_continue_a_run():
         pipe = zoo.load(folder.name, weights_dir=folder)
         out = pipe(prompt=["a red circle"], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
         assert np.isfinite(out.images).all()
+
+
+def test_demo_reports_adherence_of_both_rows_on_a_shapes_model(tmp_path):
+    """The demo judges a shapes model's full-compute and accelerated images against their captions
+    (the same numbers the judge gives those images), and has nothing to judge on a class model."""
+    import json
+
+    from stepcache.demo import conditions, run_demo
+
+    result = run_demo(
+        "shapes-dit", policy="adams-bashforth", steps=6, samples=4, repeats=1, out_dir=tmp_path / "d"
+    )
+    pipe = zoo.load("shapes-dit")
+    cond = conditions(pipe, 4)
+    gen = torch.Generator().manual_seed(0)
+    full = pipe(**cond, num_inference_steps=6, guidance_scale=pipe.default_guidance, generator=gen).images
+    assert result["adherence"]["reference"] == shapes.accuracy(cond["prompt"], full)["all"]
+    assert 0.0 <= result["adherence"]["accelerated"] <= 1.0
+    assert json.loads((tmp_path / "d" / "result.json").read_text())["adherence"] == result["adherence"]
+    plain = run_demo("digits-dit", steps=4, samples=2, repeats=1, out_dir=tmp_path / "digits")
+    assert plain["adherence"] is None

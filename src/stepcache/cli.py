@@ -208,6 +208,11 @@ def demo(
     table.add_row("measured speedup", f"{result['speedup']:.2f}x")
     psnr = result["psnr_db_mean"]
     table.add_row("PSNR vs full compute", "identical" if psnr is None else f"{psnr:.2f} dB")
+    if (judged := result.get("adherence")) is not None:
+        table.add_row(
+            "prompt adherence (judged)",
+            f"{judged['accelerated']:.0%} (full compute {judged['reference']:.0%})",
+        )
     console.print(table)
     print(result["grid_png"])
     print(result["result_json"])

@@ -60,6 +60,18 @@ def grid_png(rows: list[np.ndarray], scale: int = 6) -> bytes:
     return buf.getvalue()
 
 
+def _adherence(
+    model: str, cond: dict[str, list], reference: np.ndarray, accelerated: np.ndarray
+) -> dict[str, float] | None:
+    from .bench.harness import adherence
+
+    captions = cond.get("prompt")
+    full = adherence(model, reference, captions)
+    if full is None:
+        return None
+    return {"reference": full, "accelerated": adherence(model, accelerated, captions)}
+
+
 def check_demo_args(
     model: str, steps: int | None, guidance: float | None, samples: int, seed: int, repeats: int
 ) -> None:
@@ -148,6 +160,8 @@ def run_demo(
         "speedup": median["reference"] / median["accelerated"],
         "psnr_db_mean": float(finite.mean()) if finite.size else None,
         "psnr_identical_images": int((~np.isfinite(psnr)).sum()),
+        # A shapes model's prompt-following, judged, for both rows (None for other models).
+        "adherence": _adherence(model, cond, reference, accelerated),
         **environment(),
         "command": command,
     }
