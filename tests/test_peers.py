@@ -95,6 +95,55 @@ def test_unknown_peer_is_an_error(pipe):
     assert peer_runs(pipe, []) == []
 
 
+def test_one_method_of_a_peer_can_be_named():
+    def labels(peers):
+        return [m.label for m in peer_methods(peers)]
+
+    assert labels(["diffusers:FasterCache"]) == ["diffusers FasterCache"]
+    both = labels(["diffusers:FasterCache", "diffusers:MagCache"])  # in the peer's own order
+    assert both == [m for m in labels(["diffusers"]) if m in ("diffusers MagCache", "diffusers FasterCache")]
+    assert len(both) == 2
+    assert labels(["diffusers:MagCache", "diffusers"]) == labels(["diffusers"])  # the whole peer wins
+    with pytest.raises(ValueError, match=r"diffusers has no method 'Nope'; its methods: FirstBlockCache"):
+        peer_methods(["diffusers:Nope"])
+    with pytest.raises(ValueError, match=r"'nope:MagCache'"):
+        peer_methods(["nope:MagCache"])
+
+
+def test_compare_refuses_an_unknown_peer_method_before_loading_the_model(tmp_path):
+    from stepcache.bench.compare import compare
+
+    with pytest.raises(ValueError, match=r"peers: diffusers has no method 'Nope'"):
+        compare("digits-dit", tmp_path / "out", peers=["diffusers:Nope"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_faster_cache_splits_sd3s_pooled_embedding_with_the_batch():
+    """SD3 takes a pooled text embedding per batch row: FasterCache must halve it with the other
+    CFG inputs when it skips the unconditional half, or the batches disagree (16 vs 32 rows)."""
+    shapes = zoo.load("shapes-dit")
+    (run,) = [r for r in peer_runs(shapes, "diffusers:FasterCache") if r.params.get("peer_default")]
+    assert "pooled_projections" in run.params["_unconditional_conditional_input_kwargs_identifiers"]
+    prompts = ["a red circle", "a blue square on the left of a green circle"]
+
+    def draw():
+        gen = torch.Generator().manual_seed(0)
+        return shapes(prompt=prompts, num_inference_steps=10, generator=gen).images
+
+    full = draw()
+    run.attach(shapes)
+    try:
+        with run.generation(shapes):
+            fast = draw()
+    finally:
+        run.detach(shapes)
+    assert fast.shape == full.shape and np.isfinite(fast).all()
+    assert not np.array_equal(fast, full)  # it skipped work
+    np.testing.assert_array_equal(draw(), full)  # and left nothing behind
+    digits = peer_runs(zoo.load("digits-dit"), "diffusers:FasterCache")[0]
+    assert "pooled_projections" not in digits.params["_unconditional_conditional_input_kwargs_identifiers"]
+
+
 def test_settings_are_named_uniquely_and_serialisable(pipe):
     runs = peer_runs(pipe, list(PEERS))
     names = [r.name for r in runs]

@@ -430,9 +430,13 @@ def bench(
 def compare(
     model: Model,
     out: Annotated[Path, typer.Option(help="Folder for result.json, samples and report.html.")],
-    peers: Annotated[str, typer.Option(help="Comma-separated peers: cache-dit, diffusers ('' for none).")] = (
-        "cache-dit,diffusers"
-    ),
+    peers: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated peers: cache-dit, diffusers, or one method of one, "
+            "e.g. diffusers:FasterCache ('' for none)."
+        ),
+    ] = "cache-dit,diffusers",
     policy: Annotated[
         list[Path] | None,
         typer.Option("--policy", help="Extra policy JSON, e.g. a searched one (repeatable)."),

@@ -150,13 +150,29 @@ _SHORT = {
 
 
 def peer_methods(peers: list[str] | str) -> list[PeerMethod]:
-    """The methods of the named peers ("diffusers", "cache-dit"), in a fixed order."""
+    """The methods of the named peers ("diffusers", "cache-dit"), in a fixed order; "PEER:METHOD"
+    (e.g. "diffusers:FasterCache") names one method of a peer."""
     if isinstance(peers, str):
         peers = [peers]
-    bad = [p for p in peers if p not in PEERS]
+    bad = [p for p in peers if p.partition(":")[0] not in PEERS]
     if bad:
         raise ValueError(f"unknown peer(s) {', '.join(map(repr, bad))}; valid peers: {', '.join(PEERS)}")
-    return [m for p in dict.fromkeys(peers) for m in METHODS if m.peer == p]
+    wanted: dict[str, set[str] | None] = {}  # peer -> its methods asked for (None: all)
+    for item in peers:
+        peer, _, method = item.partition(":")
+        known = [m.method for m in METHODS if m.peer == peer]
+        if method and method not in known:
+            raise ValueError(f"{peer} has no method {method!r}; its methods: {', '.join(known)}")
+        if not method:
+            wanted[peer] = None
+        elif wanted.get(peer, set()) is not None:
+            wanted[peer] = {*wanted.get(peer, set()), method}
+    return [
+        m
+        for p, methods in wanted.items()
+        for m in METHODS
+        if m.peer == p and (methods is None or m.method in methods)
+    ]
 
 
 def peer_runs(pipe: Any, peers: list[str] | str) -> list[PeerRun | Unavailable]:
@@ -325,11 +341,21 @@ def _faster_reason(pipe: Any) -> str | None:
     )
 
 
+def _forward_params(pipe: Any) -> set[str]:
+    """The keyword arguments the pipeline's denoiser's forward takes."""
+    import inspect
+
+    return set(inspect.signature(type(_denoiser(pipe)).forward).parameters)
+
+
 def _faster_documented(pipe: Any) -> dict[str, Any]:
     import diffusers.hooks as dh
 
-    # the CFG-split inputs: diffusers' list, plus the class labels our class-conditional DiT takes
-    cfg_kwargs = [*dh.FasterCacheConfig._unconditional_conditional_input_kwargs_identifiers, "class_labels"]
+    # The CFG-split inputs: diffusers' list, plus what else the denoiser takes per batch row: the
+    # class labels of a class-conditional DiT, SD3's pooled text embedding (left out, the skipped
+    # unconditional half leaves it twice the batch of the other inputs).
+    extra = ["class_labels"] + [k for k in ("pooled_projections",) if k in _forward_params(pipe)]
+    cfg_kwargs = [*dh.FasterCacheConfig._unconditional_conditional_input_kwargs_identifiers, *extra]
     return {
         "spatial_attention_block_skip_range": 2,
         "spatial_attention_timestep_skip_range": [-1, 681],
