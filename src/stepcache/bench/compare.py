@@ -87,13 +87,8 @@ def compare(
     from .peers import PEERS, Unavailable, peer_methods, peer_runs
 
     peers = list(PEERS) if peers is None else peers
-    bad = [p for p in peers if p.partition(":")[0] not in PEERS]
-    if bad:
-        raise ValueError(
-            f"peers: unknown peer(s) {', '.join(map(repr, bad))}; choose from {', '.join(PEERS)}"
-        )
     try:
-        peer_methods(peers)  # an unknown PEER:METHOD, before the model loads
+        peer_methods(peers)  # an unknown peer or PEER:METHOD, before the model loads
     except ValueError as e:
         raise ValueError(f"peers: {e}") from None
     if tune_peers is not None:
