@@ -148,6 +148,16 @@ def test_bad_arguments_fail_clearly_and_write_nothing(args: list[str], message: 
     assert not (out / "result.json").exists() and not (out / "report.html").exists()
 
 
+def test_bench_into_a_log_prints_a_line_per_run(tmp_path: Path) -> None:
+    # CliRunner's output is not a terminal, as with `nohup ... > log`: no live bar, so one line
+    # per stage is what tells a user how far a long compare has got.
+    args = ["bench", "digits-dit", "--preset", "fbcache", "--seeds", "2", "--steps", "4", "--repeats", "1"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("[")]
+    assert [line.split("  ")[0] for line in lines] == ["[1/2] measuring reference", "[2/2] measuring fbcache"]
+
+
 def test_unwritable_out_dir_is_refused_before_work(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

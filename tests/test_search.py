@@ -359,6 +359,13 @@ def test_cli_search_writes_policy_and_a_heldout_report(tmp_path: Path) -> None:
     # The report measures the same held-out seeds the search scored: the same PSNR.
     assert doc["runs"][1]["psnr"] == pytest.approx(pol.meta["heldout"]["psnr"], abs=1e-6)
     assert (tmp_path / "p.optuna.db").exists() and (report / "report.html").exists()
+    # Into a log (not a terminal) the budget shows as lines, each a new tenth of it spent.
+    spent = [
+        float(line.split()[1].split("/")[0]) for line in res.output.splitlines() if line.startswith("spent ")
+    ]
+    assert (
+        spent and spent == sorted(set(spent)) and spent[-1] == pytest.approx(pol.meta["budget_used"], abs=1.0)
+    )
 
 
 def test_block_level_search_composes_dbcache_and_measures_partial_steps() -> None:

@@ -365,14 +365,15 @@ def _print_bands(runs: list[dict[str, Any]]) -> None:
 def _run_bench(fn: Any, **kwargs: Any) -> dict[str, Any]:
     with _bench_progress() as bar:
         task = bar.add_task("measuring", total=None)
+        said: list[str] = []
 
         def progress(name: str, i: int, n: int) -> None:
-            bar.update(
-                task,
-                total=n,
-                completed=i,
-                description=name if name.startswith("tuning ") else f"measuring {name}",
-            )
+            what = name if name.startswith("tuning ") else f"measuring {name}"
+            bar.update(task, total=n, completed=i, description=what)
+            # A log file gets no live bar: a line per new stage, so `tail` shows how far it is.
+            if not console.is_terminal and (not said or said[-1] != what):
+                said.append(what)
+                console.print(f"[{i + 1}/{n}] {what}  {bar.tasks[0].elapsed or 0.0:.0f} s")
 
         try:
             doc = fn(progress=progress, command=_command(), **kwargs)
@@ -617,7 +618,7 @@ def search(
                 workers=workers,
                 ray_address=ray_address,
                 command=_command(),
-                progress=lambda used, total, note: bar.update(task, completed=used, description=note),
+                progress=lambda used, total, note: _search_progress(bar, task, used, total, note),
             )
         except (SearchError, PolicyError) as e:
             raise typer.BadParameter(str(e)) from None
@@ -802,6 +803,14 @@ def zoo_train(
         raise typer.BadParameter(str(e), param_hint=hint) from None
     console.print(f"trained {key} in {info['train_seconds']:.1f} s, final loss {info['final_loss']:.4f}")
     print(out / "model.safetensors")
+
+
+def _search_progress(bar: Any, task: Any, used: float, total: float, note: str) -> None:
+    before = bar.tasks[0].completed
+    bar.update(task, completed=used, description=note)
+    # A log file gets no live bar: a line each tenth of the budget, so `tail` shows progress.
+    if not console.is_terminal and total > 0 and int(10 * used / total) > int(10 * before / total):
+        console.print(f"spent {used:.2f}/{total:g} gen-equiv  {note}  {bar.tasks[0].elapsed or 0.0:.0f} s")
 
 
 def _train_progress(bar: Any, task: Any, step: int, total: int, loss: float) -> None:
