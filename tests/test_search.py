@@ -105,6 +105,11 @@ def test_speed_target_is_met_and_recorded(searched: tuple[Path, Policy]) -> None
     assert meta["steps"] == 12 and meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert meta["model_hash"].startswith("sha256:") and meta["pareto"]
     assert meta["heldout"]["actions"].count("E") >= 6  # half or more of the 12 steps estimated
+    held, cal = meta["heldout"], meta["calibration"]
+    if held["actions"] == cal["actions"]:
+        assert held["flop_speedup"] == pytest.approx(cal["predicted_speedup"])
+    else:  # a rejected estimate on a held-out seed computes instead: fewer FLOPs saved there
+        assert held["flop_speedup"] < cal["predicted_speedup"]
     assert meta["oracle"]["computed"] is not None
 
 
@@ -358,6 +363,8 @@ def test_cli_search_writes_policy_and_a_heldout_report(tmp_path: Path) -> None:
     assert [r["name"] for r in doc["runs"]] == ["reference", pol.name]
     # The report measures the same held-out seeds the search scored: the same PSNR.
     assert doc["runs"][1]["psnr"] == pytest.approx(pol.meta["heldout"]["psnr"], abs=1e-6)
+    # The held-out FLOP speedup is what ran there, as the report's own FLOP count says.
+    assert pol.meta["heldout"]["flop_speedup"] == pytest.approx(doc["runs"][1]["flop_ideal"], rel=0.02)
     assert (tmp_path / "p.optuna.db").exists() and (report / "report.html").exists()
     # Into a log (not a terminal) the budget shows as lines, each a new tenth of it spent.
     spent = [

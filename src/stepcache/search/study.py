@@ -599,6 +599,7 @@ def heldout_metrics(pipe: Any, ev: Evaluator, policy: Policy, repeats: int = 3) 
         "reference_adherence": ev.reference_adherence,
         "measured_speedup": statistics.median(ref_t) / statistics.median(acc_t),
         "actions": res["actions"],
+        "row_actions": res["row_actions"],
     }
 
 
@@ -911,6 +912,9 @@ def search(
     ev_ho.cfg = ev.cfg
     held = heldout_metrics(pipe, ev_ho, policy)
     held["predicted_speedup"] = best.speedup
+    # What ran on the held-out seeds: a step whose estimate is rejected there computes instead,
+    # so the policy can be slower than the calibration seeds said.
+    held["flop_speedup"] = cost.speedup_rows(held.pop("row_actions"), chosen.middle_fraction(cost.num_blocks))
     limit = _oracle(ev_ho, cost, chosen, held["psnr"]) if oracle else None
     if limit and limit.get("speedup"):
         limit["searched_over_oracle_speedup"] = best.speedup / limit["speedup"]
