@@ -649,3 +649,21 @@ def test_a_remote_worker_fits_from_the_reference_samples_it_is_sent(digits: tupl
     assert there["psnr"] == pytest.approx(here["psnr"], abs=1e-3)
     with pytest.raises(SearchError, match="samples"):  # an old-style worker, sent images only
         _Worker("digits-dit", None, 8, None, [0, 1, 2], ev.reference).evaluate(policy.to_dict(), fit=True)
+
+
+def test_cli_search_warns_when_held_out_seeds_skip_less(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shapes-video 1.5x policy: its last estimate is rejected on the held-out seeds, which
+    # compute 14 steps, not 13. The search's table and a warning must say 1.42x, not 1.52x.
+    root = Path(__file__).resolve().parent.parent
+    pol = Policy.load(root / "benchmarks/results/policies/shapes-video-tpe-1.5x.json")
+    pol.meta["heldout"]["flop_speedup"] = 1.418
+    monkeypatch.setattr("stepcache.search.search", lambda *a, **k: pol)
+    out = tmp_path / "p.json"
+    args = ["search", "digits-dit", "--speedup", "1.5", "--budget", "1", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "1.42x FLOPs, 1.37x measured" in text
+    assert "held-out seeds skipped less work: 1.42x FLOPs there, not 1.52x (1 step(s) computed" in text
