@@ -911,7 +911,6 @@ def search(
     ev_ho = Evaluator(pipe, batch_for(loaded, wl, "heldout", heldout_seeds, calib.steps, calib.guidance))
     ev_ho.cfg = ev.cfg
     held = heldout_metrics(pipe, ev_ho, policy)
-    held["predicted_speedup"] = best.speedup
     # What ran on the held-out seeds: a step whose estimate is rejected there computes instead,
     # so the policy can be slower than the calibration seeds said.
     held["flop_speedup"] = cost.speedup_rows(held.pop("row_actions"), chosen.middle_fraction(cost.num_blocks))
